@@ -1,0 +1,49 @@
+"""The stable Python API: `plan` and `merge`. Tools embed lazymerge through these two calls, never the CLI."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .engine.report import Progress, Report
+from .engine.run import run_plan
+from .planner.plan import Plan, compile_plan
+from .planner.recipe import Recipe, dump_recipe
+
+RecipeLike = "str | Path | Mapping[str, Any] | Recipe"
+
+
+def plan(recipe: RecipeLike, *, memory: "int | str | None" = None, shard_size: "int | str" = "5GB",
+         seed: int = 0, allow_pickle: bool = False, max_block_rows: int | None = None) -> Plan:
+    """Validate a recipe and compile it into a Plan (task graph + output layout) from checkpoint headers only.
+
+    `recipe` is a path to a YAML file, YAML text, or a mapping in mergekit's format. `memory` is the budget for
+    tensors lazymerge allocates (bytes or "2GiB"; None = a fraction of available RAM; "unlimited"). Raises a
+    `LazyMergeError` subclass with a one-line message on any problem. Call `Plan.close()` when done with it.
+    """
+    return compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
+                        max_block_rows=max_block_rows)
+
+
+def merge(recipe: RecipeLike, out: "str | Path", *, memory: "int | str | None" = None,
+          shard_size: "int | str" = "5GB", seed: int = 0, device: "str | torch.device" = "cpu",
+          progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
+          strict: bool = False, allow_pickle: bool = False, workers: int | None = None,
+          max_block_rows: int | None = None, cancel: threading.Event | None = None) -> Report:
+    """Run a merge into `out` (a Hugging Face checkpoint directory that appears only when complete).
+
+    The same recipe, inputs and seed give bit-identical output whatever `memory`, `workers` or block size.
+    `progress(Progress)` is called after each task. Returns the Report also saved as OUT/lazymerge_report.json.
+    """
+    from . import __version__
+
+    p = plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
+             max_block_rows=max_block_rows)
+    try:
+        extra = {"lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
+        return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
+                        strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
+    finally:
+        p.close()

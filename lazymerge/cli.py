@@ -1,0 +1,197 @@
+"""The `lazymerge` command: a thin shell over the Python API (`lazymerge.plan`, `lazymerge.merge`).
+
+Every user-caused failure is printed as one `error: ...` line with a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import LazyMergeError
+
+SIZE_HELP = "e.g. 2GiB, 1500MB, 8G (binary), or 'unlimited'"
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn LazyMergeError / Ctrl-C into one line and an exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def on_term(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGTERM, on_term)
+        try:
+            return fn(*args, **kwargs)
+        except LazyMergeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+    return wrapper
+
+
+class _Bar:
+    """A click progress bar over bytes written, with tensors done and an ETA."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar: Any = None
+        self.last = 0
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(p.bytes_total, 1), label="merging", show_eta=True,
+                                         show_percent=True, file=sys.stderr,
+                                         item_show_func=lambda _: self.info)
+            self.bar.__enter__()
+        self.info = f"{p.tensors_done}/{p.tensors_total} tensors"
+        self.bar.update(p.bytes_done - self.last, self.info)
+        self.last = p.bytes_done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lazymerge")
+def main() -> None:
+    """Merge LLM checkpoints inside a memory budget.
+
+    A recipe (mergekit-compatible YAML) is compiled into a graph of small per-tensor tasks, which a scheduler
+    runs within --memory, reading safetensors shards lazily and writing sharded safetensors.
+
+    \b
+    Try it:   lazymerge demo
+    Check:    lazymerge plan recipe.yaml
+    Merge:    lazymerge run recipe.yaml ./merged --memory 2GiB
+    """
+
+
+def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--memory", "-m", default=None, metavar="SIZE",
+                     help=f"Budget for tensors lazymerge holds ({SIZE_HELP}). Default: 60% of available RAM."),
+        click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
+                     help="Largest output shard (GB = 10^9 bytes, GiB = 2^30)."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Also read PyTorch .bin checkpoints (torch.load with weights_only=True)."),
+    ]
+    for o in reversed(options):
+        fn = o(fn)
+    return fn
+
+
+@main.command("plan")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_run_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the output will go: check free disk space there.")
+@click.option("--graph", "graph_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the task graph as JSON (node-link format).")
+@_friendly
+def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bool, out: Path | None,
+             graph_file: Path | None) -> None:
+    """Validate RECIPE and show what a run would do: tasks, bytes read and written, estimated peak memory.
+
+    Reads checkpoint headers only; no tensor data is touched.
+    """
+    import shutil
+
+    from .api import plan
+    from .engine.report import human
+
+    p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle)
+    try:
+        click.echo(p.summary())
+        where = (out.parent if out is not None else Path.cwd()).resolve()
+        while not where.exists():
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if free < p.bytes_written:
+            click.echo(f"warning       only {human(free)} free in {where}, the output needs "
+                       f"{human(p.bytes_written)}", err=True)
+        if graph_file is not None:
+            import json
+
+            import networkx as nx
+
+            data = nx.node_link_data(p.graph, edges="edges")
+            for node in data["nodes"]:
+                t = node.pop("task")
+                node.update(op=t.op, tensor=t.tensor, block=t.block, nbytes=t.nbytes,
+                            attrs={k: v for k, v in t.attrs.items() if k != "seed_parts"})
+            graph_file.write_text(json.dumps(data, default=str))
+            click.echo(f"graph         {graph_file}")
+    finally:
+        p.close()
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@_run_options
+@click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA).")
+@click.option("--device", default="cpu", show_default=True, help="Where kernels run: cpu, cuda, cuda:1 ...")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT, keeping finished shards.")
+@click.option("--strict", is_flag=True, help="Fail (instead of warning) on NaN/Inf in an input tensor.")
+@click.option("--workers", type=int, default=None, help="Tasks run at once (default: 2-4 by CPU count).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the report.")
+@_friendly
+def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, seed: int,
+            device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None, quiet: bool) -> None:
+    """Merge the models in RECIPE into the checkpoint directory OUT.
+
+    OUT appears only when the merge is complete. The report is printed and saved to OUT/lazymerge_report.json,
+    the recipe to OUT/lazymerge_recipe.yaml.
+    """
+    from .api import merge
+
+    bar = _Bar(enabled=not quiet)
+    try:
+        report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
+                       progress=bar, overwrite=overwrite, resume=resume, strict=strict,
+                       allow_pickle=allow_pickle, workers=workers)
+    finally:
+        bar.close()
+    click.echo(report.summary())
+
+
+@main.command("demo")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the generated models and the merge here (default: a temporary directory).")
+@click.option("--preset", default="tiny", show_default=True, help="Model shape: tiny, small.")
+@click.option("--method", default="ties", show_default=True, help="Merge method to demonstrate.")
+@click.option("--memory", "-m", default="64MiB", show_default=True, metavar="SIZE", help="Budget for the merge.")
+@_friendly
+def demo_cmd(workdir: Path | None, preset: str, method: str, memory: str) -> None:
+    """Make three small Llama-shaped checkpoints, merge them, and print the report.
+
+    A self-contained check that lazymerge works on this machine; nothing is downloaded.
+    """
+    from .demo import run_demo
+
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="lazymerge-demo-") as tmp:
+            click.echo(run_demo(Path(tmp), preset=preset, method=method, memory=memory))
+    else:
+        click.echo(run_demo(workdir, preset=preset, method=method, memory=memory))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,119 @@
+"""What a run cost: the report printed after a merge and saved as OUT/lazymerge_report.json.
+
+Peak RSS is the process's own accounting (psutil, sampled while the merge runs), because that is the number a
+user's machine sees; `peak_live_bytes` is lazymerge's own tensor accounting, the number the budget bounds.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+
+def human(n: float | int | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@dataclass
+class Progress:
+    """Handed to a `progress` callback after every task."""
+
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+    elapsed_s: float
+
+
+@dataclass
+class Report:
+    method: str
+    out: str
+    seed: int
+    device: str
+    wall_s: float
+    cpu_s: float
+    peak_rss: int
+    peak_live_bytes: int
+    budget: int | None
+    bytes_read: int
+    bytes_written: int
+    tensors: int
+    tasks: int
+    shards: int
+    resumed_tensors: int = 0
+    over_budget_tasks: int = 0
+    warnings: list[str] = field(default_factory=list)
+    version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def summary(self) -> str:
+        rate = self.bytes_written / self.wall_s if self.wall_s > 0 else 0.0
+        lines = [
+            f"merged        {self.tensors} tensors ({self.method}) into {self.out}",
+            f"wall time     {self.wall_s:.2f} s (cpu {self.cpu_s:.2f} s), {human(rate)}/s written",
+            f"peak RSS      {human(self.peak_rss)} (tensors held: {human(self.peak_live_bytes)}, "
+            f"budget {human(self.budget) if self.budget else 'unlimited'})",
+            f"read          {human(self.bytes_read)}",
+            f"written       {human(self.bytes_written)} in {self.shards} shard(s)",
+            f"tasks         {self.tasks}",
+        ]
+        if self.resumed_tensors:
+            lines.append(f"resumed       {self.resumed_tensors} tensors kept from the interrupted run")
+        lines += [f"warning       {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+class RssSampler:
+    """Samples this process's RSS in a daemon thread; `peak` is the largest value seen."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="lazymerge-rss")
+        self.t0 = time.perf_counter()
+        self.cpu0 = self._cpu()
+
+    def _cpu(self) -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:  # pragma: no cover - process going away
+                return
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def cpu(self) -> float:
+        return self._cpu() - self.cpu0

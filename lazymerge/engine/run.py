@@ -1,0 +1,104 @@
+"""Execute a Plan into an output directory: writer set-up, the scheduler, progress, the report.
+
+The output appears atomically: the writer fills a temporary sibling directory and renames it at the end, so a
+crash or Ctrl-C leaves either nothing or (with --resume) a temporary directory that a re-run can continue.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import MergeAborted, OutputError
+from ..io.writer import CheckpointWriter
+from .ops import OPS, RunContext
+from .report import Progress, Report, RssSampler
+from .scheduler import execute
+
+
+def resolve_device(device: "str | torch.device") -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OutputError(f"device: '{device}' requested but no CUDA device is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise OutputError(f"device: '{device}' is not supported; use cpu or cuda[:N]")
+    return dev
+
+
+def default_workers() -> int:
+    return max(2, min(4, os.cpu_count() or 2))
+
+
+def check_output_dir(out: Path, inputs: list[Path]) -> None:
+    """The output must not land inside (or be) an input model directory: we would be writing into our inputs."""
+    o = out.expanduser().resolve()
+    for p in inputs:
+        q = p.resolve()
+        if o == q or q in o.parents:
+            raise OutputError(f"{out}: output directory is inside input model directory {p}")
+
+
+def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cpu",
+             progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
+             strict: bool = False, workers: int | None = None, extra_files: dict[str, bytes] | None = None,
+             version: str = "", cancel: threading.Event | None = None) -> Report:
+    out = Path(out)
+    dev = resolve_device(device)
+    check_output_dir(out, [c.path for c in plan.sources.values()])
+    writer = CheckpointWriter(out, plan.layout, overwrite=overwrite, resume=resume)
+    writer.open()
+    try:
+        done_tensors = writer.tensors_done() if resume else set()
+        keys, tasks = [], []
+        for k, t in zip(plan.tasks.keys, plan.tasks.tasks):
+            if t.tensor not in done_tensors:
+                keys.append(k)
+                tasks.append(t)
+        ctx = RunContext(sources=plan.sources, writer=writer, device=dev, strict=strict)
+        writes_left = {}
+        for t in tasks:
+            if t.op == "write":
+                writes_left[t.tensor] = writes_left.get(t.tensor, 0) + 1
+        total_tensors = len(plan.outputs)
+        state = {"tensors": total_tensors - len(writes_left), "bytes": 0}
+        bytes_total = sum(t.nbytes for t in tasks if t.op == "write")
+
+        with RssSampler() as rss:
+            def on_done(task: Any, _value: Any) -> None:
+                if task.op != "write":
+                    return
+                state["bytes"] += task.nbytes
+                writes_left[task.tensor] -= 1
+                if writes_left[task.tensor] == 0:
+                    state["tensors"] += 1
+                if progress is not None:
+                    progress(Progress(state["tensors"], total_tensors, state["bytes"], bytes_total, rss.wall))
+
+            def run(task: Any, args: list[Any]) -> Any:
+                return OPS[task.op](ctx, args, task.attrs)
+
+            try:
+                stats = execute(keys, tasks, run, budget=plan.budget, workers=workers or default_workers(),
+                                on_done=on_done, cancel=cancel)
+            except KeyboardInterrupt:
+                raise MergeAborted(f"{out}: interrupted; no output written"
+                                   + (" (re-run with --resume to continue)" if resume else "")) from None
+        report = Report(
+            method=plan.method.name, out=str(out), seed=plan.seed, device=str(dev), wall_s=rss.wall,
+            cpu_s=rss.cpu, peak_rss=rss.peak, peak_live_bytes=stats.peak_live_bytes, budget=plan.budget,
+            bytes_read=ctx.bytes_read, bytes_written=ctx.bytes_written, tensors=total_tensors,
+            tasks=stats.tasks_run, shards=len(plan.layout), resumed_tensors=len(done_tensors),
+            over_budget_tasks=stats.over_budget_tasks, warnings=list(plan.warnings) + ctx.warnings,
+            version=version,
+        )
+        files = dict(extra_files or {})
+        files["lazymerge_report.json"] = report.to_json().encode()
+        writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
+        return report
+    except BaseException:
+        # with --resume, finished shards survive a failure so the next run can keep them
+        writer.abort(keep_partial=resume)
+        raise

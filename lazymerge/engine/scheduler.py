@@ -1,0 +1,111 @@
+"""Run a task graph inside a memory budget.
+
+Modelled on dask's local scheduler: a ready set ordered by a static priority, a small thread pool, and
+reference counts that drop every intermediate right after its last consumer. The priority is the order in which
+the planner emitted tasks, which finishes one row block (and one tensor) before the next, so memory stays at
+"one tensor's working set" instead of "all loads first".
+
+The budget rule: the next task in priority order starts only if the bytes held (live outputs plus outputs of
+running tasks) stay within the budget; we never skip ahead of a task that doesn't fit, so the depth-first order
+is kept and nothing starves. When nothing is running, the next task always starts: a single task larger than the
+budget is reported (peak > budget), not a deadlock. Work of other threads (torch kernels, file reads) releases
+the GIL, which is what lets loads of the next block overlap computation of the current one.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ..errors import MergeAborted
+
+
+@dataclass
+class ScheduleStats:
+    tasks_run: int = 0
+    peak_live_bytes: int = 0
+    over_budget_tasks: int = 0
+
+
+def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[Any]], Any], *,
+            budget: int | None, workers: int = 2, on_done: Callable[[Any, Any], None] | None = None,
+            cancel: threading.Event | None = None) -> ScheduleStats:
+    """Execute `tasks` (each with `.inputs` and `.nbytes`), keyed by `keys`, listed in a topological order that
+    is also their priority. `run(task, input_values)` computes one task; `on_done(task, result)` is called on
+    the scheduling thread after each task (progress). Raises the first task error, or MergeAborted on cancel."""
+    index = {k: i for i, k in enumerate(keys)}
+    n = len(keys)
+    waiting = [0] * n                      # unfinished inputs per task
+    consumers: list[list[int]] = [[] for _ in range(n)]
+    refs = [0] * n                         # consumers that haven't run yet
+    for i, t in enumerate(tasks):
+        for src in t.inputs:
+            s = index[src]
+            consumers[s].append(i)
+            refs[s] += 1
+        waiting[i] = len(t.inputs)
+
+    ready = [i for i in range(n) if waiting[i] == 0]
+    heapq.heapify(ready)
+    results: dict[int, Any] = {}
+    running: dict[Future, int] = {}
+    live = 0
+    stats = ScheduleStats()
+    cancel = cancel or threading.Event()
+
+    def release(i: int) -> None:
+        nonlocal live
+        results.pop(i, None)
+        live -= tasks[i].nbytes
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lazymerge")
+    try:
+        done_count = 0
+        while done_count < n:
+            if cancel.is_set():
+                raise MergeAborted("interrupted")
+            # start what fits, in priority order
+            while ready and len(running) < workers:
+                i = ready[0]
+                need = tasks[i].nbytes
+                if budget is not None and running and live + need > budget:
+                    break
+                heapq.heappop(ready)
+                if budget is not None and live + need > budget:
+                    stats.over_budget_tasks += 1
+                live += need
+                stats.peak_live_bytes = max(stats.peak_live_bytes, live)
+                args = [results[index[s]] for s in tasks[i].inputs]
+                running[pool.submit(run, tasks[i], args)] = i
+            finished, _ = wait(list(running), timeout=0.25, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                i = running.pop(fut)
+                value = fut.result()          # re-raises the task's error
+                done_count += 1
+                stats.tasks_run += 1
+                if on_done is not None:
+                    on_done(tasks[i], value)
+                if refs[i]:
+                    results[i] = value
+                else:
+                    live -= tasks[i].nbytes   # nobody needs it (write tasks)
+                del value
+                for s in {index[k] for k in tasks[i].inputs}:
+                    refs[s] -= tasks[i].inputs.count(keys[s])
+                    if refs[s] == 0:
+                        release(s)
+                for c in consumers[i]:
+                    waiting[c] -= 1
+                    if waiting[c] == 0:
+                        heapq.heappush(ready, c)
+    except BaseException:
+        cancel.set()
+        for fut in running:
+            fut.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        results.clear()
+    return stats

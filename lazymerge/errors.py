@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+Every failure a user can cause (a bad recipe, a broken checkpoint, an output directory in the way) is raised as
+a `LazyMergeError` whose message is one line naming the file, tensor or recipe key and what is wrong. The CLI
+prints that line and exits non-zero; anything else escaping is a bug in lazymerge and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class LazyMergeError(Exception):
+    """Base class: the message is one self-contained line for the user."""
+
+    exit_code = 2
+
+
+class RecipeError(LazyMergeError):
+    """The recipe (YAML or dict) is malformed, names an unknown method/key, or a parameter is out of range."""
+
+
+class CheckpointError(LazyMergeError):
+    """An input checkpoint is missing, malformed, unsafe or inconsistent with the other inputs."""
+
+
+class OutputError(LazyMergeError):
+    """The output directory cannot be written: exists, locked, inside an input, disk full."""
+
+
+class MergeAborted(LazyMergeError):
+    """The run was interrupted (Ctrl-C); temporary files have been removed."""
+
+    exit_code = 130

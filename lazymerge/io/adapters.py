@@ -1,0 +1,382 @@
+"""PEFT LoRA adapters, and a base checkpoint seen through one.
+
+An adapter never becomes a merged copy of its base: `AdaptedCheckpoint.read` computes `W[a:b] + scale * (B @ A)`
+for the requested rows only, so an adapted model is as lazy as a plain one. Which modules an adapter touches, and
+with which rank and alpha, follows PEFT's own matching rules (`check_target_module_exists`, `get_pattern_key`)
+so that lazymerge merges exactly what `PeftModel.merge_and_unload` would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lazymerge.errors import CheckpointError
+from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.io.shards import DTYPES, TensorInfo, dtype_code, read_header
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+# PEFT's "all-linear" shorthand targets every Linear except the output layer; from headers alone the output layer
+# is recognised by name.
+ALL_LINEAR = "all-linear"
+OUTPUT_LAYERS = ("lm_head", "embed_out")
+# Config switches whose merge is not `W + scale * B @ A`; refusing them beats merging something else silently.
+UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "layer_replication", "trainable_token_indices")
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+_EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
+# A full tensor saved next to the factors: `modules_to_save` (`x.modules_to_save.default.weight`, or plain
+# `x.weight` as PEFT saves it now) or a targeted embedding's own weight (`x.base_layer.weight`), which PEFT loads
+# into the base layer underneath the LoRA.
+_SAVED_KEY = re.compile(r"\.(?:modules_to_save(?:\.[^.]+)?|base_layer)(?=\.[^.]+$)")
+_PEFT_ONLY = re.compile(r"\.(lora_[A-Za-z_]+|original_module|token_adapter)(\.|$)")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted weight W: `W + scale * B @ A`, transposed when `fan_in_fan_out` (W stored [in, out], as for
+    GPT-2's Conv1D and for embeddings, whose PEFT factors are A [r, num_embeddings], B [dim, r])."""
+
+    a: TensorInfo
+    b: TensorInfo
+    scale: float
+    fan_in_fan_out: bool
+    rank: int
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """The shape W must have for this module to apply to it."""
+        out_f, in_f = self.b.shape[0], self.a.shape[1]
+        return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
+
+
+def lora_rows(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool,
+              rows: tuple[int, int]) -> torch.Tensor:
+    """Rows [r0, r1) of the adapted weight, given those rows of W and the whole (small) A and B.
+
+    Only the requested rows of the delta are formed, so a block costs O(block * r) extra memory. The product is
+    taken before scaling, as PEFT does, so float32 results match `merge_and_unload` to rounding.
+    """
+    r0, r1 = rows
+    if fan_in_fan_out:
+        delta = (b @ a[:, r0:r1]).T
+    else:
+        delta = b[r0:r1] @ a
+    return w + delta * scale
+
+
+def parse_model_ref(ref: str | Path) -> tuple[Path, Path | None]:
+    """Split mergekit's `base+adapter` model syntax. A path that exists as written is never split, so a
+    directory whose name contains '+' still works."""
+    text = str(ref)
+    if "+" not in text or Path(text).exists():
+        return Path(text), None
+    base, _, adapter = text.rpartition("+")
+    if not base or not adapter:
+        raise CheckpointError(f"model reference {text!r}: expected 'base_dir+adapter_dir'")
+    return Path(base), Path(adapter)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's get_pattern_key: the first pattern that matches a dotted suffix of the module name wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _layer_index_ok(cfg: dict, module: str) -> bool:
+    """PEFT's layers_to_transform / layers_pattern filter (applied only to list-valued target_modules)."""
+    indexes = cfg.get("layers_to_transform")
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    patterns = cfg.get("layers_pattern")
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+            if match:
+                break
+    if not match:
+        return False
+    idx = int(match.group("idx"))
+    return idx == indexes if isinstance(indexes, int) else idx in indexes
+
+
+def _is_targeted(cfg: dict, module: str) -> bool:
+    """Whether PEFT would put a LoRA layer on `module` (check_target_module_exists); keys for other modules are
+    ignored on load, so they must not be merged either."""
+    exclude = cfg.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, module):
+                return False
+        elif module in exclude or any(module.endswith(f".{e}") for e in exclude):
+            return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in cfg.get("modules_to_save") or ()):
+        return False
+    target = cfg.get("target_modules")
+    if target is None:
+        return True
+    if isinstance(target, str):
+        if target == ALL_LINEAR:
+            return module.rsplit(".", 1)[-1] not in OUTPUT_LAYERS
+        return re.fullmatch(target, module) is not None
+    found = module in target or any(module.endswith(f".{t}") for t in target)
+    return found and _layer_index_ok(cfg, module)
+
+
+def _read_config(path: Path) -> dict:
+    file = path / CONFIG_NAME
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: not a JSON object")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise CheckpointError(f"{file}: peft_type {peft_type!r} is not supported (only LORA)")
+    for key in UNSUPPORTED:
+        if cfg.get(key):
+            raise CheckpointError(f"{file}: {key}={cfg[key]!r} is not supported (plain LoRA merges only)")
+    for key in ("r", "lora_alpha"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise CheckpointError(f"{file}: {key} must be a positive number, got {value!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        cfg[key] = cfg.get(key) or {}
+        if not isinstance(cfg[key], dict):
+            raise CheckpointError(f"{file}: {key} must be an object mapping module patterns to numbers")
+    target = cfg.get("target_modules")
+    if not (target is None or isinstance(target, str) or
+            (isinstance(target, list) and all(isinstance(t, str) for t in target))):
+        raise CheckpointError(f"{file}: target_modules must be a list of names or a regex string")
+    saved = cfg.get("modules_to_save")
+    if not (saved is None or (isinstance(saved, list) and all(isinstance(m, str) for m in saved))):
+        raise CheckpointError(f"{file}: modules_to_save must be a list of module names")
+    return cfg
+
+
+def _open_weights(path: Path, allow_pickle: bool) -> Checkpoint:
+    """The adapter's tensors as a table readable like any checkpoint (safetensors, or an opted-in pickle)."""
+    file = path / WEIGHTS_NAME
+    if file.is_file():
+        return Checkpoint(path, read_header(file)[0], None)
+    file = path / PICKLE_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{path}: adapter has no {WEIGHTS_NAME}")
+    if not allow_pickle:
+        raise CheckpointError(f"{file}: pickled adapter weights are refused by default; pass --allow-pickle to "
+                              "load them with torch.load(weights_only=True)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the restricted unpickler raises many types; each means the same to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{file}: cannot load with torch.load(weights_only=True): {first}") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{file}: not a flat state dict of tensors")
+    tensors: dict[str, TensorInfo] = {}
+    for name, t in state.items():
+        try:
+            code = dtype_code(t.dtype)
+        except ValueError:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {t.dtype}") from None
+        tensors[name] = TensorInfo(name=name, dtype=code, shape=tuple(t.shape), file=file, start=0,
+                                   nbytes=t.numel() * DTYPES[code][1])
+    return Checkpoint(path, tensors, None, {file: state})
+
+
+class Adapter:
+    """A PEFT LoRA adapter directory, mapped onto the names of its base model's tensors.
+
+    `lora` maps a base tensor name (`model.layers.0.self_attn.q_proj.weight`) to its factors and scale;
+    `replaced` maps a base tensor name to a full tensor that replaces it (`modules_to_save`, saved embeddings);
+    `ignored` lists file keys PEFT would not load (modules outside `target_modules`).
+    """
+
+    def __init__(self, path: Path, config: dict, weights: Checkpoint) -> None:
+        self.path = path
+        self.config = config
+        self._weights = weights
+        self._weights_file = path / (WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else PICKLE_NAME)
+        self.lora: dict[str, LoraModule] = {}
+        self.replaced: dict[str, TensorInfo] = {}
+        self.ignored: list[str] = []
+        self._map_keys()
+
+    @classmethod
+    def open(cls, path: Path | str, *, allow_pickle: bool = False) -> "Adapter":
+        root = Path(path)
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: adapter directory does not exist")
+        if not is_adapter_dir(root):
+            raise CheckpointError(f"{root}: not a PEFT adapter (no {CONFIG_NAME})")
+        return cls(root, _read_config(root), _open_weights(root, allow_pickle))
+
+    @property
+    def base_model_path(self) -> Path | None:
+        """The base recorded by PEFT, when it is a local directory (hub ids cannot be resolved offline)."""
+        name = self.config.get("base_model_name_or_path")
+        if not isinstance(name, str) or not name:
+            return None
+        path = Path(name) if Path(name).is_absolute() else self.path / name
+        for candidate in (Path(name), path):
+            if candidate.is_dir():
+                return candidate
+        return None
+
+    def _map_keys(self) -> None:
+        factors: dict[str, dict[str, TensorInfo]] = {}
+        for key, info in self._weights.tensors.items():
+            name = key.removeprefix(PEFT_PREFIX)
+            match = _LORA_KEY.match(name) or _EMBED_KEY.match(name)
+            if match:
+                factors.setdefault(match["module"], {})[match["kind"]] = info
+            elif _PEFT_ONLY.search(name):
+                raise CheckpointError(f"{self._weights_file}: tensor {key!r} is not a plain LoRA factor "
+                                      "(DoRA, LoRA bias or trainable tokens are not supported)")
+            else:
+                self.replaced[_SAVED_KEY.sub("", name)] = info
+        for module, parts in factors.items():
+            embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+            a = parts.get("lora_embedding_A" if embedding else "lora_A")
+            b = parts.get("lora_embedding_B" if embedding else "lora_B")
+            if a is None or b is None or len(parts) != 2:
+                raise CheckpointError(f"{self._weights_file}: module {module!r} needs exactly one A and one B "
+                                      f"factor, found {sorted(parts)}")
+            if not _is_targeted(self.config, module):
+                self.ignored.extend(sorted(i.name for i in parts.values()))
+                continue
+            self.lora[f"{module}.weight"] = self._module(module, a, b, embedding)
+
+    def _module(self, module: str, a: TensorInfo, b: TensorInfo, embedding: bool) -> LoraModule:
+        rank = _pattern_value(self.config["rank_pattern"], module, self.config["r"])
+        alpha = _pattern_value(self.config["alpha_pattern"], module, self.config["lora_alpha"])
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise CheckpointError(f"{self._weights_file}: module {module!r} has A {list(a.shape)} and B "
+                                  f"{list(b.shape)}, not A [{rank}, in] and B [out, {rank}] (r from {CONFIG_NAME})")
+        scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+        fan_in_fan_out = embedding or bool(self.config.get("fan_in_fan_out"))
+        return LoraModule(a=a, b=b, scale=scale, fan_in_fan_out=fan_in_fan_out, rank=int(rank))
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+        """Rows of one adapter tensor (a factor or a replacement), as `Checkpoint.read` reads them."""
+        return self._weights.read(info.name, rows, dtype, device)
+
+    def check_against(self, base_tensors: dict[str, TensorInfo]) -> None:
+        """Refuse an adapter that does not fit its base, before any merge work starts."""
+        for name, mod in self.lora.items():
+            w = base_tensors.get(name)
+            if w is None:
+                raise CheckpointError(f"{self.path}: module {name.removesuffix('.weight')!r} has LoRA factors but "
+                                      f"the base model has no tensor {name!r}")
+            if w.shape != mod.weight_shape:
+                raise CheckpointError(f"{self.path}: module {name.removesuffix('.weight')!r} has A "
+                                      f"{list(mod.a.shape)} and B {list(mod.b.shape)}, which do not fit base "
+                                      f"{name} {list(w.shape)}" + (" (fan_in_fan_out)" if mod.fan_in_fan_out
+                                                                  else ""))
+        for name, info in self.replaced.items():
+            w = base_tensors.get(name)
+            if w is None:
+                raise CheckpointError(f"{self.path}: saved tensor {info.name!r} replaces {name!r}, which the base "
+                                      "model does not have")
+            if w.shape != info.shape:
+                raise CheckpointError(f"{self.path}: saved tensor {info.name!r} has shape {list(info.shape)} but "
+                                      f"base {name} is {list(w.shape)}")
+
+    def close(self) -> None:
+        self._weights.close()
+
+
+class AdaptedCheckpoint:
+    """A base checkpoint with an adapter applied lazily; reads like a `Checkpoint`."""
+
+    def __init__(self, base: Checkpoint, adapter: Adapter) -> None:
+        adapter.check_against(base.tensors)
+        self.base = base
+        self.adapter = adapter
+        self.path = base.path
+        self.config = base.config
+        self.tensors = {**base.tensors, **adapter.replaced}
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+        """Rows [a, b) of the adapted tensor; the delta is formed in float32 (float64 if asked) for those rows
+        only, then cast to `dtype` (None: the base's stored dtype)."""
+        mod = self.adapter.lora.get(name)
+        if mod is None:
+            return self._read_weight(name, rows, dtype, device)
+        info = self.tensors[name]
+        span = (0, info.rows) if rows is None else rows
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        w = self._read_weight(name, span, work, device)
+        a = self.adapter.read(mod.a, None, work, device)
+        b = self.adapter.read(mod.b, None, work, device)
+        out = lora_rows(w, a, b, mod.scale, mod.fan_in_fan_out, span)
+        return out.to(info.torch_dtype if dtype is None else dtype)
+
+    def _read_weight(self, name: str, rows: tuple[int, int] | None, dtype: torch.dtype | None,
+                     device: str | torch.device) -> torch.Tensor:
+        """W before the LoRA delta: the adapter's saved copy when it has one, else the base's."""
+        saved = self.adapter.replaced.get(name)
+        if saved is not None:
+            return self.adapter.read(saved, rows, dtype, device)
+        return self.base.read(name, rows, dtype, device)
+
+    def aux_files(self) -> list[Path]:
+        return self.base.aux_files()
+
+    def close(self) -> None:
+        self.adapter.close()
+        self.base.close()
+
+    def __enter__(self) -> "AdaptedCheckpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_model(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint | AdaptedCheckpoint:
+    """Open a recipe's model entry: a checkpoint, `base+adapter`, or an adapter directory whose
+    `base_model_name_or_path` is a local directory."""
+    base, adapter_path = parse_model_ref(ref)
+    if adapter_path is None:
+        if not is_adapter_dir(base):
+            return Checkpoint.open(base, allow_pickle=allow_pickle)
+        adapter = Adapter.open(base, allow_pickle=allow_pickle)
+        base = adapter.base_model_path
+        if base is None:
+            adapter.close()
+            raise CheckpointError(f"{adapter.path}: base_model_name_or_path "
+                                  f"{adapter.config.get('base_model_name_or_path')!r} is not a local directory; "
+                                  "name the base explicitly as 'base_dir+adapter_dir'")
+    else:
+        adapter = Adapter.open(adapter_path, allow_pickle=allow_pickle)
+    try:
+        base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle)
+    except BaseException:
+        adapter.close()
+        raise
+    try:
+        return AdaptedCheckpoint(base_ckpt, adapter)
+    except BaseException:
+        adapter.close()
+        base_ckpt.close()
+        raise

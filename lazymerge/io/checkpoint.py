@@ -1,0 +1,258 @@
+"""A Hugging Face checkpoint directory seen as a table of lazily readable tensors.
+
+Opening a checkpoint reads headers only, and checks everything a merge would otherwise trip over hours later: an
+index naming a missing shard or a tensor its shard lacks, the same tensor in two shards, or a shard path that
+leaves the model directory (an index is untrusted input and must not make us read arbitrary files).
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+
+from lazymerge.errors import CheckpointError
+from lazymerge.io.shards import DTYPES, ShardReader, TensorInfo, dtype_code, read_header
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+AUX_NAMES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "generation_config.json", "chat_template.jinja",
+)
+FINITE_CHECK_BYTES = 64 << 20
+
+
+def _allowed_roots(root: Path) -> list[Path]:
+    """The directories a model's files may resolve into.
+
+    The model directory itself, plus, for a Hugging Face hub cache snapshot (`<repo>/snapshots/<rev>`), the
+    repo's `blobs` folder, since every file of a snapshot is a symlink into it.
+    """
+    roots = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append((root.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(r) for r in roots)
+
+
+def _member(root: Path, rel: object, source: Path) -> Path:
+    """A file named by an index, refused unless it is a plain relative path staying inside the model directory."""
+    if not isinstance(rel, str) or not rel:
+        raise CheckpointError(f"{source}: shard name {rel!r} is not a non-empty string")
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise CheckpointError(f"{source}: shard path {rel!r} is absolute; only paths inside the model directory "
+                              "are allowed")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise CheckpointError(f"{source}: shard path {rel!r} contains '..'; only paths inside the model directory "
+                              "are allowed")
+    path = root / rel
+    if not _inside(path, _allowed_roots(root.resolve())):
+        raise CheckpointError(f"{source}: shard {rel!r} resolves to {path.resolve()}, outside the model directory")
+    if not path.exists():
+        raise CheckpointError(f"{path}: shard named in {source.name} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: shard is not a regular file")
+    return path
+
+
+def _load_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _weight_map(index: Path, root: Path) -> dict[str, Path]:
+    data = _load_json(index)
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict):
+        raise CheckpointError(f"{index}: missing 'weight_map' object")
+    files: dict[str, Path] = {}
+    out: dict[str, Path] = {}
+    for name, rel in wmap.items():
+        if rel not in files:
+            files[rel] = _member(root, rel, index)
+        out[name] = files[rel]
+    return out
+
+
+class Checkpoint:
+    """A model directory: `model.safetensors`, or shards listed by `model.safetensors.index.json`.
+
+    Pickled checkpoints (`pytorch_model*.bin`, `*.pt`) are refused unless `allow_pickle` is set, in which case
+    they are loaded with `torch.load(weights_only=True)`, memory-mapped where the file format allows it. That
+    path is *not* out-of-core in general (a legacy-format file is loaded whole and kept), which is acceptable
+    for an opt-in compatibility route.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], config: dict | None,
+                 pickled: dict[Path, dict[str, torch.Tensor]] | None = None) -> None:
+        self.path = path
+        self.tensors = tensors
+        self.config = config
+        self._pickled = pickled or {}
+        self._readers: dict[Path, ShardReader] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path | str, *, allow_pickle: bool = False) -> "Checkpoint":
+        root = Path(path)
+        if not root.exists():
+            raise CheckpointError(f"{root}: does not exist")
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: not a directory")
+        config = cls._read_config(root)
+        index = root / SAFETENSORS_INDEX
+        if index.exists():
+            return cls(root, cls._indexed(root, index), config)
+        files = [root / "model.safetensors"] if (root / "model.safetensors").is_file() else \
+            sorted(root.glob("*.safetensors"))
+        if files:
+            roots = _allowed_roots(root.resolve())
+            for f in files:
+                if not _inside(f, roots):
+                    raise CheckpointError(f"{f}: resolves to {f.resolve()}, outside the model directory")
+            return cls(root, cls._merge_headers(files), config)
+        pickles = cls._pickle_files(root)
+        if not pickles:
+            raise CheckpointError(f"{root}: no *.safetensors (or pytorch_model*.bin) weights found")
+        if not allow_pickle:
+            raise CheckpointError(f"{root}: only pickle weights ({pickles[0].name}); pickles are refused by "
+                                  "default, pass --allow-pickle to load them with torch.load(weights_only=True)")
+        tensors, loaded = cls._load_pickles(root, pickles)
+        return cls(root, tensors, config, loaded)
+
+    @staticmethod
+    def _read_config(root: Path) -> dict | None:
+        cfg = root / "config.json"
+        if not cfg.exists():
+            return None
+        data = _load_json(cfg)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{cfg}: not a JSON object")
+        return data
+
+    @staticmethod
+    def _merge_headers(files: list[Path]) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, info in read_header(f)[0].items():
+                if name in tensors:
+                    raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {f}")
+                tensors[name] = info
+        return tensors
+
+    @classmethod
+    def _indexed(cls, root: Path, index: Path) -> dict[str, TensorInfo]:
+        wmap = _weight_map(index, root)
+        found = cls._merge_headers(sorted(set(wmap.values())))
+        tensors: dict[str, TensorInfo] = {}
+        for name, shard in wmap.items():
+            info = found.get(name)
+            if info is None or info.file != shard:
+                raise CheckpointError(f"{shard}: tensor {name!r} listed in {index.name} is not in this shard")
+            tensors[name] = info
+        return tensors
+
+    @staticmethod
+    def _pickle_files(root: Path) -> list[Path]:
+        index = root / PICKLE_INDEX
+        if index.exists():
+            return sorted(set(_weight_map(index, root).values()))
+        files = sorted(root.glob("pytorch_model*.bin")) + sorted(root.glob("*.pt"))
+        roots = _allowed_roots(root.resolve())
+        return [f for f in files if f.is_file() and _inside(f, roots)]
+
+    @staticmethod
+    def _load_pickles(root: Path, files: list[Path]) -> tuple[dict[str, TensorInfo], dict]:
+        tensors: dict[str, TensorInfo] = {}
+        loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        for f in files:
+            state = _torch_load(f)
+            for name, t in state.items():
+                if name in tensors:
+                    raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {f}")
+                try:
+                    code = dtype_code(t.dtype)
+                except ValueError:
+                    raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {t.dtype}") from None
+                shape = tuple(t.shape)
+                tensors[name] = TensorInfo(name=name, dtype=code, shape=shape, file=f, start=0,
+                                           nbytes=math.prod(shape) * DTYPES[code][1])
+            loaded[f] = state
+        return tensors, loaded
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+        """Rows [a, b) of a tensor as a new tensor (see ShardReader.read)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        if info.file in self._pickled:
+            t = self._pickled[info.file][name]
+            if rows is not None:
+                if not 0 <= rows[0] <= rows[1] <= info.rows:
+                    raise ValueError(f"{name}: rows {rows} out of range for {info.rows} rows")
+                t = t[rows[0]:rows[1]] if t.dim() else (t if rows[1] - rows[0] == 1 else t.reshape(1)[:0])
+            return t.to(device=device, dtype=dtype or t.dtype, copy=True)
+        return self._reader(info.file).read(info, rows, dtype, device)
+
+    def _reader(self, file: Path) -> ShardReader:
+        with self._lock:
+            reader = self._readers.get(file)
+            if reader is None:
+                reader = self._readers[file] = ShardReader(file)
+            return reader
+
+    def check_finite(self, name: str) -> bool:
+        """Whether a tensor has no NaN/Inf, reading bounded row blocks so a huge tensor never sits in memory."""
+        info = self.tensors[name]
+        if not info.torch_dtype.is_floating_point:
+            return True
+        step = max(1, FINITE_CHECK_BYTES // max(1, info.row_numel * 4))
+        for a in range(0, info.rows, step):
+            if not torch.isfinite(self.read(name, (a, min(a + step, info.rows)))).all():
+                return False
+        return True
+
+    def aux_files(self) -> list[Path]:
+        """Tokenizer and generation files a merged model should ship with (regular files inside the dir only)."""
+        roots = _allowed_roots(self.path.resolve())
+        return [p for p in (self.path / n for n in AUX_NAMES) if p.is_file() and _inside(p, roots)]
+
+    def close(self) -> None:
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict via the restricted unpickler, memory-mapped when the zip format allows it."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler raises many types; each means the same to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {first}") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: not a flat state dict of tensors")
+    return state

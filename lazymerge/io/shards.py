@@ -1,0 +1,243 @@
+"""One safetensors file: strict header parsing and memory-mapped row reads.
+
+The header is untrusted input: every inconsistency (a length past the end of the file, a size that contradicts
+the dtype, overlapping ranges) is rejected here, so that later reads can slice the map without ever touching a
+byte beyond the end of the file (which would be a SIGBUS, not an exception).
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lazymerge.errors import CheckpointError
+
+# safetensors dtype code -> (torch dtype, bytes per element); codes this torch build lacks are left out.
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    code: (getattr(torch, name), size)
+    for code, name, size in (
+        ("F64", "float64", 8),
+        ("F32", "float32", 4),
+        ("F16", "float16", 2),
+        ("BF16", "bfloat16", 2),
+        ("I64", "int64", 8),
+        ("I32", "int32", 4),
+        ("I16", "int16", 2),
+        ("I8", "int8", 1),
+        ("U8", "uint8", 1),
+        ("BOOL", "bool", 1),
+        ("F8_E4M3", "float8_e4m3fn", 1),
+        ("F8_E5M2", "float8_e5m2", 1),
+    )
+    if hasattr(torch, name)
+}
+_CODE_OF: dict[torch.dtype, str] = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+
+MAX_HEADER_BYTES = 100 * 1000 * 1000
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code for a torch dtype (for writers and for pickled checkpoints, which carry torch dtypes)."""
+    try:
+        return _CODE_OF[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no safetensors code") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it looks like; planners work from these alone, without reading data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Row blocks split dim 0; a 0-d tensor is a single row so that every tensor can be blocked the same way."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.row_numel * self.itemsize
+
+
+def _fail(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON allows repeated keys (last wins); in a header that would silently hide a tensor, so refuse it."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise _fail(path, f"tensor {name!r}: header entry is not an object")
+    dtype = entry.get("dtype")
+    if dtype not in DTYPES:
+        raise _fail(path, f"tensor {name!r}: unknown or unsupported dtype {dtype!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _fail(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise _fail(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end] of non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise _fail(path, f"tensor {name!r}: data_offsets begin {begin} > end {end}")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != expected:
+        raise _fail(path, f"tensor {name!r}: {end - begin} bytes of data but dtype {dtype} and shape {shape} "
+                          f"need {expected}")
+    if end > data_size:
+        raise _fail(path, f"tensor {name!r}: data ends at byte {end} of a {data_size}-byte data section "
+                          "(file truncated?)")
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=path, start=data_start + begin,
+                      nbytes=end - begin)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; returns the tensors and the `__metadata__` strings."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            if file_size < 8:
+                raise _fail(path, f"file is {file_size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if n > file_size - 8:
+                raise _fail(path, f"header length {n} exceeds file size {file_size}")
+            raw = f.read(n)
+    except OSError as exc:
+        raise _fail(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail(path, f"header is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _fail(path, "__metadata__ is not an object of string values")
+
+    data_start = 8 + n
+    data_size = file_size - data_start
+    tensors = {name: _parse_entry(path, name, entry, data_start, data_size) for name, entry in header.items()}
+
+    previous: TensorInfo | None = None
+    for info in sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start):
+        if previous is not None and info.start < previous.start + previous.nbytes:
+            raise _fail(path, f"tensors {previous.name!r} and {info.name!r} overlap")
+        previous = info
+    return tensors, metadata
+
+
+class ShardReader:
+    """A memory-mapped safetensors file.
+
+    Reads return fresh tensors, never views of the map: callers may keep or mutate them freely, and the page
+    range is dropped from our resident set right after the copy so that reading a model does not grow RSS.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY gives a writable-looking buffer (torch.frombuffer wants one) without copying; we
+                # never write, so no page is ever duplicated.
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise _fail(self.path, f"cannot memory-map: {exc}") from None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
+             dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Rows [a, b) of `info` as a new tensor in `dtype` (None keeps the stored dtype)."""
+        a, b = (0, info.rows) if rows is None else rows
+        if not 0 <= a <= b <= info.rows:
+            raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
+        if info.start + info.nbytes > len(self._map):
+            raise _fail(self.path, f"tensor {info.name!r} lies beyond the end of the file")
+        if info.shape:
+            shape: tuple[int, ...] = (b - a, *info.shape[1:])
+        else:
+            shape = () if b - a == 1 else (0,)
+        stored = info.torch_dtype
+        out_dtype = stored if dtype is None else dtype
+        count = (b - a) * info.row_numel
+        if count == 0:
+            return torch.empty(shape, dtype=out_dtype, device=device)
+        offset = info.start + a * info.row_nbytes
+        nbytes = count * info.itemsize
+        if offset % info.itemsize == 0:
+            view = torch.frombuffer(self._map, dtype=stored, count=count, offset=offset)
+            out = view.to(out_dtype, copy=True)
+        else:
+            # safetensors does not align data; copy the bytes to an aligned buffer before reinterpreting them.
+            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=offset).clone()
+            out = raw.view(stored).to(out_dtype)
+        self._drop_pages(offset, nbytes)
+        out = out.reshape(shape)
+        return out if torch.device(device).type == "cpu" else out.to(device)
+
+    def _drop_pages(self, offset: int, nbytes: int) -> None:
+        """Tell the kernel we are done with these file pages so they leave our RSS (the page cache keeps them)."""
+        start = offset - offset % mmap.PAGESIZE
+        length = min(offset + nbytes, len(self._map)) - start
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+        except (OSError, ValueError, AttributeError):
+            pass  # advisory only
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._map.close()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,457 @@
+"""Writing a merged checkpoint crash-safely, in any order, one row block at a time.
+
+The layout (which tensor goes where) is fixed before any data exists, so every shard is created up front with its
+final header and its full (sparse) size, and row blocks are `pwrite`n straight to their offsets as the scheduler
+produces them, from any thread. Everything lives in a temporary sibling directory that is renamed into place only
+when complete: a SIGKILL at any moment leaves either no output directory or a complete one. A journal of
+finished, checksummed shards lets `--resume` skip work already on disk.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from lazymerge.errors import OutputError
+from lazymerge.io.shards import DTYPES
+
+JOURNAL = "journal.json"
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """An output tensor as the planner knows it before computing it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.row_numel * DTYPES[self.dtype][1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file: `header` is every byte before the data (8-byte length + padded JSON); each tensor comes
+    with the offset of its data within the data section, i.e. its absolute file offset is `len(header) + offset`.
+    """
+
+    filename: str
+    tensors: tuple[tuple[OutTensor, int], ...]
+    header: bytes
+    size: int
+
+    @property
+    def data_nbytes(self) -> int:
+        return self.size - len(self.header)
+
+
+def _header(tensors: list[tuple[OutTensor, int]]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    for t, offset in tensors:
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+    text = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # keeps the data section 8-byte aligned, as safetensors' own writer does
+    return len(text).to_bytes(8, "little") + text
+
+
+def plan_layout(tensors: list[OutTensor], shard_size: int) -> list[ShardLayout]:
+    """Split tensors, in the given order, into shards of at most `shard_size` data bytes (a bigger tensor gets a
+    shard of its own), named the way Hugging Face names them."""
+    if shard_size <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_size}")
+    names = set()
+    groups: list[list[OutTensor]] = []
+    used = 0
+    for t in tensors:
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{t.name}: unknown safetensors dtype {t.dtype!r}")
+        if t.name in names:
+            raise ValueError(f"{t.name}: tensor listed twice")
+        names.add(t.name)
+        if not groups or (groups[-1] and used + t.nbytes > shard_size):
+            groups.append([])
+            used = 0
+        groups[-1].append(t)
+        used += t.nbytes
+    shards = []
+    for i, group in enumerate(groups):
+        filename = "model.safetensors" if len(groups) == 1 else \
+            f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        placed, offset = [], 0
+        for t in group:
+            placed.append((t, offset))
+            offset += t.nbytes
+        header = _header(placed)
+        shards.append(ShardLayout(filename, tuple(placed), header, len(header) + offset))
+    return shards
+
+
+def index_json(layout: list[ShardLayout]) -> bytes:
+    """The `model.safetensors.index.json` Hugging Face loaders use to find each tensor's shard."""
+    total = sum(t.nbytes for s in layout for t, _ in s.tensors)
+    weight_map = {t.name: s.filename for s in layout for t, _ in s.tensors}
+    return (json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n").encode()
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from `2GB` (decimal), `2GiB` or `2G` (binary), `500MB`, `1.5G` or a plain integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            raise ValueError(f"invalid size {value!r}: expected e.g. 5GB, 2GiB, 500MB, 1.5G or a byte count")
+        size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"invalid size {value!r}: must be positive")
+    return size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return digest
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class CheckpointWriter:
+    """Writes `layout` into `out_dir` via `<parent>/.<name>.lazymerge-tmp`, guarded by a PID lock file."""
+
+    def __init__(self, out_dir: Path | str, layout: list[ShardLayout], *, overwrite: bool = False,
+                 resume: bool = False) -> None:
+        self.out_dir = Path(os.path.abspath(out_dir))
+        self.layout = list(layout)
+        self.overwrite = overwrite
+        self.resume = resume
+        parent, name = self.out_dir.parent, self.out_dir.name
+        self.tmp_dir = parent / f".{name}.lazymerge-tmp"
+        self.lock_path = parent / f".{name}.lazymerge.lock"
+        self._where: dict[str, tuple[int, OutTensor, int]] = {
+            t.name: (i, t, len(s.header) + off) for i, s in enumerate(self.layout) for t, off in s.tensors}
+        self._lock = threading.Lock()
+        self._journal_lock = threading.Lock()
+        self._fds: dict[int, int] = {}
+        self._shard_written = [0] * len(self.layout)
+        self._tensor_reserved: dict[str, int] = {}
+        self._done: set[int] = set()
+        self._verified: set[int] = set()
+        self._journal: dict[str, dict] = {}
+        self._state = "new"
+        self._has_lock = False
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.size for s in self.layout)
+
+    def _layout_hash(self) -> str:
+        h = hashlib.sha256()
+        for s in self.layout:
+            h.update(s.filename.encode() + b"\0" + s.header + s.size.to_bytes(8, "little"))
+        return h.hexdigest()
+
+    # -- open -----------------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Take the lock and prepare the temporary directory with every shard preallocated."""
+        if self._state != "new":
+            raise RuntimeError("CheckpointWriter.open() called twice")
+        self._refuse_existing()
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            self._prepare_tmp()
+            needed = sum(s.size for i, s in enumerate(self.layout) if i not in self._verified)
+            free = shutil.disk_usage(self.out_dir.parent).free
+            if free < needed:
+                raise OutputError(f"{self.out_dir.parent}: not enough free disk space: the output needs {needed} "
+                                  f"more bytes, {free} are free")
+            for i, shard in enumerate(self.layout):
+                if i not in self._verified:
+                    self._preallocate(i, shard)
+            self._state = "open"
+        except BaseException:
+            self._close_fds()
+            if not self.resume:
+                _remove(self.tmp_dir)
+            self._release_lock()
+            raise
+        for i, shard in enumerate(self.layout):
+            if i not in self._done and shard.data_nbytes == 0:
+                self._complete(i)
+
+    def _refuse_existing(self) -> None:
+        if (self.out_dir.exists() or self.out_dir.is_symlink()) and not self.overwrite:
+            raise OutputError(f"{self.out_dir}: already exists; pass --overwrite to replace it")
+
+    def _acquire_lock(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._lock_owner()
+                if pid is not None and psutil.pid_exists(pid):
+                    raise OutputError(f"{self.out_dir}: is being written by another lazymerge run (pid {pid}); "
+                                      f"if it is not, delete {self.lock_path}") from None
+                self.lock_path.unlink(missing_ok=True)  # stale: its owner died
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self._has_lock = True
+            return
+        raise OutputError(f"{self.out_dir}: cannot take the lock {self.lock_path} (another run raced us)")
+
+    def _lock_owner(self) -> int | None:
+        try:
+            return int(self.lock_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _release_lock(self) -> None:
+        if self._has_lock:
+            if self._lock_owner() == os.getpid():
+                self.lock_path.unlink(missing_ok=True)
+            self._has_lock = False
+
+    def _prepare_tmp(self) -> None:
+        if self.resume and self._load_journal():
+            keep = {s.filename for i, s in enumerate(self.layout) if i in self._verified} | {JOURNAL}
+            for p in self.tmp_dir.iterdir():
+                if p.name not in keep:
+                    _remove(p)
+        else:
+            _remove(self.tmp_dir)
+            self.tmp_dir.mkdir()
+        self._write_journal()
+
+    def _load_journal(self) -> bool:
+        """Keep the shards a previous run finished, if the layout is the same and their checksums still match."""
+        try:
+            journal = json.loads((self.tmp_dir / JOURNAL).read_text())
+            if journal.get("layout") != self._layout_hash():
+                return False
+            shards = dict(journal["shards"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        for i, s in enumerate(self.layout):
+            rec = shards.get(s.filename)
+            path = self.tmp_dir / s.filename
+            if (isinstance(rec, dict) and path.is_file() and path.stat().st_size == s.size == rec.get("size")
+                    and _sha256(path) == rec.get("sha256")):
+                self._verified.add(i)
+                self._done.add(i)
+                self._journal[s.filename] = {"size": s.size, "sha256": rec["sha256"]}
+        return True
+
+    def _write_journal(self) -> None:
+        with self._journal_lock:
+            data = json.dumps({"version": 1, "layout": self._layout_hash(), "shards": self._journal}, indent=1)
+            tmp = self.tmp_dir / (JOURNAL + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.tmp_dir / JOURNAL)
+            _fsync_dir(self.tmp_dir)
+
+    def _preallocate(self, i: int, shard: ShardLayout) -> None:
+        fd = os.open(self.tmp_dir / shard.filename, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+        self._fds[i] = fd
+        self._pwrite(fd, memoryview(shard.header), 0, shard.filename)
+        try:
+            os.ftruncate(fd, shard.size)
+        except OSError as exc:
+            raise self._disk_error(exc, shard.filename) from None
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    def completed_shards(self) -> set[str]:
+        """Shard files fully written (and, on resume, verified against their journal checksum)."""
+        with self._lock:
+            return {self.layout[i].filename for i in self._done}
+
+    def tensors_done(self) -> set[str]:
+        """Tensors already on disk from a previous run: the engine may skip them; writes to them are dropped."""
+        return {t.name for i in self._verified for t, _ in self.layout[i].tensors}
+
+    def write_rows(self, name: str, row_start: int, tensor: torch.Tensor) -> None:
+        """Store rows [row_start, row_start + len(tensor)) of output tensor `name`; safe to call from any thread."""
+        if self._state != "open":
+            raise RuntimeError(f"write_rows({name!r}) on a writer that is {self._state}")
+        i, out, offset = self._where[name]
+        if i in self._verified:
+            return
+        if tensor.dtype != out.torch_dtype or tensor.device.type != "cpu":
+            raise ValueError(f"{name}: got a {tensor.dtype} tensor on {tensor.device}, "
+                             f"the output needs {out.torch_dtype} on cpu")
+        n_rows = tensor.shape[0] if out.shape else 1
+        if (tuple(tensor.shape[1:]) != out.shape[1:] if out.shape else tensor.numel() != 1) \
+                or not 0 <= row_start <= row_start + n_rows <= out.rows:
+            raise ValueError(f"{name}: rows starting at {row_start} of shape {tuple(tensor.shape)} do not fit "
+                             f"the output shape {out.shape}")
+        nbytes = n_rows * out.row_nbytes
+        with self._lock:
+            reserved = self._tensor_reserved.get(name, 0) + nbytes
+            if reserved > out.nbytes:
+                raise RuntimeError(f"{name}: more rows written than the tensor has (a block written twice?)")
+            self._tensor_reserved[name] = reserved
+            fd = self._fds[i]
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._pwrite(fd, memoryview(data), offset + row_start * out.row_nbytes, self.layout[i].filename)
+        with self._lock:
+            self._shard_written[i] += nbytes
+            complete = self._shard_written[i] == self.layout[i].data_nbytes
+        if complete:
+            self._complete(i)
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int, filename: str) -> None:
+        try:
+            while data:
+                n = os.pwrite(fd, data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as exc:
+            raise self._disk_error(exc, filename) from None
+
+    def _disk_error(self, exc: OSError, filename: str) -> Exception:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutputError(f"{self.out_dir.parent}: disk full while writing {filename}; the output needs "
+                               f"{self.total_size} bytes")
+        return OutputError(f"{self.tmp_dir / filename}: write failed: {exc.strerror or exc}")
+
+    def _complete(self, i: int) -> None:
+        """A shard's last byte has landed: make it durable and journal its checksum so a resume can trust it."""
+        with self._lock:
+            fd = self._fds.pop(i, None)
+            self._done.add(i)
+        shard = self.layout[i]
+        if fd is not None:
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        digest = _sha256(self.tmp_dir / shard.filename)
+        with self._journal_lock:
+            self._journal[shard.filename] = {"size": shard.size, "sha256": digest}
+        self._write_journal()
+
+    # -- finishing ------------------------------------------------------------------------------------------
+
+    def finalize(self, *, config: dict | None, aux_files: list[Path], extra_files: dict[str, bytes]) -> None:
+        """Add the index (only for more than one shard, as `save_pretrained` does), config, tokenizer and extra
+        files, then move the finished directory into place atomically and release the lock."""
+        if self._state != "open":
+            raise RuntimeError(f"finalize() on a writer that is {self._state}")
+        for i, s in enumerate(self.layout):
+            if i not in self._done:
+                raise RuntimeError(f"{s.filename}: incomplete, {self._shard_written[i]} of {s.data_nbytes} "
+                                   "data bytes written")
+        files: dict[str, bytes] = {}
+        if len(self.layout) > 1:
+            files[INDEX] = index_json(self.layout)
+        if config is not None:
+            files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+        for src in aux_files:
+            files[Path(src).name] = Path(src).read_bytes()
+        for name, data in extra_files.items():
+            if not name or "/" in name or "\\" in name or name in (".", "..") or name == JOURNAL:
+                raise ValueError(f"extra file name {name!r} must be a plain file name")
+            files[name] = data
+        for name, data in files.items():
+            with open(self.tmp_dir / name, "wb") as f:
+                try:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as exc:
+                    raise self._disk_error(exc, name) from None
+        (self.tmp_dir / JOURNAL).unlink(missing_ok=True)
+        _fsync_dir(self.tmp_dir)
+        self._refuse_existing()
+        if self.out_dir.exists() or self.out_dir.is_symlink():
+            old = self.out_dir.parent / f".{self.out_dir.name}.lazymerge-old"
+            _remove(old)
+            os.rename(self.out_dir, old)
+            os.rename(self.tmp_dir, self.out_dir)
+            _remove(old)
+        else:
+            os.rename(self.tmp_dir, self.out_dir)
+        _fsync_dir(self.out_dir.parent)
+        self._state = "finalized"
+        self._release_lock()
+
+    def _close_fds(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def abort(self, keep_partial: bool = False) -> None:
+        """Give up: remove the temporary directory (unless `keep_partial`, so a later --resume can reuse the
+        finished shards) and release the lock. Safe to call more than once."""
+        if self._state in ("finalized", "aborted"):
+            return
+        self._close_fds()
+        if not keep_partial and self._has_lock:
+            _remove(self.tmp_dir)
+        self._state = "aborted"
+        self._release_lock()
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.abort(keep_partial=self.resume and exc_type is not None)

@@ -1,0 +1,141 @@
+"""The task graph: nodes, and the small builder each merge method uses to describe one output tensor.
+
+A method never executes anything: it emits tasks (`op` + inputs + attributes + output bytes) for one tensor,
+block by block. The order in which tasks are emitted is a valid topological order that finishes one row block
+(and one tensor) before starting the next; the scheduler uses it as its priority, as dask.order would compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import networkx as nx
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class Task:
+    op: str
+    inputs: tuple[str, ...]
+    attrs: dict[str, Any]
+    nbytes: int
+    tensor: str
+    block: int = 0
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """One input of a tensor job: which model (key into Plan.sources) and which tensor in it."""
+
+    model: str
+    name: str
+    row_nbytes: int        # bytes of one stored row (source dtype), for "bytes to read"
+
+
+@dataclass
+class TaskList:
+    """Tasks in emission order; turned into a networkx graph once, at the end (fast for 100k nodes)."""
+
+    keys: list[str] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list)
+
+    def extend(self, other: "TaskList") -> None:
+        self.keys.extend(other.keys)
+        self.tasks.extend(other.tasks)
+
+    def to_graph(self) -> nx.DiGraph:
+        g = nx.DiGraph()
+        g.add_nodes_from((k, {"task": t, "order": i}) for i, (k, t) in enumerate(zip(self.keys, self.tasks)))
+        g.add_edges_from((src, k) for k, t in zip(self.keys, self.tasks) for src in t.inputs)
+        return g
+
+    def peak_bytes(self) -> int:
+        """Peak live bytes when the tasks run one at a time in emission order, each output freed after its last
+        consumer: the planner's estimate of a job's working set, and a lower bound for the whole run."""
+        remaining: dict[str, int] = {}
+        for t in self.tasks:
+            for src in t.inputs:
+                remaining[src] = remaining.get(src, 0) + 1
+        size = {k: t.nbytes for k, t in zip(self.keys, self.tasks)}
+        live = peak = 0
+        for k, t in zip(self.keys, self.tasks):
+            live += t.nbytes
+            peak = max(peak, live)
+            for src in set(t.inputs):
+                remaining[src] -= t.inputs.count(src)
+                if remaining[src] == 0:
+                    live -= size[src]
+            if remaining.get(k, 0) == 0:
+                live -= t.nbytes
+        return peak
+
+
+class TensorBuilder:
+    """Emits the tasks of one output tensor. Methods call `load`, `delta` and `op`; `write` ends a block.
+
+    With several row blocks, each `phase` of a multi-pass method reloads its inputs (memoised per phase) so that
+    no phase keeps the whole tensor alive; with one block every phase shares the same loads.
+    """
+
+    def __init__(self, name: str, shape: tuple[int, ...], blocks: Sequence[tuple[int, int]],
+                 sources: Sequence[SourceRef], base: int | None, out_dtype: str, seed: int):
+        self.name = name
+        self.shape = tuple(shape)
+        self.blocks = list(blocks)
+        self.sources = list(sources)
+        self.base = base
+        self.out_dtype = out_dtype
+        self.seed = seed
+        self.rows = shape[0] if len(shape) >= 2 else 1
+        self.numel = 1
+        for d in shape:
+            self.numel *= d
+        self.row_numel = self.numel // self.rows if self.rows else 0
+        self.out = TaskList()
+        self._memo: dict[tuple, str] = {}
+        self._n = 0
+
+    # -- sizes -------------------------------------------------------------------------------------------
+    def block_rows(self, j: int) -> int:
+        a, b = self.blocks[j]
+        return b - a
+
+    def f32(self, j: int) -> int:
+        """Bytes of one float32 block."""
+        return self.block_rows(j) * self.row_numel * F32
+
+    # -- emission ----------------------------------------------------------------------------------------
+    def op(self, op: str, inputs: Iterable[str], nbytes: int, block: int = 0, /, **attrs: Any) -> str:
+        key = f"{self.name}#{self._n}:{op}"
+        self._n += 1
+        self.out.keys.append(key)
+        self.out.tasks.append(Task(op, tuple(inputs), attrs, int(nbytes), self.name, block))
+        return key
+
+    def _phase(self, phase: int) -> int:
+        return phase if len(self.blocks) > 1 else 0
+
+    def load(self, i: int, j: int, phase: int = 0, raw: bool = False) -> str:
+        """Block j of source i as float32 (or, `raw`, in its stored dtype: integer buffers are copied as is)."""
+        memo = ("load", i, j, self._phase(phase), raw)
+        if memo not in self._memo:
+            src = self.sources[i]
+            rows = self.blocks[j] if len(self.shape) >= 2 else None   # 0-d/1-d tensors are one row
+            read = self.block_rows(j) * src.row_nbytes
+            self._memo[memo] = self.op("load", (), read if raw else self.f32(j), j, model=src.model,
+                                       name=src.name, rows=rows, read_bytes=read, raw=raw)
+        return self._memo[memo]
+
+    def delta(self, i: int, j: int, phase: int = 0) -> str:
+        """Task vector block of source i against the base."""
+        assert self.base is not None
+        memo = ("delta", i, j, self._phase(phase))
+        if memo not in self._memo:
+            self._memo[memo] = self.op("delta", (self.load(i, j, phase), self.load(self.base, j, phase)),
+                                       self.f32(j), j)
+        return self._memo[memo]
+
+    def write(self, y: str, j: int, out_itemsize: int) -> str:
+        return self.op("write", (y,), self.block_rows(j) * self.row_numel * out_itemsize, j,
+                       name=self.name, row_start=self.blocks[j][0], dtype=self.out_dtype)

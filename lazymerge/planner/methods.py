@@ -1,0 +1,299 @@
+"""Merge methods as small graphs of ops.
+
+A method is a parameter schema plus a `build` function that emits, for one output tensor, the tasks that compute
+it block by block. No method has its own execution path: they all compose `load, delta, trim, rescale, elect,
+combine, gram, reduce, lincomb, write`. The math lives in `engine.kernels`; the definitions in
+shared/methods.md (mergekit's defaults).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import RecipeError
+from .graph import TensorBuilder
+
+# -- parameter schema ---------------------------------------------------------------------------------------
+
+
+def _unit_open_closed(v: float) -> str | None:
+    return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
+
+
+def _unit_closed(v: float) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0.0 else "must be >= 0"
+
+
+def _positive_int(v: float) -> str | None:
+    return None if v >= 1 else "must be >= 1"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type                        # float, bool, int or str
+    default: Any = None               # None + required=False means "absent"
+    required: bool = False
+    per_model: bool = True            # may be given per model (else only in global `parameters`)
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[str, ...] = ()
+
+    def coerce(self, value: Any, where: str) -> Any:
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if value in (0, 1):
+                return bool(value)
+            raise RecipeError(f"{where}: must be true or false, not {value!r}")
+        if self.kind in (float, int):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RecipeError(f"{where}: must be a number, not {value!r}")
+            value = self.kind(value)
+            problem = self.check(value) if self.check else None
+            if problem:
+                raise RecipeError(f"{where}: {value!r} {problem}")
+            return value
+        if self.kind is str:
+            if value is None:
+                return None
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise RecipeError(f"{where}: must be one of {', '.join(self.choices)}, not {value!r}")
+            return value
+        raise AssertionError(self.kind)
+
+
+@dataclass
+class Resolved:
+    """Parameters resolved for one tensor: `models[i]` for the i-th contributing model, `glob` method-wide."""
+
+    models: list[dict[str, Any]]
+    glob: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params: tuple[Param, ...]
+    build: Callable[[TensorBuilder, list[int], list[int], Resolved], None]
+    base: str = "required"            # "required", "optional" or "none"
+    min_models: int = 1
+    max_models: int | None = None
+    doc: str = ""
+    in_models_base_contributes: bool = False   # slerp/nuslerp: the base listed in models is an input
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+# -- shared pieces of graphs -------------------------------------------------------------------------------
+
+WEIGHT = Param("weight", float, required=True)
+WEIGHT1 = Param("weight", float, default=1.0)
+DENSITY = Param("density", float, default=1.0, check=_unit_open_closed)
+NORMALIZE_T = Param("normalize", bool, default=True, per_model=False)
+NORMALIZE_F = Param("normalize", bool, default=False, per_model=False)
+LAMBDA = Param("lambda", float, default=1.0, per_model=False)
+INT8_MASK = Param("int8_mask", bool, default=False, per_model=False)   # accepted for compatibility: masks are
+                                                                       # never materialised at full size here
+RESCALE = Param("rescale", bool, default=True, per_model=False)
+RESCALE_NORM = Param("rescale_norm", str, default=None, per_model=False, choices=("l1", "l2", "linf"))
+CONSENSUS = Param("consensus", str, default="sum", per_model=False, choices=("sum", "count"))
+GAMMA = Param("gamma", float, default=0.01, check=_unit_closed)
+EPSILON = Param("epsilon", float, default=0.15, check=_non_negative)
+
+
+def _write(tb: TensorBuilder, y: str, j: int) -> None:
+    from .plan import ITEMSIZE  # local import: plan imports this module
+
+    tb.write(y, j, ITEMSIZE[tb.out_dtype])
+
+
+def _select(tb: TensorBuilder, m: int, k: int, tag: str) -> str:
+    """Exact k-th largest |delta| over the whole tensor: two radix passes over the blocks (see kernels)."""
+    h1 = [tb.op("select", (tb.delta(m, j, 1),), 65536 * 8, j, pass_=1) for j in range(len(tb.blocks))]
+    s1 = tb.op("reduce", h1, 1024, kind="topk1", k=k, tag=tag)
+    h2 = [tb.op("select", (tb.delta(m, j, 2), s1), 65536 * 8, j, pass_=2) for j in range(len(tb.blocks))]
+    return tb.op("reduce", (s1, *h2), 1024 + 16 * len(tb.blocks), kind="topk2", tag=tag)
+
+
+def _sparsify_states(tb: TensorBuilder, m: int, p: dict[str, Any], how: str) -> list[str]:
+    """Whole-tensor statistics a sparsifier needs before it can trim any block."""
+    n = tb.numel
+    density = p.get("density", 1.0)
+    if how == "magnitude" and density < 1.0:
+        k = int(density * n)
+        if k == 0:
+            raise RecipeError(f"density {density} keeps no entry of {tb.name} ({n} entries): raise density")
+        return [_select(tb, m, k, "keep")]
+    if how == "magnitude_outliers":
+        keep = int(density * n)
+        top = int(p["gamma"] * n)
+        bot = n - keep - top
+        if bot < 0:
+            top, bot = top + bot, 0
+        states = [_select(tb, m, n - bot, "upto") if bot > 0 else None,
+                  _select(tb, m, top, "top") if top > 0 else None]
+        return states  # type: ignore[return-value]
+    return []
+
+
+def _trim(tb: TensorBuilder, d: str, m: int, p: dict[str, Any], how: str, states: list[str], j: int,
+          seed_parts: tuple, glob: dict[str, Any]) -> str:
+    density = p.get("density", 1.0)
+    if how == "none":
+        return d
+    if how == "magnitude":
+        if not states:
+            return d
+        return tb.op("trim", (d, states[0]), tb.f32(j), j, method="magnitude", block=j)
+    if how == "magnitude_outliers":
+        upto, top = states
+        if upto is None and top is None:
+            return d
+        ins = tuple(s for s in (upto, top) if s is not None)
+        return tb.op("trim", (d, *ins), tb.f32(j), j, method="outliers", block=j,
+                     has_upto=upto is not None, has_top=top is not None)
+    if how == "random":
+        if density >= 1.0:
+            return d
+        return tb.op("trim", (d,), tb.f32(j), j, method="random", density=density,
+                     rescale=glob["rescale"] and not glob.get("rescale_norm"), seed_parts=seed_parts,
+                     shape=tb.shape, rows=tb.blocks[j])
+    if how == "rank_magnitude_sampling":
+        eps = p["epsilon"]
+        if not (0.0 < density - eps and density + eps < 1.0):
+            raise RecipeError(f"della: density ± epsilon ({density} ± {eps}) must lie in (0, 1)")
+        return tb.op("trim", (d,), tb.f32(j), j, method="della", density=density, epsilon=eps,
+                     rescale=glob["rescale"] and not glob.get("rescale_norm"), seed_parts=seed_parts,
+                     shape=tb.shape, rows=tb.blocks[j])
+    raise AssertionError(how)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the sparsify -> elect -> combine table in methods.md."""
+
+    sparsify: str
+    elect: bool
+
+
+def _build_family(fam: Family) -> Callable[[TensorBuilder, list[int], list[int], Resolved], None]:
+    def build(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+        base = tb.base
+        assert base is not None
+        states = [_sparsify_states(tb, m, p, fam.sparsify) for m, p in zip(models, P.models)]
+        norm_kind = P.glob.get("rescale_norm")
+        factors: list[str | None] = [None] * len(models)
+        if norm_kind:
+            for n_, (m, p, idx) in enumerate(zip(models, P.models, indices)):
+                before, after = [], []
+                for j in range(len(tb.blocks)):
+                    d = tb.delta(m, j, 3)
+                    t = _trim(tb, d, m, p, fam.sparsify, states[n_], j, (tb.seed, tb.name, idx), P.glob)
+                    before.append(tb.op("norm", (d,), tb.block_rows(j) * 8, j, kind=norm_kind))
+                    after.append(tb.op("norm", (t,), tb.block_rows(j) * 8, j, kind=norm_kind))
+                factors[n_] = tb.op("reduce", (*before, *after), 64, kind="rescale_norm", norm=norm_kind,
+                                    split=len(before))
+        weights = [p["weight"] for p in P.models]
+        for j in range(len(tb.blocks)):
+            ts = []
+            for n_, (m, p, idx) in enumerate(zip(models, P.models, indices)):
+                t = _trim(tb, tb.delta(m, j), m, p, fam.sparsify, states[n_], j, (tb.seed, tb.name, idx), P.glob)
+                if factors[n_] is not None:
+                    t = tb.op("rescale", (t, factors[n_]), tb.f32(j), j)
+                ts.append(t)
+            inputs = [tb.load(base, j), *ts]
+            if fam.elect:
+                inputs.append(tb.op("elect", ts, tb.f32(j), j, weights=weights, consensus=P.glob["consensus"]))
+            y = tb.op("combine", inputs, tb.f32(j), j, weights=weights, normalize=P.glob["normalize"],
+                      lam=P.glob["lambda"], elect=fam.elect)
+            _write(tb, y, j)
+
+    return build
+
+
+def _build_linear(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+    weights = [p["weight"] for p in P.models]
+    for j in range(len(tb.blocks)):
+        xs = [tb.load(m, j) for m in models]
+        y = tb.op("weighted_sum", xs, tb.f32(j), j, weights=weights, normalize=P.glob["normalize"])
+        _write(tb, y, j)
+
+
+def _build_task_arithmetic(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+    _build_family(Family("none", elect=False))(tb, models, indices, P)
+
+
+def _gram_then_lincomb(tb: TensorBuilder, inputs_of: Callable[[int, int], list[str]], n_gram: int,
+                       lin_inputs: Callable[[int], list[str]], kind: str, row_wise: bool,
+                       **attrs: Any) -> None:
+    """The one mechanism for methods that need inner products over the whole tensor (slerp, model_stock,
+    nuslerp, multislerp, karcher): per-block Gram partials -> exact reduction -> coefficients -> lincomb."""
+    parts = [tb.op("gram", inputs_of(j, 1), tb.block_rows(j) * n_gram * n_gram * 8, j)
+             for j in range(len(tb.blocks))]
+    coef_bytes = (tb.rows if row_wise else 1) * 16 * 8
+    coef = tb.op("reduce", parts, coef_bytes, kind=kind, **attrs)
+    for j in range(len(tb.blocks)):
+        y = tb.op("lincomb", (*lin_inputs(j), coef), tb.f32(j), j, rows=tb.blocks[j], row_wise=row_wise)
+        _write(tb, y, j)
+
+
+def _build_slerp(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+    base = tb.base
+    other = next(m for m in models if m != base) if len(models) > 1 else models[0]
+    pair = [base, other]
+    _gram_then_lincomb(tb, lambda j, ph: [tb.load(m, j, ph) for m in pair], 2,
+                       lambda j: [tb.load(m, j) for m in pair], "slerp", False, t=P.glob["t"])
+
+
+def _build_passthrough(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+    scale = P.models[0].get("scale", 1.0) if P.models else 1.0
+    for j in range(len(tb.blocks)):
+        x = tb.load(models[0], j)
+        if scale != 1.0:
+            x = tb.op("rescale", (x,), tb.f32(j), j, factor=scale)
+        _write(tb, x, j)
+
+
+FAMILY_PARAMS = (WEIGHT, DENSITY, LAMBDA, INT8_MASK, RESCALE_NORM, CONSENSUS)
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("linear", (WEIGHT, NORMALIZE_T), _build_linear, base="optional", min_models=1,
+                doc="weighted average of the models (model soup)"))
+register(Method("task_arithmetic", (WEIGHT, NORMALIZE_F, LAMBDA, INT8_MASK), _build_task_arithmetic,
+                doc="base + lambda * sum of weighted task vectors"))
+register(Method("ties", FAMILY_PARAMS + (NORMALIZE_T,), _build_family(Family("magnitude", True)),
+                doc="TIES: trim by magnitude, elect signs, disjoint mean"))
+register(Method("dare_ties", FAMILY_PARAMS + (NORMALIZE_F, RESCALE), _build_family(Family("random", True)),
+                doc="DARE random drop + rescale, then TIES sign election"))
+register(Method("dare_linear", FAMILY_PARAMS + (NORMALIZE_F, RESCALE), _build_family(Family("random", False)),
+                doc="DARE random drop + rescale, then a weighted sum"))
+register(Method("breadcrumbs", FAMILY_PARAMS + (NORMALIZE_F, GAMMA),
+                _build_family(Family("magnitude_outliers", False)),
+                doc="drop the smallest and the largest-magnitude outliers of each task vector"))
+register(Method("breadcrumbs_ties", FAMILY_PARAMS + (NORMALIZE_F, GAMMA),
+                _build_family(Family("magnitude_outliers", True)),
+                doc="breadcrumbs sparsification with TIES sign election"))
+register(Method("della", FAMILY_PARAMS + (NORMALIZE_T, RESCALE, EPSILON),
+                _build_family(Family("rank_magnitude_sampling", True)),
+                doc="DELLA: magnitude-ranked drop probabilities, rescale, sign election"))
+register(Method("della_linear", FAMILY_PARAMS + (NORMALIZE_F, RESCALE, EPSILON),
+                _build_family(Family("rank_magnitude_sampling", False)),
+                doc="DELLA sparsification with a weighted sum"))
+register(Method("slerp", (Param("t", float, required=True, per_model=False, check=_unit_closed),),
+                _build_slerp, min_models=2, max_models=2, in_models_base_contributes=True,
+                doc="spherical interpolation between the base (t=0) and one other model (t=1)"))
+register(Method("passthrough", (Param("scale", float, default=1.0),), _build_passthrough, base="optional",
+                min_models=1, max_models=1, doc="copy one model's tensors (with slices: frankenmerges)"))

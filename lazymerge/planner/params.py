@@ -1,0 +1,85 @@
+"""Parameter values as mergekit recipes write them, resolved to one number per tensor.
+
+A value may be a scalar, a gradient (a list of numbers spread evenly over the layers and interpolated
+piecewise-linearly), or a list of `{filter: SUBSTRING, value: V}` entries where the first matching filter wins and
+an entry without a filter is the default. Filter values may themselves be gradients. Non-layer tensors sit at the
+ends of the gradient: those before the layers (embeddings) at 0, those after (final norm, lm_head) at 1, as
+mergekit does.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..errors import RecipeError
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+_POST_HINTS = ("lm_head", "norm.weight", "norm.bias", "ln_f", "final_layernorm", "score.", "classifier", "pooler")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a tensor name (`model.layers.12.mlp...`, `transformer.h.3...`), by pattern,
+    so new architectures work without a model list."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class TensorPosition:
+    """Where a tensor sits, for gradients: its relative position t in [0, 1] over the layers."""
+
+    name: str
+    t: float
+
+    @classmethod
+    def of(cls, name: str, layer: int | None, num_layers: int) -> "TensorPosition":
+        if layer is None:
+            is_post = any(h in name for h in _POST_HINTS) and "layers." not in name
+            return cls(name, 1.0 if is_post else 0.0)
+        return cls(name, layer / (num_layers - 1) if num_layers > 1 else 0.0)
+
+
+def _gradient(values: list[Any], t: float, where: str) -> float:
+    nums = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RecipeError(f"{where}: a gradient must be a list of numbers, found {v!r}")
+        nums.append(float(v))
+    if len(nums) == 1:
+        return nums[0]
+    pos = t * (len(nums) - 1)
+    i = min(int(pos), len(nums) - 2)
+    frac = pos - i
+    return nums[i] * (1.0 - frac) + nums[i + 1] * frac
+
+
+def is_filter_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
+def resolve(value: Any, pos: TensorPosition, where: str) -> Any:
+    """One concrete value of a parameter for the tensor at `pos`. Returns None when a filter list has no match
+    and no default (the caller then falls back to the next level: per-model -> global -> method default)."""
+    if is_filter_list(value):
+        for entry in value:
+            extra = set(entry) - {"filter", "value"}
+            if extra or "value" not in entry:
+                raise RecipeError(f"{where}: filter entries are {{filter: SUBSTRING, value: V}}, found {dict(entry)}")
+            flt = entry.get("filter")
+            if flt is None or str(flt) in pos.name:
+                return resolve(entry["value"], pos, where)
+        return None
+    if isinstance(value, list):
+        return _gradient(value, pos.t, where)
+    return value
+
+
+def lookup(name: str, levels: list[tuple[Mapping[str, Any], str]], pos: TensorPosition) -> tuple[Any, bool]:
+    """Resolve parameter `name` through levels (most specific first). Returns (value, found)."""
+    for params, where in levels:
+        if name in params:
+            v = resolve(params[name], pos, f"{where}.{name}")
+            if v is not None:
+                return v, True
+    return None, False

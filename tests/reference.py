@@ -1,0 +1,315 @@
+"""Plain whole-tensor reference formulas for the merge methods, written from /work/shared/methods.md.
+
+No blocks, no graph, no lazymerge code: straightforward float32 torch on whole tensors. Random methods take their
+uniform draws `u` (one per element, same shape as the tensor, in [0, 1)) as an input; an element is kept when
+`u < p` (Bernoulli with probability p).
+
+Conventions fixed here where methods.md leaves a choice:
+- magnitude top-k: ties in |d| at the k-th value are broken by flat index, lower index kept first (the order a
+  stable descending sort gives; docs/DESIGN.md: "ties broken by flat index").
+- breadcrumbs / della ranks: stable ascending argsort of |d| (equal magnitudes ranked by flat index).
+- della on a row of a single element: r = 0 (the (max - min) range is empty).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+F32 = torch.float32
+
+
+def _f(t: torch.Tensor) -> torch.Tensor:
+    return t.to(F32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# simple methods
+# ----------------------------------------------------------------------------------------------------------------
+def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
+    """y = sum_i w_i x_i  (/ sum_i w_i when normalize)."""
+    y = torch.zeros_like(_f(xs[0]))
+    for x, w in zip(xs, weights):
+        y = y + float(w) * _f(x)
+    if normalize:
+        y = y / float(sum(weights))
+    return y
+
+
+def passthrough(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return _f(x) * float(scale)
+
+
+def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation from v0 (t=0, the base) to v1 (t=1) over the whole flattened tensors."""
+    a = _f(v0)
+    b = _f(v1)
+    fa = a.reshape(-1)
+    fb = b.reshape(-1)
+    na = torch.linalg.vector_norm(fa)
+    nb = torch.linalg.vector_norm(fb)
+    u0 = fa / na if float(na) > eps else fa
+    u1 = fb / nb if float(nb) > eps else fb
+    dot = float((u0 * u1).sum())
+    if abs(dot) > dot_threshold:
+        return (1.0 - t) * a + t * b
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    s = math.sin(theta)
+    return (math.sin((1.0 - t) * theta) / s) * a + (math.sin(t * theta) / s) * b
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View as (rows, row_numel); a 0-d or 1-d tensor is one row."""
+    if t.dim() <= 1:
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def model_stock(base: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """t = N cos / (1 + (N-1) cos), cos = mean pairwise cosine of the deltas; y = t mean(x) + (1-t) b."""
+    b = _f(base)
+    xs = [_f(x) for x in xs]
+    n = len(xs)
+    if n < 2:
+        raise ValueError("model_stock needs at least two fine-tuned models")
+    if filter_wise:
+        ds = [_rows(x - b) for x in xs]
+    else:
+        ds = [(x - b).reshape(1, -1) for x in xs]
+    cos_list = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            num = (ds[i] * ds[j]).sum(dim=1)
+            den = (torch.linalg.vector_norm(ds[i], dim=1) * torch.linalg.vector_norm(ds[j], dim=1)).clamp(min=1e-6)
+            cos_list.append((num / den).clamp(-1.0, 1.0))
+    cos = torch.stack(cos_list).mean(dim=0)                 # (rows,)
+    t = n * cos / (1 + (n - 1) * cos)
+    mean = sum(xs) / n
+    t_b = t.reshape(-1, *([1] * (_rows(b).dim() - 1)))     # (rows, 1)
+    y = t_b * _rows(mean) + (1 - t_b) * _rows(b)
+    return y.reshape(b.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparsifiers (each returns the sparsified delta, float32)
+# ----------------------------------------------------------------------------------------------------------------
+def _rescale_norm(d: torch.Tensor, kept: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "l1":
+        before, after = d.abs().sum(), kept.abs().sum()
+    elif norm == "l2":
+        before, after = torch.linalg.vector_norm(d), torch.linalg.vector_norm(kept)
+    elif norm == "linf":
+        before, after = d.abs().max(), kept.abs().max()
+    else:
+        raise ValueError(f"unknown rescale_norm {norm!r}")
+    if float(before) < 1e-7 or float(after) < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def magnitude_mask(d: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of the k = int(density * numel) largest |d| (ties: lower flat index first)."""
+    n = d.numel()
+    if density >= 1:
+        return torch.ones_like(d, dtype=torch.bool)
+    k = int(density * n)
+    if k <= 0:
+        raise ValueError(f"density {density} keeps no entry of a tensor with {n} elements")
+    a = _f(d).abs().reshape(-1)
+    thr = torch.topk(a, k, largest=True, sorted=True).values[-1]
+    mask = a > thr
+    need = k - int(mask.sum())
+    eq = torch.nonzero(a == thr).flatten()[:need]
+    mask[eq] = True
+    assert int(mask.sum()) == k
+    return mask.reshape(d.shape)
+
+
+def sparsify_magnitude(d: torch.Tensor, density: float, rescale_norm: str | None = None) -> torch.Tensor:
+    d = _f(d)
+    if density >= 1:
+        return d
+    kept = d * magnitude_mask(d, density)
+    return _rescale_norm(d, kept, rescale_norm) if rescale_norm else kept
+
+
+def sparsify_random(d: torch.Tensor, density: float, u: torch.Tensor, rescale: bool = True,
+                    rescale_norm: str | None = None) -> torch.Tensor:
+    """DARE: keep where u < density, then divide by density (or match the chosen norm)."""
+    d = _f(d)
+    if density >= 1:
+        return d
+    assert u.shape == d.shape
+    kept = d * (u < density)
+    if rescale_norm:
+        return _rescale_norm(d, kept, rescale_norm)
+    if rescale:
+        return kept / density
+    return kept
+
+
+def magnitude_outliers_mask(d: torch.Tensor, density: float, gamma: float = 0.01) -> torch.Tensor:
+    """Breadcrumbs: in ascending |d| order keep ranks [bot, n - top)."""
+    n = d.numel()
+    if density >= 1:
+        return torch.ones_like(d, dtype=torch.bool)
+    keep = int(density * n)
+    top = int(gamma * n)
+    bot = n - keep - top
+    if bot < 0:
+        top += bot
+        bot = 0
+    order = torch.argsort(_f(d).abs().reshape(-1), stable=True)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[bot:n - top]] = True
+    return mask.reshape(d.shape)
+
+
+def sparsify_magnitude_outliers(d: torch.Tensor, density: float, gamma: float = 0.01,
+                                rescale_norm: str | None = None) -> torch.Tensor:
+    d = _f(d)
+    if density >= 1:
+        return d
+    kept = d * magnitude_outliers_mask(d, density, gamma)
+    return _rescale_norm(d, kept, rescale_norm) if rescale_norm else kept
+
+
+def rank_magnitude_probs(d: torch.Tensor, density: float, epsilon: float = 0.15) -> torch.Tensor:
+    """DELLA keep probabilities: p = density - eps + 2 eps r, r = normalised rank of |d| within its row."""
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError("density +/- epsilon must lie in (0, 1)")
+    rows = _rows(_f(d)).abs()
+    m = rows.shape[1]
+    order = torch.argsort(rows, dim=1, stable=True)
+    ranks = torch.empty_like(rows)
+    ranks.scatter_(1, order, torch.arange(m, dtype=F32).expand(rows.shape[0], m).contiguous())
+    r = ranks / (m - 1) if m > 1 else torch.zeros_like(ranks)
+    p = (density - epsilon) + r * (2 * epsilon)
+    return p.reshape(d.shape)
+
+
+def sparsify_rank_magnitude(d: torch.Tensor, density: float, u: torch.Tensor, epsilon: float = 0.15,
+                            rescale: bool = True, rescale_norm: str | None = None) -> torch.Tensor:
+    d = _f(d)
+    if density >= 1:
+        return d
+    p = rank_magnitude_probs(d, density, epsilon)
+    assert u.shape == d.shape
+    keep = u < p
+    kept = d * keep
+    if rescale_norm:
+        return _rescale_norm(d, kept, rescale_norm)
+    if rescale:
+        return torch.where(keep, d / p, torch.zeros_like(d))
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weight -> elect -> combine -> add
+# ----------------------------------------------------------------------------------------------------------------
+def elect_masks(es: Sequence[torch.Tensor], consensus: str = "sum") -> list[torch.Tensor]:
+    """Majority sign s (+1 where the sum is >= 0); m_i = sign(e_i) == s (a zero never agrees)."""
+    signs = [torch.sign(e) for e in es]
+    if consensus == "sum":
+        total = sum(es)
+    elif consensus == "count":
+        total = sum(signs)
+    else:
+        raise ValueError(consensus)
+    s = torch.where(total >= 0, 1.0, -1.0)
+    return [sg == s for sg in signs]
+
+
+def combine(base: torch.Tensor, sparse_deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
+            elect: bool, normalize: bool, lambda_: float = 1.0, consensus: str = "sum") -> torch.Tensor:
+    b = _f(base)
+    es = [float(w) * _f(d) for w, d in zip(weights, sparse_deltas)]
+    if elect:
+        ms = elect_masks(es, consensus)
+        D = sum(e * m for e, m in zip(es, ms))
+        div = sum(float(w) * m.to(F32) for w, m in zip(weights, ms))
+        div = torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        D = sum(es)
+        div = float(sum(weights))
+        if abs(div) < 1e-8:
+            div = 1.0
+    if normalize:
+        D = D / div
+    return b + float(lambda_) * D
+
+
+def _deltas(base, xs):
+    b = _f(base)
+    return [_f(x) - b for x in xs]
+
+
+def task_arithmetic(base, xs, weights, lambda_=1.0, normalize=False):
+    return combine(base, _deltas(base, xs), weights, elect=False, normalize=normalize, lambda_=lambda_)
+
+
+def ties(base, xs, weights, densities, normalize=True, lambda_=1.0, consensus="sum", rescale_norm=None):
+    sd = [sparsify_magnitude(d, dens, rescale_norm) for d, dens in zip(_deltas(base, xs), densities)]
+    return combine(base, sd, weights, elect=True, normalize=normalize, lambda_=lambda_, consensus=consensus)
+
+
+def _dare(base, xs, weights, densities, us, rescale, rescale_norm):
+    return [sparsify_random(d, dens, u, rescale=rescale, rescale_norm=rescale_norm)
+            for d, dens, u in zip(_deltas(base, xs), densities, us)]
+
+
+def dare_linear(base, xs, weights, densities, us, rescale=True, normalize=False, lambda_=1.0, rescale_norm=None):
+    sd = _dare(base, xs, weights, densities, us, rescale, rescale_norm)
+    return combine(base, sd, weights, elect=False, normalize=normalize, lambda_=lambda_)
+
+
+def dare_ties(base, xs, weights, densities, us, rescale=True, normalize=False, lambda_=1.0, consensus="sum",
+              rescale_norm=None):
+    sd = _dare(base, xs, weights, densities, us, rescale, rescale_norm)
+    return combine(base, sd, weights, elect=True, normalize=normalize, lambda_=lambda_, consensus=consensus)
+
+
+def breadcrumbs(base, xs, weights, densities, gammas, normalize=False, lambda_=1.0, rescale_norm=None):
+    sd = [sparsify_magnitude_outliers(d, dens, g, rescale_norm)
+          for d, dens, g in zip(_deltas(base, xs), densities, gammas)]
+    return combine(base, sd, weights, elect=False, normalize=normalize, lambda_=lambda_)
+
+
+def breadcrumbs_ties(base, xs, weights, densities, gammas, normalize=False, lambda_=1.0, consensus="sum",
+                     rescale_norm=None):
+    sd = [sparsify_magnitude_outliers(d, dens, g, rescale_norm)
+          for d, dens, g in zip(_deltas(base, xs), densities, gammas)]
+    return combine(base, sd, weights, elect=True, normalize=normalize, lambda_=lambda_, consensus=consensus)
+
+
+def _della(base, xs, densities, epsilons, us, rescale, rescale_norm):
+    return [sparsify_rank_magnitude(d, dens, u, eps, rescale=rescale, rescale_norm=rescale_norm)
+            for d, dens, eps, u in zip(_deltas(base, xs), densities, epsilons, us)]
+
+
+def della(base, xs, weights, densities, epsilons, us, rescale=True, normalize=True, lambda_=1.0,
+          consensus="sum", rescale_norm=None):
+    sd = _della(base, xs, densities, epsilons, us, rescale, rescale_norm)
+    return combine(base, sd, weights, elect=True, normalize=normalize, lambda_=lambda_, consensus=consensus)
+
+
+def della_linear(base, xs, weights, densities, epsilons, us, rescale=True, normalize=False, lambda_=1.0,
+                 rescale_norm=None):
+    sd = _della(base, xs, densities, epsilons, us, rescale, rescale_norm)
+    return combine(base, sd, weights, elect=False, normalize=normalize, lambda_=lambda_)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parameters varying across layers
+# ----------------------------------------------------------------------------------------------------------------
+def gradient_value(values: Sequence[float], layer: int, num_layers: int) -> float:
+    """Piecewise-linear interpolation of `values` spread evenly over [0, num_layers - 1]."""
+    if len(values) == 1:
+        return float(values[0])
+    pos = 0.0 if num_layers <= 1 else layer / (num_layers - 1) * (len(values) - 1)
+    i0 = min(int(math.floor(pos)), len(values) - 1)
+    i1 = min(i0 + 1, len(values) - 1)
+    frac = pos - i0
+    return float((1 - frac) * values[i0] + frac * values[i1])
