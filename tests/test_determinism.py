@@ -125,17 +125,22 @@ def test_uniform_rows_reproducible_and_block_independent():
     shape = (88, 32)
     s = derive_seed(0, "model.layers.0.mlp.up_proj.weight", 1)
     whole = uniform_rows(s, shape, (0, 88))
-    assert tuple(whole.shape) == shape
+    assert tuple(whole.shape) == shape and whole.dtype == torch.float32
     assert torch.equal(whole, uniform_rows(s, shape, (0, 88)))
     # any row range is the same slice of the whole, whatever the block boundaries
     for a, b in [(0, 1), (3, 17), (17, 64), (63, 88), (40, 41)]:
-        part = uniform_rows(s, shape, (a, b))
-        assert torch.equal(part, whole[a:b]), (a, b)
-    # 1-D tensors: rows are elements
+        assert torch.equal(uniform_rows(s, shape, (a, b)), whole[a:b]), (a, b)
+    # a tensor spanning several row groups (3 Mi elements: more than one group of any size <= 1 Mi elements)
+    big = (12, 1 << 18)
+    sb = derive_seed(5, "big", 0)
+    whole = uniform_rows(sb, big, (0, 12))
+    for a, b in [(0, 12), (0, 5), (3, 9), (4, 8), (7, 12), (11, 12), (2, 3)]:
+        assert torch.equal(uniform_rows(sb, big, (a, b)), whole[a:b]), (a, b)
+    # 1-D tensors are one row (kernels contract)
     s1 = derive_seed(0, "model.norm.weight", 0)
-    v = uniform_rows(s1, (32,), (0, 32))
+    v = uniform_rows(s1, (32,), (0, 1))
     assert tuple(v.shape) == (32,)
-    assert torch.equal(uniform_rows(s1, (32,), (5, 20)), v[5:20])
+    assert torch.equal(v, uniform_rows(s1, (32,), (0, 1)))
 
 
 def test_derive_seed_separates_streams():

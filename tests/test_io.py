@@ -356,7 +356,7 @@ def test_writer_output_loads_with_safetensors(tmp_path: Path) -> None:
     with CheckpointWriter(out, layout) as w:
         write_all(w, tensors)
         w.finalize(config={"a": 1}, aux_files=[aux], extra_files={"README.md": b"hello"})
-    assert os.listdir(tmp_path) == ["out", "tokenizer.json"]  # nothing temporary left beside it
+    assert sorted(os.listdir(tmp_path)) == ["out", "tokenizer.json"]  # nothing temporary left beside it
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors)
     loaded = {}
@@ -524,7 +524,7 @@ def test_resume_detects_corrupted_shard_and_other_layout(tmp_path: Path) -> None
     w = CheckpointWriter(tmp_path / "out", other, resume=True)
     w.open()
     assert w.tensors_done() == set()
-    assert os.listdir(tmp_path / ".out.lazymerge-tmp") == ["journal.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / ".out.lazymerge-tmp")) == ["journal.json", "model.safetensors"]
     w.abort()
     assert os.listdir(tmp_path) == []
 

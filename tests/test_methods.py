@@ -59,7 +59,8 @@ def draws(name: str, shape, model_index: int, seed: int = SEED) -> torch.Tensor:
     from lazymerge.engine.kernels import derive_seed, uniform_rows
 
     shape = tuple(shape)
-    rows = shape[0] if len(shape) else 1
+    # kernels.uniform_rows: a 0-d/1-d tensor is one row; otherwise rows = shape[0]
+    rows = shape[0] if len(shape) >= 2 else 1
     u = uniform_rows(derive_seed(seed, name, model_index), shape, (0, rows))
     assert tuple(u.shape) == shape, f"uniform_rows returned shape {tuple(u.shape)} for {shape}"
     return u
@@ -109,11 +110,14 @@ def test_reference_ties_by_hand():
     # e1 = [3, 0, 0, 2], e2 = [0, -2, 4, 0] (weights 1); sums [3, -2, 4, 2] -> signs + - + +
     y = ref.ties(base, [x1, x2], [1.0, 1.0], [0.5, 0.5], normalize=True)
     assert torch.equal(y, torch.tensor([3.0, -2.0, 4.0, 2.0]))
-    # sign disagreement: e1 = [2], e2 = [-3] -> s = -1, keep only e2, divisor w2
+    # sign disagreement: e1 = 1.0 * 2 = 2, e2 = 0.8 * -3 = -2.4 -> sum -0.4 -> s = -1: keep only e2, divisor 0.8
+    y = ref.ties(torch.zeros(1), [torch.tensor([2.0]), torch.tensor([-3.0])], [1.0, 0.8], [1, 1], normalize=True)
+    assert torch.allclose(y, torch.tensor([-3.0]))    # -2.4 / 0.8
+    y = ref.ties(torch.zeros(1), [torch.tensor([2.0]), torch.tensor([-3.0])], [1.0, 0.8], [1, 1], normalize=False)
+    assert torch.allclose(y, torch.tensor([-2.4]))
+    # weights decide the sign: e1 = 2, e2 = 0.5 * -3 = -1.5 -> s = +1: keep e1
     y = ref.ties(torch.zeros(1), [torch.tensor([2.0]), torch.tensor([-3.0])], [1.0, 0.5], [1, 1], normalize=True)
-    assert torch.equal(y, torch.tensor([-3.0]))       # (0.5 * -3) / 0.5
-    y = ref.ties(torch.zeros(1), [torch.tensor([2.0]), torch.tensor([-3.0])], [1.0, 0.5], [1, 1], normalize=False)
-    assert torch.equal(y, torch.tensor([-1.5]))
+    assert torch.equal(y, torch.tensor([2.0]))
     # sum exactly 0 -> s = +1; zero entries never agree -> divisor 0 -> 1
     y = ref.ties(torch.zeros(2), [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], [1, 1], [1, 1])
     assert torch.equal(y, torch.tensor([1.0, 0.0]))

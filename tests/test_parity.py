@@ -47,3 +47,72 @@ def test_parity(case, tmp_path):
         if not err <= TOL:
             bad.append(f"{name}: max abs err {err:.3g}")
     assert not bad, f"{case}: tensors outside {TOL}:\n  " + "\n  ".join(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the oracle: tests/reference.py must itself agree with mergekit on every case whose method it implements
+# (this validates the reference used by test_methods.py, independently of lazymerge)
+# ----------------------------------------------------------------------------------------------------------------
+def _reference_fn(recipe: dict, models: dict):
+    import reference as ref
+
+    method = recipe["merge_method"]
+    glob = recipe.get("parameters") or {}
+
+    def param(entry, key, default):
+        own = entry.get("parameters") or {}
+        return own.get(key, glob.get(key, default))
+
+    entries = recipe["models"]
+    base = models.get(recipe.get("base_model"))
+    if method != "slerp":
+        entries = [e for e in entries if e["model"] != recipe.get("base_model")]
+    xs = [models[e["model"]] for e in entries]
+    w = [param(e, "weight", 1.0) for e in entries]
+    dens = [param(e, "density", 1.0) for e in entries]
+    gam = [param(e, "gamma", 0.01) for e in entries]
+    if method == "linear":
+        return lambda n: ref.linear([x[n] for x in xs], w, normalize=glob.get("normalize", True))
+    if method == "task_arithmetic":
+        return lambda n: ref.task_arithmetic(base[n], [x[n] for x in xs], w, lambda_=glob.get("lambda", 1.0),
+                                             normalize=glob.get("normalize", False))
+    if method == "ties":
+        return lambda n: ref.ties(base[n], [x[n] for x in xs], w, dens, normalize=glob.get("normalize", True),
+                                  lambda_=glob.get("lambda", 1.0))
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        f = getattr(ref, method)
+        return lambda n: f(base[n], [x[n] for x in xs], w, dens, gam, normalize=glob.get("normalize", False),
+                           lambda_=glob.get("lambda", 1.0))
+    if method == "slerp":
+        other = [x for e, x in zip(entries, xs) if e["model"] != recipe["base_model"]]
+        assert len(other) == 1
+        return lambda n: ref.slerp(base[n], other[0][n], glob["t"])
+    if method == "model_stock":
+        return lambda n: ref.model_stock(base[n], [x[n] for x in xs], filter_wise=glob.get("filter_wise", False))
+    return None
+
+
+ORACLE_METHODS = {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock"}
+
+
+def _case_method(case: str) -> str:
+    import yaml
+
+    return yaml.safe_load((PARITY / case / "recipe.yaml").read_text().replace("{parity}", str(PARITY)))["merge_method"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _case_method(c) in ORACLE_METHODS])
+def test_reference_agrees_with_mergekit(case):
+    import yaml
+
+    recipe = yaml.safe_load((PARITY / case / "recipe.yaml").read_text().replace("{parity}", str(PARITY)))
+    paths = {e["model"] for e in recipe["models"]} | ({recipe["base_model"]} if "base_model" in recipe else set())
+    models = {p: {k: v.to(torch.float32) for k, v in read_all(Path(p)).items()} for p in paths}
+    fn = _reference_fn(recipe, models)
+    expected = read_all(PARITY / case / "expected")
+    bad = []
+    for name, e in sorted(expected.items()):
+        err = float((fn(name) - e.to(torch.float32)).abs().max())
+        if not err <= TOL:
+            bad.append(f"{name}: {err:.3g}")
+    assert not bad, f"reference.py disagrees with mergekit on {case}: " + ", ".join(bad)

@@ -93,17 +93,29 @@ def _reduce(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> Any:
         before = K.norm_from_partials(ins[:split], a["norm"])
         after = K.norm_from_partials(ins[split:], a["norm"])
         return 1.0 if before < 1e-7 or after < 1e-7 else before / after
-    gram = K.gram_total(ins)
-    if kind == "slerp":
-        return K.slerp_coeffs(gram, a["t"])
-    solver = REDUCERS.get(kind)
-    if solver is None:
-        raise KeyError(f"unknown reduction {kind!r}")
-    return solver(gram, a)
+    mode = a.get("mode", "total")
+    if mode == "total":
+        gram = K.gram_total(ins)
+    elif mode == "rows":
+        gram = torch.cat(list(ins))
+    else:
+        gram = K.col_gram_total(ins)
+    return REDUCERS[kind](gram, a)
 
 
-# Gram-based coefficient solvers registered by methods added later (model_stock, nuslerp, karcher, ...).
-REDUCERS: dict[str, Callable[[torch.Tensor, dict[str, Any]], Any]] = {}
+def _maybe_base(c: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
+    return K.with_base(c) if a.get("with_base") else c
+
+
+# Gram matrix -> lincomb coefficients, per method.
+REDUCERS: dict[str, Callable[[torch.Tensor, dict[str, Any]], Any]] = {
+    "slerp": lambda G, a: K.slerp_coeffs(G, a["t"]),
+    "model_stock": lambda G, a: K.model_stock_coeffs(K.model_stock_t(G), a["n"]),
+    "nuslerp": lambda G, a: _maybe_base(K.nuslerp_coeffs(G, a["weights"]), a),
+    "multislerp": lambda G, a: _maybe_base(
+        K.multislerp_coeffs(G, a["weights"], a["normalize_weights"], a["eps"]), a),
+    "karcher": lambda G, a: K.karcher_coeffs(G, None, a["max_iter"], a["tol"]),
+}
 
 
 @op("trim")
@@ -168,16 +180,19 @@ def _weighted_sum(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.T
 
 @op("gram")
 def _gram(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
-    return K.row_gram(ins)
+    return K.col_gram(ins) if a.get("mode") == "cols" else K.row_gram(ins)
 
 
 @op("lincomb")
 def _lincomb(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
-    coeffs = ins[-1]
-    if a["row_wise"]:
-        r0, r1 = a["rows"]
+    xs, coeffs = ins[:-1], ins[-1]
+    mode = a.get("mode", "total")
+    if mode == "cols":
+        return K.lincomb_cols(xs, coeffs)
+    if mode == "rows":
+        r0, r1 = a["rows"] or (0, 1)
         coeffs = coeffs[r0:r1]
-    return K.lincomb(ins[:-1], coeffs)
+    return K.lincomb(xs, coeffs)
 
 
 @op("write")

@@ -229,26 +229,68 @@ def _build_task_arithmetic(tb: TensorBuilder, models: list[int], indices: list[i
     _build_family(Family("none", elect=False))(tb, models, indices, P)
 
 
-def _gram_then_lincomb(tb: TensorBuilder, inputs_of: Callable[[int, int], list[str]], n_gram: int,
-                       lin_inputs: Callable[[int], list[str]], kind: str, row_wise: bool,
+def _gram_then_lincomb(tb: TensorBuilder, gram_inputs: Callable[[int, int], list[str]], n_gram: int,
+                       lin_inputs: Callable[[int], list[str]], kind: str, mode: str = "total",
                        **attrs: Any) -> None:
     """The one mechanism for methods that need inner products over the whole tensor (slerp, model_stock,
-    nuslerp, multislerp, karcher): per-block Gram partials -> exact reduction -> coefficients -> lincomb."""
-    parts = [tb.op("gram", inputs_of(j, 1), tb.block_rows(j) * n_gram * n_gram * 8, j)
+    nuslerp, multislerp, karcher): per-block Gram partials -> exact reduction -> coefficients -> lincomb.
+
+    `mode` says which vectors the inner products are over: "total" (the flattened tensor), "rows" (each row:
+    filter-wise variants) or "cols" (each column)."""
+    per = tb.row_numel if mode == "cols" else None
+    parts = [tb.op("gram", gram_inputs(j, 1), (per or tb.block_rows(j)) * n_gram * n_gram * 8, j, mode=mode)
              for j in range(len(tb.blocks))]
-    coef_bytes = (tb.rows if row_wise else 1) * 16 * 8
-    coef = tb.op("reduce", parts, coef_bytes, kind=kind, **attrs)
+    width = n_gram + 1
+    coef_bytes = {"total": 1, "rows": tb.rows, "cols": tb.row_numel}[mode] * width * 8
+    coef = tb.op("reduce", parts, coef_bytes, kind=kind, mode=mode, **attrs)
     for j in range(len(tb.blocks)):
-        y = tb.op("lincomb", (*lin_inputs(j), coef), tb.f32(j), j, rows=tb.blocks[j], row_wise=row_wise)
+        y = tb.op("lincomb", (*lin_inputs(j), coef), tb.f32(j), j, rows=tb.blocks[j], mode=mode)
         _write(tb, y, j)
 
 
 def _build_slerp(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
     base = tb.base
-    other = next(m for m in models if m != base) if len(models) > 1 else models[0]
+    other = next(m for m in models if m != base)
     pair = [base, other]
     _gram_then_lincomb(tb, lambda j, ph: [tb.load(m, j, ph) for m in pair], 2,
-                       lambda j: [tb.load(m, j) for m in pair], "slerp", False, t=P.glob["t"])
+                       lambda j: [tb.load(m, j) for m in pair], "slerp", t=P.glob["t"])
+
+
+def _build_model_stock(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+    base = tb.base
+    assert base is not None
+    _gram_then_lincomb(tb, lambda j, ph: [tb.delta(m, j, ph) for m in models], len(models),
+                       lambda j: [tb.load(base, j)] + [tb.load(m, j) for m in models], "model_stock",
+                       "rows" if P.glob["filter_wise"] else "total", n=len(models))
+
+
+def _spherical(kind: str) -> Callable[[TensorBuilder, list[int], list[int], Resolved], None]:
+    """nuslerp / multislerp / karcher: on the models themselves, or on task vectors when a base is given."""
+
+    def build(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+        base = tb.base
+        mode = "total"
+        if kind == "nuslerp" and not P.glob["nuslerp_flatten"]:
+            mode = "cols" if P.glob["nuslerp_row_wise"] else "rows"
+        if len(tb.shape) < 2:
+            mode = "total"            # a 1-d tensor is one vector in every mode
+        if base is None:
+            def gram_in(j: int, ph: int) -> list[str]:
+                return [tb.load(m, j, ph) for m in models]
+
+            def lin_in(j: int) -> list[str]:
+                return [tb.load(m, j) for m in models]
+        else:
+            def gram_in(j: int, ph: int) -> list[str]:
+                return [tb.delta(m, j, ph) for m in models]
+
+            def lin_in(j: int) -> list[str]:
+                return [tb.load(base, j)] + [tb.load(m, j) for m in models]
+        weights = [p.get("weight", 1.0) for p in P.models]
+        _gram_then_lincomb(tb, gram_in, len(models), lin_in, kind, mode, weights=weights,
+                           with_base=base is not None, **P.glob)
+
+    return build
 
 
 def _build_passthrough(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
@@ -295,5 +337,19 @@ register(Method("della_linear", FAMILY_PARAMS + (NORMALIZE_F, RESCALE, EPSILON),
 register(Method("slerp", (Param("t", float, required=True, per_model=False, check=_unit_closed),),
                 _build_slerp, min_models=2, max_models=2, in_models_base_contributes=True,
                 doc="spherical interpolation between the base (t=0) and one other model (t=1)"))
+register(Method("model_stock", (Param("filter_wise", bool, default=False, per_model=False),), _build_model_stock,
+                min_models=2, doc="Model Stock: interpolate the fine-tunes' mean toward the base by their angle"))
+register(Method("nuslerp", (WEIGHT, Param("nuslerp_flatten", bool, default=True, per_model=False),
+                            Param("nuslerp_row_wise", bool, default=False, per_model=False)),
+                _spherical("nuslerp"), base="optional", min_models=2, max_models=2,
+                doc="slerp with per-model weights, over the flattened tensor, rows or columns"))
+register(Method("multislerp", (WEIGHT, Param("normalize_weights", bool, default=True, per_model=False),
+                               Param("eps", float, default=1e-8, per_model=False, check=_non_negative)),
+                _spherical("multislerp"), base="optional", min_models=2,
+                doc="spherical interpolation of more than two models"))
+register(Method("karcher", (Param("max_iter", int, default=10, per_model=False, check=_positive_int),
+                            Param("tol", float, default=1e-5, per_model=False, check=_non_negative)),
+                _spherical("karcher"), base="none", min_models=2,
+                doc="Riemannian (Karcher) mean of the models on the hypersphere"))
 register(Method("passthrough", (Param("scale", float, default=1.0),), _build_passthrough, base="optional",
                 min_models=1, max_models=1, doc="copy one model's tensors (with slices: frankenmerges)"))
