@@ -2,8 +2,10 @@
 
 Used by benches/run.py. Everything here comes from the kernel's own accounting of the child:
 
-- CPU seconds and `ru_maxrss` from `os.wait4` on the child (Linux propagates the largest RSS of any waited-for
-  descendant, so a `memcap` wrapper's grandchild is covered);
+- CPU seconds and `ru_maxrss` from `os.wait4` on the command, taken by benches/launch.py, a small process that
+  starts it (Linux seeds a new program's ru_maxrss with the RSS of the process it was forked from, so the harness,
+  which has torch loaded, must not be that process). wait4 propagates the largest RSS of any waited-for
+  descendant, so a `memcap` wrapper's grandchild is covered;
 - an RSS time series sampled with psutil every 50 ms over the child and all its descendants (RSS and the
   file-backed/shared part, so anonymous memory = rss - shared);
 - bytes read/written from /proc/self/io: when a child is reaped, Linux adds its I/O counters to the parent's
@@ -14,15 +16,19 @@ Used by benches/run.py. Everything here comes from the kernel's own accounting o
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
+
+LAUNCHER = Path(__file__).resolve().parent / "launch.py"
 
 IO_KEYS = ("rchar", "wchar", "read_bytes", "write_bytes", "cancelled_write_bytes")
 MEMCAP_RE = re.compile(r"memcap: limit=(\S+) peak=(\S+) oom=(\w+) exit=(-?\d+)")
@@ -116,12 +122,14 @@ class Sampler(threading.Thread):
         self._pid: int | None = None
         self._t0 = 0.0
         self._samples: list[tuple[float, int, int]] = []
+        self._skip = 0
         self._busy = False
         self.start()
 
-    def track(self, pid: int, t0: float) -> None:
+    def track(self, pid: int, t0: float, skip: int = 0) -> None:
+        """Sample `pid`'s descendants from depth `skip` down (skip the launcher and memcap's shell)."""
         with self._cv:
-            self._pid, self._t0, self._samples = pid, t0, []
+            self._pid, self._t0, self._samples, self._skip = pid, t0, [], skip
             self._cv.notify_all()
 
     def finish(self) -> list[tuple[float, int, int]]:
@@ -136,29 +144,36 @@ class Sampler(threading.Thread):
             with self._cv:
                 while self._pid is None:
                     self._cv.wait()
-                pid, t0, samples = self._pid, self._t0, self._samples
+                pid, t0, samples, skip = self._pid, self._t0, self._samples, self._skip
                 self._busy = True
             try:
-                self._sample_loop(pid, t0, samples)
+                self._sample_loop(pid, t0, samples, skip)
             finally:
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
 
-    def _sample_loop(self, pid, t0, samples) -> None:
+    @staticmethod
+    def _tree(root: psutil.Process, skip: int) -> list[psutil.Process]:
+        level = [root]
+        for _ in range(skip):
+            level = [c for p in level for c in p.children()]
+        return level + [c for p in level for c in p.children(recursive=True)]
+
+    def _sample_loop(self, pid, t0, samples, skip) -> None:
         try:
             root = psutil.Process(pid)
         except psutil.Error:
             return
-        procs = [root]
+        procs: list[psutil.Process] = []
         n = 0
         while True:
             with self._cv:
                 if self._pid != pid:
                     return
-            if n % 10 == 0 or n < 10:           # refresh the descendants now and then (cheap RSS reads between)
+            if n % 10 == 0 or n < 20:           # refresh the descendants now and then (cheap RSS reads between)
                 try:
-                    procs = [root] + root.children(recursive=True)
+                    procs = self._tree(root, skip)
                 except psutil.Error:
                     pass
             rss = shared = 0
@@ -218,13 +233,16 @@ def measure(cmd: list[str], *, log_prefix: Path, env: dict | None = None, cwd: P
     """Run `cmd` (optionally as `memcap LIMIT cmd`) and return what the kernel says it used."""
     full = [memcap_tool, memcap, *cmd] if memcap else list(cmd)
     out_path, err_path = log_prefix.with_suffix(".out"), log_prefix.with_suffix(".err")
+    ru_path = log_prefix.with_suffix(".rusage.json")
+    ru_path.unlink(missing_ok=True)
+    launched = [sys.executable, str(LAUNCHER), str(ru_path), "--", *full]
     smp = sampler()
     io0 = reaped_children_io()
     timed_out = threading.Event()
     with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=out_f, stderr=err_f, env=env, cwd=cwd, start_new_session=True)
-    smp.track(proc.pid, t0)
+        proc = subprocess.Popen(launched, stdout=out_f, stderr=err_f, env=env, cwd=cwd, start_new_session=True)
+    smp.track(proc.pid, t0, skip=2 if memcap else 1)
     timer = None
     if timeout:
         def kill():
@@ -257,15 +275,22 @@ def measure(cmd: list[str], *, log_prefix: Path, env: dict | None = None, cwd: P
     stdout = out_path.read_text(errors="replace")
     stderr = err_path.read_text(errors="replace")
     rc = proc.returncode
+    try:
+        own = json.loads(ru_path.read_text())               # the command's own wait4, from the launcher
+    except (OSError, ValueError):
+        own = None                                          # killed with its launcher (timeout): ours instead
+    utime, stime = (own["ru_utime"], own["ru_stime"]) if own else (ru.ru_utime, ru.ru_stime)
     res = {
         "cmd": full,
-        "exit_code": rc,
+        "exit_code": own["exit_code"] if own else rc,
         "timed_out": timed_out.is_set(),
         "wall_s": wall,
-        "cpu_user_s": ru.ru_utime,
-        "cpu_sys_s": ru.ru_stime,
-        "cpu_s": ru.ru_utime + ru.ru_stime,
-        "peak_rss_bytes": ru.ru_maxrss * 1024,                # Linux reports KiB
+        "cpu_user_s": utime,
+        "cpu_sys_s": stime,
+        "cpu_s": utime + stime,
+        "peak_rss_bytes": (own["ru_maxrss_kib"] if own else ru.ru_maxrss) * 1024,   # Linux reports KiB
+        "peak_rss_source": "wait4 via launcher" if own else "wait4 of the launcher (inherits the harness's RSS)",
+        "rusage": own,
         "peak_rss_sampled_bytes": max((s[1] for s in samples), default=None),
         "peak_anon_sampled_bytes": max((s[1] - s[2] for s in samples), default=None),
         "n_samples": len(samples),
@@ -274,10 +299,10 @@ def measure(cmd: list[str], *, log_prefix: Path, env: dict | None = None, cwd: P
         "stderr_log": str(err_path),
         "stderr_tail": stderr[-2000:],
         "stdout_tail": stdout[-4000:],
-        "memcap": None,
+        "memcap_result": None,
         "_trace": samples,
     }
     if memcap:
         mc = parse_memcap(stderr)
-        res["memcap"] = mc or {"status": "unparsed"}
+        res["memcap_result"] = mc or {"status": "unparsed"}
     return res

@@ -9,9 +9,10 @@ collected into an output state dict, and saved with `save_file`, sharded like Hu
 
 It understands the subset of mergekit's recipe format the benchmark writes (see benches/recipes.py): `merge_method`
 in {linear, task_arithmetic, ties, dare_ties, slerp}, `base_model`, `models[].model`, scalar `parameters` (per model
-and global) and `dtype`. It is the baseline, not a straw man: it computes one tensor at a time (so only one tensor's
-float32 temporaries exist at once), uses `kthvalue` for the magnitude threshold like the TIES authors' code, and does
-not copy anything it does not need. It deliberately imports nothing from lazymerge.
+and global) and `dtype`. It is the baseline, not a straw man: it computes one tensor at a time (so only one
+tensor's float32 temporaries exist at once), uses `kthvalue` for the magnitude threshold like the TIES authors'
+code (keeping exactly k entries, ties broken by flat index), and copies nothing it does not need.
+It deliberately imports nothing from lazymerge.
 """
 from __future__ import annotations
 
@@ -77,7 +78,11 @@ def magnitude_trim(d: torch.Tensor, density: float) -> torch.Tensor:
         raise SystemExit(f"error: density {density} keeps no entries of a tensor with {n} elements")
     a = d.abs().flatten()
     kth = a.kthvalue(n - k + 1).values          # the k-th largest magnitude
-    return d * (d.abs() >= kth)
+    keep = a > kth
+    need = k - int(keep.sum())                  # entries equal to the threshold: the first ones in flat order
+    if need > 0:
+        keep[(a == kth).nonzero().flatten()[:need]] = True
+    return d * keep.view_as(d)
 
 
 def random_trim(d: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:

@@ -193,5 +193,53 @@ def demo_cmd(workdir: Path | None, preset: str, method: str, memory: str) -> Non
         click.echo(run_demo(workdir, preset=preset, method=method, memory=memory))
 
 
+@main.command("extract-lora")
+@click.argument("finetuned", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("base", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--rank", "-r", type=click.IntRange(min=1), required=True, help="LoRA rank of the adapter.")
+@click.option("--include-embeddings", is_flag=True, help="Also factor embedding and lm_head deltas.")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Also read PyTorch .bin checkpoints (weights_only).")
+@_friendly
+def extract_lora_cmd(finetuned: Path, base: Path, out: Path, rank: int, include_embeddings: bool, device: str,
+                     overwrite: bool, allow_pickle: bool) -> None:
+    """Write a PEFT LoRA adapter OUT that approximates FINETUNED - BASE at rank R.
+
+    Each linear weight's difference is factored by truncated SVD, one tensor at a time; the relative
+    reconstruction error of every tensor is reported.
+    """
+    from .extract import extract_lora
+
+    report = extract_lora(finetuned, base, out, rank, include_embeddings=include_embeddings, device=device,
+                          overwrite=overwrite, allow_pickle=allow_pickle)
+    click.echo(report.summary())
+
+
+@main.command("fisher")
+@click.argument("model", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--max-samples", default=256, show_default=True, help="Sequences of the text to use.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_friendly
+def fisher_cmd(model: Path, data: Path, out: Path, max_samples: int, seq_len: int, device: str,
+               overwrite: bool) -> None:
+    """Compute MODEL's diagonal Fisher information on the text file DATA into the checkpoint OUT.
+
+    Use it in a recipe with `merge_method: fisher` and `parameters: {fisher: OUT}` per model.
+    Needs transformers: pip install 'lazymerge[fisher]'.
+    """
+    from .fisher import compute_fisher
+
+    report = compute_fisher(model, data, out, max_samples=max_samples, seq_len=seq_len, device=device,
+                            overwrite=overwrite)
+    click.echo(f"fisher        {report.samples} sequences, {report.tokens} tokens, {report.wall_s:.1f} s -> "
+               f"{report.out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

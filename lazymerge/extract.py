@@ -20,7 +20,7 @@ import torch
 
 from lazymerge.engine.report import Progress
 from lazymerge.errors import CheckpointError
-from lazymerge.io.adapters import PEFT_PREFIX, WEIGHTS_NAME, lora_rows
+from lazymerge.io.adapters import PEFT_PREFIX, WEIGHTS_NAME
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.shards import TensorInfo
 from lazymerge.io.writer import CheckpointWriter, OutTensor, plan_layout
@@ -143,7 +143,8 @@ def _relative_error(d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose
     for r0 in range(0, d.shape[0], step):
         rows = (r0, min(r0 + step, d.shape[0]))
         block = d[rows[0]:rows[1]]
-        resid += float(lora_rows(block, a, b, -1.0, transposed, rows).double().square().sum())
+        approx = (b @ a[:, rows[0]:rows[1]]).T if transposed else b[rows[0]:rows[1]] @ a
+        resid += float((block - approx).double().square().sum())
         total += float(block.double().square().sum())
     return math.sqrt(resid / total) if total > 0 else 0.0
 

@@ -91,7 +91,7 @@ def _peft_roundtrip(tmp_path: Path, model, targets: list[str], rank: int, includ
     model.save_pretrained(base_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(f".{t}." in f".{name}" for t in targets):
+            if p.dim() == 2 and any(f".{t}." in f".{name}" for t in targets):
                 p.add_(_low_rank(tuple(p.shape), rank, g))
     model.save_pretrained(ft_dir)
     want = {k: v.clone() for k, v in model.state_dict().items()}

@@ -480,7 +480,7 @@ def gram_total(parts: Sequence[Tensor]) -> Tensor:
 # integer addition is associative, hence the total is exact whatever the blocking.
 _LIMB = 24
 _BIAS = 352  # smallest product of float32 subnormals is 2^-298; its 53-bit significand starts above 2^-352
-_NLIMBS = (256 + _BIAS) // _LIMB + 4
+COL_GRAM_LIMBS = (256 + _BIAS) // _LIMB + 4  # int64 limbs per column Gram entry (for the planner's nbytes)
 
 
 def _limb_sums(p: Tensor) -> Tensor:
@@ -492,22 +492,25 @@ def _limb_sums(p: Tensor) -> Tensor:
     mag = sig.abs()
     pos = exp.to(torch.int64) - 53 + _BIAS  # value = sig * 2^(pos - BIAS)
     limb, shift = pos // _LIMB, pos % _LIMB
-    col_base = torch.arange(cols, dtype=torch.int64).expand(rows, cols) * _NLIMBS
-    acc = torch.zeros(cols * _NLIMBS, dtype=torch.int64)
+    col_base = torch.arange(cols, dtype=torch.int64).expand(rows, cols) * COL_GRAM_LIMBS
+    acc = torch.zeros(cols * COL_GRAM_LIMBS, dtype=torch.int64)
     mask = (1 << _LIMB) - 1
     for j in range(3):  # 53-bit significand = 3 chunks of 24 bits
         chunk = ((mag >> (_LIMB * j)) & mask) << shift
         for part, val in ((0, chunk & mask), (1, chunk >> _LIMB)):
             acc.index_add_(0, (col_base + limb + j + part).reshape(-1), (sign * val).reshape(-1))
-    return acc.reshape(cols, _NLIMBS)
+    return acc.reshape(cols, COL_GRAM_LIMBS)
 
 
 def col_gram(xs: Sequence[Tensor]) -> Tensor:
     """int64 ``[cols, n, n, NLIMBS]`` partial of the per-column Gram matrices of a block; reduce with
-    `col_gram_total`.  Columns are those of the ``[rows, row_numel]`` view (a 0-d/1-d tensor has one row)."""
+    `col_gram_total`.  Columns are those of the ``[rows, row_numel]`` view.  A 0-d/1-d tensor is a single
+    vector for every mergekit mode, so it has no column Gram: use `row_gram`/`gram_total` for it."""
+    if xs[0].dim() < 2:
+        raise ValueError("col_gram: a 0-d/1-d tensor is one vector; use row_gram/gram_total")
     ms = [_rows2d(x).to(torch.float64) for x in xs]
     n = len(ms)
-    out = torch.empty(ms[0].shape[1], n, n, _NLIMBS, dtype=torch.int64)
+    out = torch.empty(ms[0].shape[1], n, n, COL_GRAM_LIMBS, dtype=torch.int64)
     for i in range(n):
         for j in range(i, n):
             s = _limb_sums(ms[i] * ms[j])
@@ -520,10 +523,10 @@ def col_gram_total(parts: Sequence[Tensor]) -> Tensor:
     """float64 ``[cols, n, n]`` per-column Gram matrices, correctly rounded from the exact integer sums."""
     acc = torch.stack(list(parts)).sum(dim=0)
     cols, n = acc.shape[0], acc.shape[1]
-    weights = [1 << (_LIMB * k) for k in range(_NLIMBS)]
+    weights = [1 << (_LIMB * k) for k in range(COL_GRAM_LIMBS)]
     flat = [
         math.ldexp(float(sum(l * w for l, w in zip(limbs, weights))), -_BIAS)
-        for limbs in acc.reshape(-1, _NLIMBS).tolist()
+        for limbs in acc.reshape(-1, COL_GRAM_LIMBS).tolist()
     ]
     return torch.tensor(flat, dtype=torch.float64).reshape(cols, n, n)
 
@@ -620,6 +623,8 @@ def multislerp_coeffs(
     ``||tangent|| + eps``; scaled by ``sum_i w_i ||x_i||``.  A ~zero weighted mean falls back to ``w0 x0 + w1 x1``
     for two inputs and is an error otherwise.  With a base model pass the deltas' Gram and use `with_base`.
     """
+    if len(weights) != G.shape[-1]:
+        raise ValueError(f"multislerp: {len(weights)} weights for {G.shape[-1]} tensors")
     w = torch.tensor(list(weights), dtype=torch.float64)
     if normalize_weights:
         w = w / w.sum()
@@ -658,6 +663,8 @@ def karcher_coeffs(
     < tol, moves along the geodesic and renormalises; the result is scaled by ``sum_i w_i ||x_i||`` with the raw
     weights (zero-norm inputs included).  One input returns it unchanged; all-zero inputs give zero.
     """
+    if weights is not None and len(weights) != G.shape[-1]:
+        raise ValueError(f"karcher: {len(weights)} weights for {G.shape[-1]} tensors")
 
     def solve(g: Tensor) -> Tensor:
         n = g.shape[0]
@@ -758,3 +765,22 @@ def lora_rows(A: Tensor, B: Tensor, scale: float, rows: tuple[int, int], fan_in_
     for k in range(left.shape[1]):
         acc = acc + left[:, k : k + 1] * right[k : k + 1, :]
     return (acc * scale).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fisher-weighted averaging
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fisher_merge(xs: Sequence[Tensor], fs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_i w_i F_i x_i / sum_i w_i F_i`` element-wise; where the denominator is exactly 0 (no model has any
+    importance there) the plain weighted mean ``sum_i w_i x_i / sum_i w_i`` is used instead."""
+    num = None
+    den = None
+    for x, f, w in zip(xs, fs, weights):
+        wf = f * w
+        num = wf * x if num is None else num + wf * x
+        den = wf if den is None else den + wf
+    assert num is not None and den is not None
+    mean = weighted_sum(xs, weights) / sum(weights)
+    return torch.where(den == 0, mean, num / torch.where(den == 0, 1.0, den))

@@ -178,6 +178,12 @@ def _weighted_sum(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.T
     return y
 
 
+@op("fisher")
+def _fisher(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
+    n = len(a["weights"])
+    return K.fisher_merge(ins[:n], ins[n:], a["weights"])
+
+
 @op("gram")
 def _gram(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
     return K.col_gram(ins) if a.get("mode") == "cols" else K.row_gram(ins)

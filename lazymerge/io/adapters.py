@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lazymerge.engine.kernels import lora_rows
 from lazymerge.errors import CheckpointError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.shards import DTYPES, TensorInfo, dtype_code, read_header
@@ -57,21 +58,6 @@ class LoraModule:
         return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
 
 
-def lora_rows(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool,
-              rows: tuple[int, int]) -> torch.Tensor:
-    """Rows [r0, r1) of the adapted weight, given those rows of W and the whole (small) A and B.
-
-    Only the requested rows of the delta are formed, so a block costs O(block * r) extra memory. The product is
-    taken before scaling, as PEFT does, so float32 results match `merge_and_unload` to rounding.
-    """
-    r0, r1 = rows
-    if fan_in_fan_out:
-        delta = (b @ a[:, r0:r1]).T
-    else:
-        delta = b[r0:r1] @ a
-    return w + delta * scale
-
-
 def parse_model_ref(ref: str | Path) -> tuple[Path, Path | None]:
     """Split mergekit's `base+adapter` model syntax. A path that exists as written is never split, so a
     directory whose name contains '+' still works."""
@@ -85,6 +71,7 @@ def parse_model_ref(ref: str | Path) -> tuple[Path, Path | None]:
 
 
 def is_adapter_dir(path: Path) -> bool:
+    """A PEFT adapter is recognised by its config, as PEFT itself does; its weights may still be missing."""
     return (Path(path) / CONFIG_NAME).is_file()
 
 
@@ -205,7 +192,8 @@ class Adapter:
     """A PEFT LoRA adapter directory, mapped onto the names of its base model's tensors.
 
     `lora` maps a base tensor name (`model.layers.0.self_attn.q_proj.weight`) to its factors and scale;
-    `replaced` maps a base tensor name to a full tensor that replaces it (`modules_to_save`, saved embeddings);
+    `replaced` maps a base tensor name to a full tensor that replaces it (`modules_to_save`, or a targeted
+    embedding's saved weight, which its LoRA delta is then added to);
     `ignored` lists file keys PEFT would not load (modules outside `target_modules`).
     """
 
@@ -234,8 +222,7 @@ class Adapter:
         name = self.config.get("base_model_name_or_path")
         if not isinstance(name, str) or not name:
             return None
-        path = Path(name) if Path(name).is_absolute() else self.path / name
-        for candidate in (Path(name), path):
+        for candidate in (Path(name), self.path / name):   # as written (cwd), then beside the adapter
             if candidate.is_dir():
                 return candidate
         return None
@@ -251,7 +238,11 @@ class Adapter:
                 raise CheckpointError(f"{self._weights_file}: tensor {key!r} is not a plain LoRA factor "
                                       "(DoRA, LoRA bias or trainable tokens are not supported)")
             else:
-                self.replaced[_SAVED_KEY.sub("", name)] = info
+                target = _SAVED_KEY.sub("", name)
+                if target in self.replaced:
+                    raise CheckpointError(f"{self._weights_file}: tensors {self.replaced[target].name!r} and "
+                                          f"{key!r} both replace {target!r}")
+                self.replaced[target] = info
         for module, parts in factors.items():
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
             a = parts.get("lora_embedding_A" if embedding else "lora_A")
@@ -317,19 +308,19 @@ class AdaptedCheckpoint:
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
              device: str | torch.device = "cpu") -> torch.Tensor:
-        """Rows [a, b) of the adapted tensor; the delta is formed in float32 (float64 if asked) for those rows
-        only, then cast to `dtype` (None: the base's stored dtype)."""
+        """Rows [a, b) of the adapted tensor, W + delta summed in float32 and then cast to `dtype` (None: the
+        stored dtype). Only those rows of the delta are formed, with the engine's block-invariant kernel, so a
+        row's bits do not depend on the block it is read in."""
         mod = self.adapter.lora.get(name)
         if mod is None:
             return self._read_weight(name, rows, dtype, device)
         info = self.tensors[name]
         span = (0, info.rows) if rows is None else rows
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        w = self._read_weight(name, span, work, device)
-        a = self.adapter.read(mod.a, None, work, device)
-        b = self.adapter.read(mod.b, None, work, device)
-        out = lora_rows(w, a, b, mod.scale, mod.fan_in_fan_out, span)
-        return out.to(info.torch_dtype if dtype is None else dtype)
+        a = self.adapter.read(mod.a)
+        b = self.adapter.read(mod.b)
+        w = self._read_weight(name, span, torch.float32, "cpu")
+        out = w + lora_rows(a, b, mod.scale, span, mod.fan_in_fan_out)
+        return out.to(device=device, dtype=info.torch_dtype if dtype is None else dtype)
 
     def _read_weight(self, name: str, rows: tuple[int, int] | None, dtype: torch.dtype | None,
                      device: str | torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import RecipeError
@@ -58,6 +59,10 @@ class Param:
             if problem:
                 raise RecipeError(f"{where}: {value!r} {problem}")
             return value
+        if self.kind is Path:
+            if not isinstance(value, str):
+                raise RecipeError(f"{where}: must be a path to a checkpoint directory, not {value!r}")
+            return Path(value)
         if self.kind is str:
             if value is None:
                 return None
@@ -351,5 +356,15 @@ register(Method("karcher", (Param("max_iter", int, default=10, per_model=False, 
                             Param("tol", float, default=1e-5, per_model=False, check=_non_negative)),
                 _spherical("karcher"), base="none", min_models=2,
                 doc="Riemannian (Karcher) mean of the models on the hypersphere"))
+def _build_fisher(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+    weights = [p["weight"] for p in P.models]
+    for j in range(len(tb.blocks)):
+        xs = [tb.load(m, j) for m in models]
+        fs = [tb.load(p["fisher"], j) for p in P.models]
+        _write(tb, tb.op("fisher", (*xs, *fs), tb.f32(j), j, weights=weights), j)
+
+
+register(Method("fisher", (Param("fisher", Path, required=True), WEIGHT1), _build_fisher, base="optional",
+                min_models=1, doc="Fisher-weighted average: sum_i w_i F_i x_i / sum_i w_i F_i (element-wise)"))
 register(Method("passthrough", (Param("scale", float, default=1.0),), _build_passthrough, base="optional",
                 min_models=1, max_models=1, doc="copy one model's tensors (with slices: frankenmerges)"))

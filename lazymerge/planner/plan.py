@@ -17,6 +17,7 @@ import networkx as nx
 import psutil
 
 from ..errors import CheckpointError, RecipeError
+from ..io.adapters import open_model, parse_model_ref
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutTensor, ShardLayout, parse_size, plan_layout
 from .graph import SourceRef, TaskList, TensorBuilder
@@ -121,26 +122,46 @@ def _natural_key(name: str) -> tuple:
             tuple(int(p) if p.isdigit() else p for p in _NUM_RE.split(name)))
 
 
-def _open_models(r: Recipe, allow_pickle: bool) -> tuple[dict[str, Checkpoint], list[str], str | None]:
+def _open_models(r: Recipe, m: Method, allow_pickle: bool) -> tuple[dict[str, Checkpoint], list[str], str | None,
+                                                                    list[str]]:
+    """Open every checkpoint the recipe names: models, base, and parameters that are checkpoints themselves
+    (e.g. a model's Fisher matrix). Returns sources, model keys (recipe order), base key, extra keys."""
     sources: dict[str, Checkpoint] = {}
 
-    def open_one(path: str, where: str) -> str:
-        p = Path(path).expanduser()
-        key = str(p.resolve())
+    def open_one(ref: str, where: str) -> str:
+        base, adapter = parse_model_ref(Path(ref).expanduser())
+        key = str(base.resolve()) + (f"+{adapter.resolve()}" if adapter is not None else "")
         if key not in sources:
-            if not p.exists():
-                raise CheckpointError(f"{path}: model directory does not exist ({where})")
-            sources[key] = Checkpoint.open(p, allow_pickle=allow_pickle)
+            for part in (base, adapter):
+                if part is not None and not part.exists():
+                    raise CheckpointError(f"{part}: model directory does not exist ({where})")
+            sources[key] = open_model(ref if adapter is None else f"{base}+{adapter}", allow_pickle=allow_pickle)
         return key
 
     try:
         model_keys = [open_one(m.model, f"{r.source}: models[{i}].model") for i, m in enumerate(r.models)]
         base_key = open_one(r.base_model, f"{r.source}: base_model") if r.base_model else None
+        extra = []
+        for p in m.params:
+            if p.kind is not Path:
+                continue
+            levels = [(e.parameters, f"{r.source}: models[{i}].parameters") for i, e in enumerate(r.models)]
+            for params, where in levels + [(r.parameters, f"{r.source}: parameters")]:
+                if p.name in params:
+                    if not isinstance(params[p.name], str):
+                        raise RecipeError(f"{where}.{p.name}: must be a path to a checkpoint directory")
+                    key = open_one(params[p.name], f"{where}.{p.name}")
+                    if key not in extra and key not in model_keys and key != base_key:
+                        extra.append(key)
     except BaseException:
         for c in sources.values():
             c.close()
         raise
-    return sources, model_keys, base_key
+    return sources, model_keys, base_key, extra
+
+
+def _source_key(p: Path) -> str:
+    return str(p.expanduser().resolve())
 
 
 def _check_param_names(r: Recipe, m: Method) -> None:
@@ -199,9 +220,10 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
     except ValueError as exc:
         raise RecipeError(f"shard_size: {exc}") from None
 
-    sources, model_keys, base_key = _open_models(r, allow_pickle)
+    sources, model_keys, base_key, extra_keys = _open_models(r, method, allow_pickle)
     try:
-        return _compile(r, method, sources, model_keys, base_key, budget, shard_bytes, seed, max_block_rows)
+        return _compile(r, method, sources, model_keys, base_key, extra_keys, budget, shard_bytes, seed,
+                        max_block_rows)
     except BaseException:
         for c in sources.values():
             c.close()
@@ -209,12 +231,14 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
 
 
 def _compile(r: Recipe, method: Method, sources: dict[str, Checkpoint], model_keys: list[str],
-             base_key: str | None, budget: int | None, shard_bytes: int, seed: int,
+             base_key: str | None, extra_keys: list[str], budget: int | None, shard_bytes: int, seed: int,
              max_block_rows: int | None) -> Plan:
-    # Inputs of every tensor job: the recipe's models in order, then the base if it isn't one of them.
+    # Inputs of every tensor job: the recipe's models in order, then the base if it isn't one of them, then
+    # checkpoints named by parameters (Fisher matrices).
     src_keys = list(model_keys)
     if base_key is not None and base_key not in src_keys:
         src_keys.append(base_key)
+    src_keys += [k for k in extra_keys if k not in src_keys]
     base_idx = src_keys.index(base_key) if base_key is not None else None
     if method.in_models_base_contributes:
         contributors = list(range(len(model_keys)))
@@ -260,6 +284,10 @@ def _compile(r: Recipe, method: Method, sources: dict[str, Checkpoint], model_ke
                     tb.write(tb.load(src_keys.index(lead_key), j, raw=True), j, ITEMSIZE[out_dtype])
             else:
                 params = _resolve(r, method, contributors, pos)
+                for pm in params.models:
+                    for pname, v in pm.items():
+                        if isinstance(v, Path):
+                            pm[pname] = src_keys.index(_source_key(v))
                 method.build(tb, [contributors[c] for c in range(n)], contributors, params)
             return tb
 
