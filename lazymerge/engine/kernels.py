@@ -261,7 +261,7 @@ def magnitude_k(numel: int, density: float) -> int:
 
 def topk_pass1(d_block: Tensor) -> Tensor:
     """int64 ``[65536]`` histogram of the high 16 bits of ``|d|`` in this block."""
-    return torch.bincount((_abs_bits(d_block) >> 16).to(torch.int64), minlength=_BINS)
+    return torch.bincount(_abs_bits(d_block) >> 16, minlength=_BINS)
 
 
 def topk_reduce1(hists: Sequence[Tensor], k: int) -> dict:
@@ -286,7 +286,7 @@ def topk_pass2(d_block: Tensor, state1: dict) -> Tensor:
     if state1["all"]:
         return torch.zeros(_BINS, dtype=torch.int64)
     bits = _abs_bits(d_block)
-    low = (bits[(bits >> 16) == state1["bin"]] & 0xFFFF).to(torch.int64)
+    low = bits[(bits >> 16) == state1["bin"]] & 0xFFFF
     return torch.bincount(low, minlength=_BINS)
 
 
@@ -784,3 +784,58 @@ def fisher_merge(xs: Sequence[Tensor], fs: Sequence[Tensor], weights: Sequence[f
     assert num is not None and den is not None
     mean = weighted_sum(xs, weights) / sum(weights)
     return torch.where(den == 0, mean, num / torch.where(den == 0, 1.0, den))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lean variants for the engine: same bits as the reference kernels above, fewer and smaller temporaries.
+#
+# `own=True` means the caller donates the first tensor argument (nobody else will read it), so it may be
+# overwritten; in-place float ops round exactly like their out-of-place twins, so results stay bit-identical.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def elect_nonneg(es: Sequence[Tensor], consensus: str = "sum") -> Tensor:
+    """`elect_sign` as a bool tensor (True where the elected sign is +1): 1 byte per entry instead of 4."""
+    if consensus == "sum":
+        stat = es[0] + es[1] if len(es) > 1 else es[0].clone()
+        for e in es[2:]:
+            stat.add_(e)
+    elif consensus == "count":
+        stat = torch.sign(es[0])
+        for e in es[1:]:
+            stat.add_(torch.sign(e))
+    else:
+        raise ValueError(f"elect_sign: unknown consensus {consensus!r} (expected 'sum' or 'count')")
+    return stat >= 0
+
+
+def combine_elected(es: Sequence[Tensor], weights: Sequence[float], nonneg: Tensor, normalize: bool,
+                    own: Sequence[bool] = ()) -> Tensor:
+    """`combine` with a sign from `elect_nonneg`: sum the entries whose sign agrees with the elected one, divided
+    (with `normalize`) by the sum of the agreeing models' weights, an exact 0 read as 1."""
+    mixed: Tensor | None = None
+    divisor: Tensor | None = None
+    for i, (e, w) in enumerate(zip(es, weights)):
+        agree = torch.where(nonneg, e > 0, e < 0)
+        owned = i < len(own) and own[i]
+        term = e.masked_fill_(~agree, 0.0) if owned else torch.where(agree, e, 0.0)  # both: ours to modify
+        if mixed is None:
+            mixed = term
+        else:
+            mixed.add_(term)
+        if normalize:
+            wterm = agree.to(torch.float32).mul_(w)
+            divisor = wterm if divisor is None else divisor.add_(wterm)
+    assert mixed is not None
+    if not normalize:
+        return mixed
+    assert divisor is not None
+    return mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+
+
+def sum_into(es: Sequence[Tensor], own0: bool = False) -> Tensor:
+    """``e_0 + e_1 + ...`` in list order, accumulating into e_0 when it is donated."""
+    acc = es[0] if own0 else es[0].clone()
+    for e in es[1:]:
+        acc.add_(e)
+    return acc

@@ -1,10 +1,12 @@
 """Op names -> functions. The only place where graph tasks meet kernels and I/O.
 
-Each op takes the run context, its input values (in the task's input order) and the task's attributes. Kernels
-stay pure; reading from checkpoints and writing to the output go through the context.
+Each op takes the run context, its input values (in the task's input order), the task's attributes and `own`:
+for each input, whether this task is its last reader, so the op may overwrite it instead of allocating (the
+scheduler donates buffers). Kernels stay pure; reading and writing go through the context.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -48,7 +50,7 @@ class RunContext:
                 self.warnings.append(msg)
 
 
-Op = Callable[[RunContext, list[Any], dict[str, Any]], Any]
+Op = Callable[[RunContext, list[Any], dict[str, Any], tuple[bool, ...]], Any]
 OPS: dict[str, Op] = {}
 
 
@@ -60,29 +62,30 @@ def op(name: str) -> Callable[[Op], Op]:
 
 
 @op("load")
-def _load(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
+def _load(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
     ckpt = ctx.sources[a["model"]]
     x = ckpt.read(a["name"], rows=a["rows"], dtype=None if a["raw"] else torch.float32, device=ctx.device)
     ctx.count(read=a["read_bytes"])
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # a sum is NaN/Inf whenever any entry is (and a reduction is cheaper than an element-wise isfinite)
+    if x.is_floating_point() and not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         ctx.non_finite(a["model"], a["name"])
     return x
 
 
 @op("delta")
-def _delta(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
-    return K.delta(ins[0], ins[1])
+def _delta(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    return ins[0].sub_(ins[1]) if own[0] else K.delta(ins[0], ins[1])
 
 
 @op("select")
-def _select(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> Any:
+def _select(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> Any:
     if a["pass_"] == 1:
         return K.topk_pass1(ins[0])
     return K.topk_pass2(ins[0], ins[1])
 
 
 @op("reduce")
-def _reduce(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> Any:
+def _reduce(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> Any:
     kind = a["kind"]
     if kind == "topk1":
         return K.topk_reduce1(ins, a["k"])
@@ -119,78 +122,94 @@ REDUCERS: dict[str, Callable[[torch.Tensor, dict[str, Any]], Any]] = {
 
 
 @op("trim")
-def _trim(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
+def _trim(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
     d = ins[0]
     method = a["method"]
     if method == "magnitude":
-        return d * K.topk_mask(d, ins[1], a["block"])
+        return _zero_where(d, ~K.topk_mask(d, ins[1], a["block"]), own[0])
     if method == "outliers":
-        keep = torch.ones_like(d, dtype=torch.bool)
+        drop = None
         i = 1
         if a["has_upto"]:
-            keep &= K.topk_mask(d, ins[i], a["block"])
+            drop = ~K.topk_mask(d, ins[i], a["block"])
             i += 1
         if a["has_top"]:
-            keep &= ~K.topk_mask(d, ins[i], a["block"])
-        return d * keep
+            top = K.topk_mask(d, ins[i], a["block"])
+            drop = top if drop is None else drop.logical_or_(top)
+        return _zero_where(d, drop, own[0])
     u = K.uniform_rows(K.derive_seed(*a["seed_parts"]), tuple(a["shape"]), tuple(a["rows"])).to(d.device)
     u = u.reshape(d.shape)
     if method == "random":
-        kept = K.random_mask(d, a["density"], u)
-        return K.dare_rescale(kept, a["density"]) if a["rescale"] else kept
+        kept = _zero_where(d, u >= a["density"], own[0])
+        return kept.div_(a["density"]) if a["rescale"] else kept
     if method == "della":
         return K.rank_magnitude_sampling(d, u, a["density"], a["epsilon"], a["rescale"])
     raise KeyError(f"unknown trim method {method!r}")
 
 
+def _zero_where(d: torch.Tensor, drop: torch.Tensor, owned: bool) -> torch.Tensor:
+    return d.masked_fill_(drop, 0.0) if owned else d.masked_fill(drop, 0.0)
+
+
 @op("norm")
-def _norm(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
+def _norm(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
     return K.norm_partials(ins[0], a["kind"])
 
 
 @op("rescale")
-def _rescale(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
-    factor = ins[1] if len(ins) > 1 else a["factor"]
-    return K.scale(ins[0], float(factor))
+def _rescale(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    factor = float(ins[1] if len(ins) > 1 else a["factor"])
+    return ins[0].mul_(factor) if own[0] else K.scale(ins[0], factor)
 
 
 @op("elect")
-def _elect(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
-    es = [K.scale(t, w) for t, w in zip(ins, a["weights"])]
-    return K.elect_sign(es, a["consensus"])
+def _elect(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    return K.elect_nonneg(ins, a["consensus"])
 
 
 @op("combine")
-def _combine(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
+def _combine(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    """base + lam * D, where D mixes the weighted task vectors (elected or summed) per methods.md step 4."""
     weights = a["weights"]
-    base, ts = ins[0], ins[1:1 + len(weights)]
-    sign = ins[1 + len(weights)] if a["elect"] else None
-    es = [K.scale(t, w) for t, w in zip(ts, weights)]
-    d = K.combine(es, weights, sign=sign, normalize=a["normalize"])
-    return base + a["lam"] * d if a["lam"] != 1.0 else base + d
+    n = len(weights)
+    base, es = ins[0], ins[1:1 + n]
+    if a["elect"]:
+        d = K.combine_elected(es, weights, ins[1 + n], a["normalize"], own[1:1 + n])
+    else:
+        d = K.sum_into(es, own[1])
+        if a["normalize"]:
+            total = K.weighted_sum([torch.ones(())] * n, weights)   # the float32 sum of the weights
+            if abs(float(total)) >= 1e-8:
+                d.div_(total)
+    if a["lam"] != 1.0:
+        d.mul_(a["lam"])
+    return base.add_(d) if own[0] else d.add_(base)   # d is ours; float addition commutes bit for bit
 
 
 @op("weighted_sum")
-def _weighted_sum(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
-    y = K.weighted_sum(ins, a["weights"])
+def _weighted_sum(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    weights = a["weights"]
+    acc = ins[0].mul_(weights[0]) if own[0] else K.scale(ins[0], weights[0])
+    for x, w, o in zip(ins[1:], weights[1:], own[1:]):
+        acc.add_(x.mul_(w) if o else K.scale(x, w))
     if a["normalize"]:
-        y = y / sum(a["weights"])
-    return y
+        acc.div_(sum(weights))
+    return acc
 
 
 @op("fisher")
-def _fisher(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
+def _fisher(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
     n = len(a["weights"])
     return K.fisher_merge(ins[:n], ins[n:], a["weights"])
 
 
 @op("gram")
-def _gram(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
+def _gram(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
     return K.col_gram(ins) if a.get("mode") == "cols" else K.row_gram(ins)
 
 
 @op("lincomb")
-def _lincomb(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor:
+def _lincomb(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
     xs, coeffs = ins[:-1], ins[-1]
     mode = a.get("mode", "total")
     if mode == "cols":
@@ -202,7 +221,7 @@ def _lincomb(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> torch.Tensor
 
 
 @op("write")
-def _write(ctx: RunContext, ins: list[Any], a: dict[str, Any]) -> None:
+def _write(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> None:
     y = ins[0].to(device="cpu", dtype=TORCH_DTYPES[a["dtype"]]).contiguous()
     ctx.writer.write_rows(a["name"], a["row_start"], y)
     ctx.count(written=y.numel() * y.element_size())

@@ -77,8 +77,8 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
                 if progress is not None:
                     progress(Progress(state["tensors"], total_tensors, state["bytes"], bytes_total, rss.wall))
 
-            def run(task: Any, args: list[Any]) -> Any:
-                return OPS[task.op](ctx, args, task.attrs)
+            def run(task: Any, args: list[Any], own: tuple[bool, ...]) -> Any:
+                return OPS[task.op](ctx, args, task.attrs, own)
 
             try:
                 stats = execute(keys, tasks, run, budget=plan.budget, workers=workers or default_workers(),

@@ -29,11 +29,11 @@ class ScheduleStats:
     over_budget_tasks: int = 0
 
 
-def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[Any]], Any], *,
+def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[Any], tuple[bool, ...]], Any], *,
             budget: int | None, workers: int = 2, on_done: Callable[[Any, Any], None] | None = None,
             cancel: threading.Event | None = None) -> ScheduleStats:
-    """Execute `tasks` (each with `.inputs` and `.nbytes`), keyed by `keys`, listed in a topological order that
-    is also their priority. `run(task, input_values)` computes one task; `on_done(task, result)` is called on
+    """Execute `tasks` (each with `.inputs`, `.nbytes`, `.scratch`), keyed by `keys`, listed in a topological order
+    that is also their priority. `run(task, input_values, own)` computes one task (`own[k]`: input k is donated); `on_done(task, result)` is called on
     the scheduling thread after each task (progress). Raises the first task error, or MergeAborted on cancel."""
     index = {k: i for i, k in enumerate(keys)}
     n = len(keys)
@@ -69,7 +69,8 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
             # start what fits, in priority order
             while ready and len(running) < workers:
                 i = ready[0]
-                need = tasks[i].nbytes
+                t = tasks[i]
+                need = t.nbytes + t.scratch
                 if budget is not None and running and live + need > budget:
                     break
                 heapq.heappop(ready)
@@ -77,12 +78,16 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
                     stats.over_budget_tasks += 1
                 live += need
                 stats.peak_live_bytes = max(stats.peak_live_bytes, live)
-                args = [results[index[s]] for s in tasks[i].inputs]
-                running[pool.submit(run, tasks[i], args)] = i
+                srcs = [index[s] for s in t.inputs]
+                # donate an input's buffer when this task is its last reader (and reads it only once)
+                own = tuple(refs[s] == 1 and srcs.count(s) == 1 for s in srcs)
+                args = [results[s] for s in srcs]
+                running[pool.submit(run, t, args, own)] = i
             finished, _ = wait(list(running), timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in finished:
                 i = running.pop(fut)
                 value = fut.result()          # re-raises the task's error
+                live -= tasks[i].scratch
                 done_count += 1
                 stats.tasks_run += 1
                 if on_done is not None:

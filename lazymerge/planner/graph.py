@@ -13,6 +13,13 @@ import networkx as nx
 
 F32 = 4
 
+# Temporaries an op allocates while it runs, in float32 blocks of its row block (the kernels in engine/ops.py:
+# e.g. a top-k pass holds |d| and its bit pattern; `combine` holds agreement masks and a weight sum; Gram and
+# lincomb work in float64). Counted against the budget so that RSS, not just our bookkeeping, stays within it.
+SCRATCH = {"load": 0.0, "write": 0.0, "reduce": 0.0, "delta": 0.0, "rescale": 0.0, "weighted_sum": 1.0,
+           "select": 2.0, "trim": 2.0, "elect": 1.0, "combine": 3.0, "norm": 2.0, "gram": 6.0, "lincomb": 4.0,
+           "fisher": 4.0}
+
 
 @dataclass(frozen=True)
 class Task:
@@ -22,6 +29,7 @@ class Task:
     nbytes: int
     tensor: str
     block: int = 0
+    scratch: int = 0          # bytes of temporaries while it runs (freed when it ends)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class TaskList:
         live = peak = 0
         for k, t in zip(self.keys, self.tasks):
             live += t.nbytes
-            peak = max(peak, live)
+            peak = max(peak, live + t.scratch)
             for src in set(t.inputs):
                 remaining[src] -= t.inputs.count(src)
                 if remaining[src] == 0:
@@ -106,11 +114,15 @@ class TensorBuilder:
         return self.block_rows(j) * self.row_numel * F32
 
     # -- emission ----------------------------------------------------------------------------------------
-    def op(self, op: str, inputs: Iterable[str], nbytes: int, block: int = 0, /, **attrs: Any) -> str:
+    def op(self, op: str, inputs: Iterable[str], nbytes: int, block: int = 0, scratch: int | None = None, /,
+           **attrs: Any) -> str:
+        """Emit a task; `scratch` defaults to the op's temporaries measured in float32 blocks (SCRATCH)."""
         key = f"{self.name}#{self._n}:{op}"
         self._n += 1
         self.out.keys.append(key)
-        self.out.tasks.append(Task(op, tuple(inputs), attrs, int(nbytes), self.name, block))
+        if scratch is None:
+            scratch = int(SCRATCH.get(op, 1.0) * self.f32(block))
+        self.out.tasks.append(Task(op, tuple(inputs), attrs, int(nbytes), self.name, block, int(scratch)))
         return key
 
     def _phase(self, phase: int) -> int:

@@ -211,12 +211,13 @@ def _build_family(fam: Family) -> Callable[[TensorBuilder, list[int], list[int],
                 t = _trim(tb, tb.delta(m, j), m, p, fam.sparsify, states[n_], j, (tb.seed, tb.name, idx), P.glob)
                 if factors[n_] is not None:
                     t = tb.op("rescale", (t, factors[n_]), tb.f32(j), j)
-                ts.append(t)
+                ts.append(tb.op("rescale", (t,), tb.f32(j), j, factor=p["weight"]))   # e_i = w_i d_i'
             inputs = [tb.load(base, j), *ts]
             if fam.elect:
-                inputs.append(tb.op("elect", ts, tb.f32(j), j, weights=weights, consensus=P.glob["consensus"]))
-            y = tb.op("combine", inputs, tb.f32(j), j, weights=weights, normalize=P.glob["normalize"],
-                      lam=P.glob["lambda"], elect=fam.elect)
+                # a bool per entry, plus the float32 sum it is computed from
+                inputs.append(tb.op("elect", ts, tb.f32(j) // 4, j, consensus=P.glob["consensus"]))
+            y = tb.op("combine", inputs, tb.f32(j), j, weights=weights,
+                      normalize=P.glob["normalize"], lam=P.glob["lambda"], elect=fam.elect)
             _write(tb, y, j)
 
     return build
