@@ -220,7 +220,10 @@ def run_one(args, ctx, *, tool, method, rec_path, out_dir, memory=None, memcap=N
         f"peak RSS {M.fmt_bytes(res['peak_rss_bytes'])}"
         + (f", cgroup peak {mc.get('peak')}" if mc.get("peak") else ""))
     if not res["completed"] and res["stderr_tail"]:
-        log("  stderr: " + res["stderr_tail"].strip().splitlines()[-1][:300])
+        lines = [ln for ln in res["stderr_tail"].strip().splitlines() if not ln.startswith("memcap: limit=")]
+        if lines:
+            res["error"] = res.get("error") or lines[-1][:500]
+            log("  stderr: " + lines[-1][:300])
     return res
 
 
@@ -249,7 +252,8 @@ def compare_outputs(a: Path, b: Path) -> dict:
         if x.shape != y.shape:
             res["missing"].append(f"{name} (shape {tuple(x.shape)} vs {tuple(y.shape)})")
             continue
-        diff = (x - y).abs()
+        both_nan = x.isnan() & y.isnan()
+        diff = (x - y).abs().masked_fill(both_nan, 0).nan_to_num(nan=float("inf"))
         m = float(diff.max()) if diff.numel() else 0.0
         res["differing_elements"] += int((diff > 0).sum())
         res["elements"] += diff.numel()
@@ -280,7 +284,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "wall_s": median([r["wall_total_s"] for r in ok]),
             "wall_exit_s": median([r["wall_s"] for r in ok]),
             "cpu_s": median([r["cpu_s"] for r in ok]),
-            "peak_rss_bytes": max((r["peak_rss_bytes"] for r in rs), default=None),
+            "peak_rss_bytes": max((r["peak_rss_bytes"] for r in (ok or rs)), default=None),  # failed: how far it got
             "peak_anon_sampled_bytes": max((r["peak_anon_sampled_bytes"] or 0 for r in rs), default=None),
             "cgroup_peak_bytes": max((p for p in mc_peaks if p), default=None),
             "read_bytes": median([(r["io"] or {}).get("read_bytes") for r in ok]),
@@ -303,7 +307,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             b = ref(row["method"], base)
             row[f"x_{base}"] = row["wall_s"] / b if (b and row["wall_s"]) else None
         row["rss_within_budget"] = (row["peak_rss_bytes"] <= row["budget_bytes"] + RSS_SLACK
-                                    if row["budget_bytes"] and row["peak_rss_bytes"] else None)
+                                    if row["budget_bytes"] and row["peak_rss_bytes"] and row["completed"] else None)
     order = {t: i for i, t in enumerate(TOOLS)}
     rows.sort(key=lambda r: (r["method"], order[r["tool"]], r["memcap"] or "", r["budget_bytes"] or 0))
     return rows
@@ -380,7 +384,8 @@ def markdown(results: dict) -> str:
         L += ["", "## Output check against the naive baseline", "",
               "| run | max abs diff | differing elements | missing tensors |", "|---|---:|---:|---|"]
         for c in results["checks"]:
-            note = " (random masks: different streams by design)" if c["run"].startswith("dare") else ""
+            note = " (random masks: different streams by design)" if c["run"].startswith("dare") else \
+                " (mergekit computes in the recipe's dtype, bf16)" if "-mergekit-" in c["run"] else ""
             L.append(f"| {c['run']} vs {c['against']}{note} | {c['max_abs_diff']:.3g} | "
                      f"{c['differing_elements']}/{c['elements']} | {len(c['missing'])} |")
     if results.get("targets"):
@@ -456,6 +461,8 @@ def plan_bench(args, ctx, results) -> None:
         rec_path = write_recipe(rec, ctx["out"] / "recipes" / f"{method}.yaml")
         for rep in range(max(3, args.repeat)):
             cold = M.drop_caches() if not args.warm else False
+            if cold and not args.cold_libs:
+                prewarm(args, "lazymerge")
             rid = f"{method}-plan-r{rep}"
             log(f"plan {rid}{' (cold cache)' if cold else ''} ...")
             res = M.measure([sys.executable, "-c", PLAN_SNIPPET, str(rec_path), memory, args.shard_size],
@@ -495,8 +502,9 @@ def plan_markdown(results: dict) -> str:
     for s in results["summary"]:
         L.append(f"| {s['method']} | {s['runs']} | {_f(s['plan_s'], '{:.3f}')} | {_f(s['import_s'])} | "
                  f"{_f(s['process_wall_s'])} | {s['tasks'] or '–'} | {M.fmt_bytes(s['peak_rss_bytes'])} |")
-    L += ["", "plan() s = `lazymerge.plan(recipe)` inside a fresh subprocess (cold page cache), excluding the "
-          "interpreter start and `import lazymerge`, which are shown separately.", ""]
+    L += ["", "plan() s = `lazymerge.plan(recipe)` inside a fresh subprocess (page cache dropped, then the libraries "
+          "re-imported once elsewhere, so the checkpoint headers are cold), excluding the interpreter start and "
+          "`import lazymerge`, which are shown separately.", ""]
     for t in results["targets"]:
         L.append(f"- {t['target']}: {t['value']} — {'PASS' if t['pass'] else '**FAIL**'}")
     return "\n".join(L) + "\n"
@@ -537,7 +545,10 @@ def merge_bench(args, ctx, results) -> None:
                     results["runs"].append(r)
                     if tool == "naive" and args.check and r["completed"] and naive_out is None:
                         naive_out = out_dir.rename(scratch / f"{method}-naive-keep")
-                    elif not args.keep_outputs:
+                        continue
+                    if tool == "mergekit" and naive_out is not None and r["completed"] and rep == 0:
+                        check(results, r, out_dir, naive_out)
+                    if not args.keep_outputs:
                         shutil.rmtree(out_dir, ignore_errors=True)
                 if "lazymerge" in tools:
                     for mem in args.memory:
@@ -551,17 +562,21 @@ def merge_bench(args, ctx, results) -> None:
                                     out_dir=out_dir, memory=mem, memcap=cap, rep=rep)
                         results["runs"].append(r)
                         if naive_out is not None and r["completed"] and rep == 0:
-                            log(f"  comparing {r['id']} with the naive output ...")
-                            c = compare_outputs(out_dir, naive_out)
-                            c.update(run=r["id"], against="naive")
-                            results["checks"].append(c)
-                            log(f"  max |lazymerge - naive| = {c['max_abs_diff']:.3g}, "
-                                f"{c['differing_elements']}/{c['elements']} elements differ")
+                            check(results, r, out_dir, naive_out)
                         if not args.keep_outputs:
                             shutil.rmtree(out_dir, ignore_errors=True)
             if naive_out is not None:
                 shutil.rmtree(naive_out, ignore_errors=True)
             save(results, ctx)   # partial results survive an interrupted run
+
+
+def check(results: dict, run: dict, out_dir: Path, naive_out: Path) -> None:
+    log(f"  comparing {run['id']} with the naive output ...")
+    c = compare_outputs(out_dir, naive_out)
+    c.update(run=run["id"], against="naive")
+    results["checks"].append(c)
+    log(f"  max |{run['tool']} - naive| = {c['max_abs_diff']:.3g}, "
+        f"{c['differing_elements']}/{c['elements']} elements differ")
 
 
 def save(results: dict, ctx) -> None:

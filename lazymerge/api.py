@@ -16,22 +16,26 @@ RecipeLike = "str | Path | Mapping[str, Any] | Recipe"
 
 
 def plan(recipe: RecipeLike, *, memory: "int | str | None" = None, shard_size: "int | str" = "5GB",
-         seed: int = 0, allow_pickle: bool = False, max_block_rows: int | None = None) -> Plan:
+         seed: int = 0, allow_pickle: bool = False, max_block_rows: int | None = None,
+         stage: str | None = None) -> Plan:
     """Validate a recipe and compile it into a Plan (task graph + output layout) from checkpoint headers only.
 
     `recipe` is a path to a YAML file, YAML text, or a mapping in mergekit's format. `memory` is the budget for
-    tensors lazymerge allocates (bytes or "2GiB"; None = a fraction of available RAM; "unlimited"). Raises a
-    `LazyMergeError` subclass with a one-line message on any problem. Call `Plan.close()` when done with it.
+    tensors lazymerge allocates (bytes or "2GiB"; None = a fraction of available RAM; "unlimited"). A
+    multi-stage recipe (several `---` documents with `name:`) produces the stage named `stage`, else its unnamed
+    document, else its last one. Raises a `LazyMergeError` subclass with a one-line message on any problem.
+    Call `Plan.close()` when done with it.
     """
     return compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                        max_block_rows=max_block_rows)
+                        max_block_rows=max_block_rows, stage=stage)
 
 
 def merge(recipe: RecipeLike, out: "str | Path", *, memory: "int | str | None" = None,
           shard_size: "int | str" = "5GB", seed: int = 0, device: "str | torch.device" = "cpu",
           progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
           strict: bool = False, allow_pickle: bool = False, workers: int | None = None,
-          max_block_rows: int | None = None, cancel: threading.Event | None = None) -> Report:
+          max_block_rows: int | None = None, cancel: threading.Event | None = None,
+          stage: str | None = None) -> Report:
     """Run a merge into `out` (a Hugging Face checkpoint directory that appears only when complete).
 
     The same recipe, inputs and seed give bit-identical output whatever `memory`, `workers` or block size.
@@ -40,9 +44,9 @@ def merge(recipe: RecipeLike, out: "str | Path", *, memory: "int | str | None" =
     from . import __version__
 
     p = plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-             max_block_rows=max_block_rows)
+             max_block_rows=max_block_rows, stage=stage)
     try:
-        extra = {"lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
+        extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
         return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
     finally:

@@ -5,6 +5,7 @@ Every user-caused failure is printed as one `error: ...` line with a non-zero ex
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
+from .convert import convert_config_cmd
 from .errors import LazyMergeError
 
 SIZE_HELP = "e.g. 2GiB, 1500MB, 8G (binary), or 'unlimited'"
@@ -32,14 +34,25 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except LazyMergeError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
-            sys.exit(130)
+            _exit(130)
         finally:
             signal.signal(signal.SIGTERM, old)
 
     return wrapper
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. Interrupted, in a process of our own (stdio not redirected by an embedding caller or a
+    test runner), leave at once: temporary files are already removed, and the interpreter's normal teardown with
+    torch loaded takes about a second the user would spend waiting after Ctrl-C."""
+    if code == 130 and sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class _Bar:
@@ -90,6 +103,8 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Largest output shard (GB = 10^9 bytes, GiB = 2^30)."),
         click.option("--allow-pickle", is_flag=True,
                      help="Also read PyTorch .bin checkpoints (torch.load with weights_only=True)."),
+        click.option("--stage", default=None, metavar="NAME",
+                     help="Multi-stage recipe: the stage to produce (default: the unnamed or last document)."),
     ]
     for o in reversed(options):
         fn = o(fn)
@@ -104,8 +119,8 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--graph", "graph_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the task graph as JSON (node-link format).")
 @_friendly
-def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bool, out: Path | None,
-             graph_file: Path | None) -> None:
+def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
+             out: Path | None, graph_file: Path | None) -> None:
     """Validate RECIPE and show what a run would do: tasks, bytes read and written, estimated peak memory.
 
     Reads checkpoint headers only; no tensor data is touched.
@@ -115,7 +130,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
     from .api import plan
     from .engine.report import human
 
-    p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle)
+    p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle, stage=stage)
     try:
         click.echo(p.summary())
         where = (out.parent if out is not None else Path.cwd()).resolve()
@@ -143,7 +158,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 
 @main.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))   # an existing file is refused with the other checks
 @_run_options
 @click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA).")
 @click.option("--device", default="cpu", show_default=True, help="Where kernels run: cpu, cuda, cuda:1 ...")
@@ -153,8 +168,9 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 @click.option("--workers", type=int, default=None, help="Tasks run at once (default: 2-4 by CPU count).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the report.")
 @_friendly
-def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, seed: int,
-            device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None, quiet: bool) -> None:
+def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
+            seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
+            quiet: bool) -> None:
     """Merge the models in RECIPE into the checkpoint directory OUT.
 
     OUT appears only when the merge is complete. The report is printed and saved to OUT/lazymerge_report.json,
@@ -166,7 +182,7 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
     try:
         report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                        progress=bar, overwrite=overwrite, resume=resume, strict=strict,
-                       allow_pickle=allow_pickle, workers=workers)
+                       allow_pickle=allow_pickle, workers=workers, stage=stage)
     finally:
         bar.close()
     click.echo(report.summary())
@@ -239,6 +255,9 @@ def fisher_cmd(model: Path, data: Path, out: Path, max_samples: int, seq_len: in
                             overwrite=overwrite)
     click.echo(f"fisher        {report.samples} sequences, {report.tokens} tokens, {report.wall_s:.1f} s -> "
                f"{report.out}")
+
+
+main.add_command(convert_config_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

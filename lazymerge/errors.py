@@ -8,9 +8,19 @@ from __future__ import annotations
 
 
 class LazyMergeError(Exception):
-    """Base class: the message is one self-contained line for the user."""
+    """Base class: the message is one self-contained line for the user.
+
+    Messages quote untrusted text (tensor names from a stranger's header, recipe keys), so control characters are
+    escaped when the message is rendered: it stays one line and cannot drive the user's terminal.
+    """
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if text.isprintable():
+            return text
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class RecipeError(LazyMergeError):

@@ -315,14 +315,14 @@ def topk_reduce2(hists: Sequence[Tensor], state1: dict) -> dict:
 def topk_mask(d_block: Tensor, state2: dict, block_index: int) -> Tensor:
     """Bool mask (shaped like the block) of the entries of this block among the tensor's top k by ``|d|``."""
     if state2["all"]:
-        return torch.ones(d_block.shape, dtype=torch.bool)
+        return torch.ones(d_block.shape, dtype=torch.bool, device=d_block.device)
     bits = _abs_bits(d_block)
     t = state2["threshold"]
     quota = state2["quota"][block_index]
     keep = bits > t
     if quota > 0:
-        eq = bits == t
-        keep |= eq & (torch.cumsum(eq.to(torch.int64), 0) <= quota)
+        # the first `quota` entries equal to the threshold, by flat index (few: a scan of their positions only)
+        keep[torch.nonzero(bits == t).squeeze(1)[:quota]] = True
     return keep.reshape(d_block.shape)
 
 
@@ -815,10 +815,11 @@ def combine_elected(es: Sequence[Tensor], weights: Sequence[float], nonneg: Tens
     (with `normalize`) by the sum of the agreeing models' weights, an exact 0 read as 1."""
     mixed: Tensor | None = None
     divisor: Tensor | None = None
+    elected = nonneg.to(torch.float32).mul_(2.0).sub_(1.0)         # +1 / -1
     for i, (e, w) in enumerate(zip(es, weights)):
-        agree = torch.where(nonneg, e > 0, e < 0)
+        agree = torch.sign(e) == elected                         # a zero entry (sign 0) never agrees
         owned = i < len(own) and own[i]
-        term = e.masked_fill_(~agree, 0.0) if owned else torch.where(agree, e, 0.0)  # both: ours to modify
+        term = e.mul_(agree) if owned else e * agree             # both: ours to modify
         if mixed is None:
             mixed = term
         else:

@@ -64,7 +64,15 @@ def op(name: str) -> Callable[[Op], Op]:
 @op("load")
 def _load(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
     ckpt = ctx.sources[a["model"]]
-    x = ckpt.read(a["name"], rows=a["rows"], dtype=None if a["raw"] else torch.float32, device=ctx.device)
+    if "vocab_map" in a:      # a vocab-indexed tensor whose rows are mapped token by token (planner/vocab.py)
+        from ..planner.vocab import load_block
+
+        def read(key: str, rows: tuple[int, int]) -> torch.Tensor:
+            return ctx.sources[key].read(a["name"], rows=rows, dtype=torch.float32, device=ctx.device)
+
+        x = load_block(read, a["model"], a["vocab_map"], a["vocab_fill"], a["vocab_row_shape"])
+    else:
+        x = ckpt.read(a["name"], rows=a["rows"], dtype=None if a["raw"] else torch.float32, device=ctx.device)
     ctx.count(read=a["read_bytes"])
     # a sum is NaN/Inf whenever any entry is (and a reduction is cheaper than an element-wise isfinite)
     if x.is_floating_point() and not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
@@ -79,9 +87,10 @@ def _delta(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, 
 
 @op("select")
 def _select(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> Any:
+    # partials (histograms, Gram rows, norms) are small: they live on the CPU whatever the device
     if a["pass_"] == 1:
-        return K.topk_pass1(ins[0])
-    return K.topk_pass2(ins[0], ins[1])
+        return K.topk_pass1(ins[0]).cpu()
+    return K.topk_pass2(ins[0], ins[1]).cpu()
 
 
 @op("reduce")
@@ -126,34 +135,36 @@ def _trim(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, .
     d = ins[0]
     method = a["method"]
     if method == "magnitude":
-        return _zero_where(d, ~K.topk_mask(d, ins[1], a["block"]), own[0])
+        return _keep(d, K.topk_mask(d, ins[1], a["block"]), own[0])
     if method == "outliers":
-        drop = None
+        keep = None
         i = 1
         if a["has_upto"]:
-            drop = ~K.topk_mask(d, ins[i], a["block"])
+            keep = K.topk_mask(d, ins[i], a["block"])
             i += 1
         if a["has_top"]:
-            top = K.topk_mask(d, ins[i], a["block"])
-            drop = top if drop is None else drop.logical_or_(top)
-        return _zero_where(d, drop, own[0])
+            top = K.topk_mask(d, ins[i], a["block"]).logical_not_()
+            keep = top if keep is None else keep.logical_and_(top)
+        return _keep(d, keep, own[0])
     u = K.uniform_rows(K.derive_seed(*a["seed_parts"]), tuple(a["shape"]), tuple(a["rows"])).to(d.device)
     u = u.reshape(d.shape)
     if method == "random":
-        kept = _zero_where(d, u >= a["density"], own[0])
+        kept = _keep(d, u < a["density"], own[0])
         return kept.div_(a["density"]) if a["rescale"] else kept
     if method == "della":
         return K.rank_magnitude_sampling(d, u, a["density"], a["epsilon"], a["rescale"])
     raise KeyError(f"unknown trim method {method!r}")
 
 
-def _zero_where(d: torch.Tensor, drop: torch.Tensor, owned: bool) -> torch.Tensor:
-    return d.masked_fill_(drop, 0.0) if owned else d.masked_fill(drop, 0.0)
+def _keep(d: torch.Tensor, keep: torch.Tensor, owned: bool) -> torch.Tensor:
+    """Zero the entries not kept: one multiply by the mask (a dropped negative entry becomes -0.0, which adds
+    like +0.0 and never agrees in a sign election)."""
+    return d.mul_(keep) if owned else d * keep
 
 
 @op("norm")
 def _norm(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    return K.norm_partials(ins[0], a["kind"])
+    return K.norm_partials(ins[0], a["kind"]).cpu()
 
 
 @op("rescale")
@@ -205,12 +216,12 @@ def _fisher(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool,
 
 @op("gram")
 def _gram(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    return K.col_gram(ins) if a.get("mode") == "cols" else K.row_gram(ins)
+    return (K.col_gram(ins) if a.get("mode") == "cols" else K.row_gram(ins)).cpu()
 
 
 @op("lincomb")
 def _lincomb(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    xs, coeffs = ins[:-1], ins[-1]
+    xs, coeffs = ins[:-1], ins[-1].to(ins[0].device)
     mode = a.get("mode", "total")
     if mode == "cols":
         return K.lincomb_cols(xs, coeffs)

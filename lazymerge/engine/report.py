@@ -81,7 +81,7 @@ class Report:
 class RssSampler:
     """Samples this process's RSS in a daemon thread; `peak` is the largest value seen."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.1):
         self.interval = interval
         self.proc = psutil.Process()
         self.peak = self.proc.memory_info().rss

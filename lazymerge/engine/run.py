@@ -5,6 +5,9 @@ crash or Ctrl-C leaves either nothing or (with --resume) a temporary directory t
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import ctypes
 import os
 import threading
 from pathlib import Path
@@ -19,8 +22,26 @@ from .report import Progress, Report, RssSampler
 from .scheduler import execute
 
 
+def release_freed_memory() -> None:
+    """Make glibc return freed tensor buffers to the OS at once.
+
+    glibc serves allocations above a *dynamic* threshold with mmap and raises that threshold (up to 32 MiB) each
+    time such a buffer is freed; from then on block-sized tensors come from the heap, whose freed space stays
+    in the process's RSS. Pinning the threshold at 1 MiB keeps RSS equal to what is live, which is what the
+    budget promises. (With transparent huge pages the extra page faults are cheap.)
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)          # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):      # not glibc: nothing to tune
+        pass
+
+
 def resolve_device(device: "str | torch.device") -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OutputError(f"device: '{device}' is not a device; use cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OutputError(f"device: '{device}' requested but no CUDA device is available; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
@@ -33,12 +54,47 @@ def default_workers() -> int:
 
 
 def check_output_dir(out: Path, inputs: list[Path]) -> None:
-    """The output must not land inside (or be) an input model directory: we would be writing into our inputs."""
+    """The output must not land inside (or be) an input model directory: we would be writing into our inputs;
+    nor contain one: --overwrite would delete it."""
     o = out.expanduser().resolve()
     for p in inputs:
         q = p.resolve()
         if o == q or q in o.parents:
             raise OutputError(f"{out}: output directory is inside input model directory {p}")
+        if o in q.parents:
+            raise OutputError(f"{out}: output directory contains input model directory {p}")
+
+
+def _input_dirs(plan: Any) -> list[Path]:
+    dirs = []
+    for src in plan.sources.values():
+        dirs.append(Path(src.path))
+        adapter = getattr(src, "adapter", None)
+        if adapter is not None and getattr(adapter, "path", None) is not None:
+            dirs.append(Path(adapter.path))
+    dirs += [Path(f).parent for f in plan.aux_files]
+    return dirs
+
+
+def run_fingerprint(plan: Any, device: torch.device, version: str) -> str:
+    """What the output bytes depend on besides the layout: a resumed run keeps finished shards only when this is
+    unchanged (the recipe, seed, device kind, lazymerge version, and each input file's path, size and mtime)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([plan.method.name, plan.recipe.raw, getattr(plan.recipe, "documents", None), plan.seed,
+                         device.type, version], sort_keys=True, default=str).encode())
+    files: set[Path] = set()
+    for src in plan.sources.values():
+        files |= {Path(info.file) for info in src.tensors.values()}
+        adapter = getattr(src, "adapter", None)
+        if getattr(adapter, "_weights_file", None) is not None:
+            files.add(Path(adapter._weights_file))
+    for f in sorted(files):
+        try:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        except OSError:
+            h.update(f"{f}\0missing\0".encode())
+    return h.hexdigest()
 
 
 def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cpu",
@@ -47,8 +103,10 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
              version: str = "", cancel: threading.Event | None = None) -> Report:
     out = Path(out)
     dev = resolve_device(device)
-    check_output_dir(out, [c.path for c in plan.sources.values()])
-    writer = CheckpointWriter(out, plan.layout, overwrite=overwrite, resume=resume)
+    release_freed_memory()
+    check_output_dir(out, _input_dirs(plan))
+    writer = CheckpointWriter(out, plan.layout, overwrite=overwrite, resume=resume,
+                              fingerprint=run_fingerprint(plan, dev, version))
     writer.open()
     try:
         done_tensors = writer.tensors_done() if resume else set()

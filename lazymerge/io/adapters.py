@@ -130,7 +130,7 @@ def _read_config(path: Path) -> dict:
     file = path / CONFIG_NAME
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{file}: not a JSON object")

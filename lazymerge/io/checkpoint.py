@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
@@ -67,6 +68,8 @@ def _load_json(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def _weight_map(index: Path, root: Path) -> dict[str, Path]:
@@ -77,6 +80,8 @@ def _weight_map(index: Path, root: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     out: dict[str, Path] = {}
     for name, rel in wmap.items():
+        if not isinstance(rel, str):
+            raise CheckpointError(f"{index}: weight_map entry {name!r}: shard name {rel!r} is not a string")
         if rel not in files:
             files[rel] = _member(root, rel, index)
         out[name] = files[rel]
@@ -243,12 +248,15 @@ class Checkpoint:
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict via the restricted unpickler, memory-mapped when the zip format allows it."""
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (several lines) about protocols and formats of untrusted files; the error says it all
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler raises many types; each means the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {first}") from None

@@ -110,7 +110,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     if not isinstance(entry, dict):
         raise _fail(path, f"tensor {name!r}: header entry is not an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"tensor {name!r}: unknown or unsupported dtype {dtype!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
@@ -152,6 +152,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _fail(path, f"header is not valid UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(path, "header is not a safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
 

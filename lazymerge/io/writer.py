@@ -8,6 +8,7 @@ finished, checksummed shards lets `--resume` skip work already on disk.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -160,6 +161,25 @@ def _sha256(path: Path) -> str:
     return digest
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -171,9 +191,12 @@ class CheckpointWriter:
     """Writes `layout` into `out_dir` via `<parent>/.<name>.lazymerge-tmp`, guarded by a PID lock file."""
 
     def __init__(self, out_dir: Path | str, layout: list[ShardLayout], *, overwrite: bool = False,
-                 resume: bool = False) -> None:
+                 resume: bool = False, fingerprint: str = "") -> None:
+        """`fingerprint` identifies what produces the data (recipe, inputs, seed...): a resume keeps shards only
+        when it and the layout are unchanged, since equal headers alone do not mean equal contents."""
         self.out_dir = Path(os.path.abspath(out_dir))
         self.layout = list(layout)
+        self.fingerprint = fingerprint
         self.overwrite = overwrite
         self.resume = resume
         parent, name = self.out_dir.parent, self.out_dir.name
@@ -197,7 +220,7 @@ class CheckpointWriter:
         return sum(s.size for s in self.layout)
 
     def _layout_hash(self) -> str:
-        h = hashlib.sha256()
+        h = hashlib.sha256(self.fingerprint.encode() + b"\0")
         for s in self.layout:
             h.update(s.filename.encode() + b"\0" + s.header + s.size.to_bytes(8, "little"))
         return h.hexdigest()
@@ -209,7 +232,11 @@ class CheckpointWriter:
         if self._state != "new":
             raise RuntimeError("CheckpointWriter.open() called twice")
         self._refuse_existing()
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.out_dir.parent}: cannot create the output's parent directory: "
+                              f"{exc.strerror or exc}") from None
         self._acquire_lock()
         try:
             self._prepare_tmp()
@@ -217,11 +244,17 @@ class CheckpointWriter:
             free = shutil.disk_usage(self.out_dir.parent).free
             if free < needed:
                 raise OutputError(f"{self.out_dir.parent}: not enough free disk space: the output needs {needed} "
-                                  f"more bytes, {free} are free")
+                                  f"more bytes, {free} are free ({_human(needed)} > {_human(free)})")
             for i, shard in enumerate(self.layout):
                 if i not in self._verified:
                     self._preallocate(i, shard)
             self._state = "open"
+        except OSError as exc:
+            self._close_fds()
+            if not self.resume:
+                _remove(self.tmp_dir)
+            self._release_lock()
+            raise self._disk_error(exc, self.tmp_dir.name, self.tmp_dir) from None
         except BaseException:
             self._close_fds()
             if not self.resume:
@@ -240,16 +273,23 @@ class CheckpointWriter:
         for _ in range(2):
             try:
                 fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            except OSError as exc:
+                if not isinstance(exc, FileExistsError):
+                    raise OutputError(f"{self.out_dir.parent}: cannot create the lock file {self.lock_path.name}: "
+                                      f"{exc.strerror or exc}") from None
                 pid = self._lock_owner()
                 if pid is not None and psutil.pid_exists(pid):
                     raise OutputError(f"{self.out_dir}: is being written by another lazymerge run (pid {pid}); "
                                       f"if it is not, delete {self.lock_path}") from None
                 self.lock_path.unlink(missing_ok=True)  # stale: its owner died
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
             self._has_lock = True
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as exc:
+                self._release_lock(force=True)
+                raise self._disk_error(exc, self.lock_path.name, self.lock_path) from None
             return
         raise OutputError(f"{self.out_dir}: cannot take the lock {self.lock_path} (another run raced us)")
 
@@ -259,9 +299,9 @@ class CheckpointWriter:
         except (OSError, ValueError):
             return None
 
-    def _release_lock(self) -> None:
+    def _release_lock(self, force: bool = False) -> None:
         if self._has_lock:
-            if self._lock_owner() == os.getpid():
+            if force or self._lock_owner() == os.getpid():
                 self.lock_path.unlink(missing_ok=True)
             self._has_lock = False
 
@@ -299,12 +339,15 @@ class CheckpointWriter:
         with self._journal_lock:
             data = json.dumps({"version": 1, "layout": self._layout_hash(), "shards": self._journal}, indent=1)
             tmp = self.tmp_dir / (JOURNAL + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.tmp_dir / JOURNAL)
-            _fsync_dir(self.tmp_dir)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.tmp_dir / JOURNAL)
+                _fsync_dir(self.tmp_dir)
+            except OSError as exc:
+                raise self._disk_error(exc, JOURNAL) from None
 
     def _preallocate(self, i: int, shard: ShardLayout) -> None:
         fd = os.open(self.tmp_dir / shard.filename, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
@@ -364,11 +407,15 @@ class CheckpointWriter:
         except OSError as exc:
             raise self._disk_error(exc, filename) from None
 
-    def _disk_error(self, exc: OSError, filename: str) -> Exception:
+    def _disk_error(self, exc: OSError, filename: str, path: Path | None = None) -> Exception:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return OutputError(f"{self.out_dir.parent}: disk full while writing {filename}; the output needs "
-                               f"{self.total_size} bytes")
-        return OutputError(f"{self.tmp_dir / filename}: write failed: {exc.strerror or exc}")
+            try:
+                free = f", {_human(shutil.disk_usage(self.out_dir.parent).free)} free"
+            except OSError:
+                free = ""
+            return OutputError(f"{self.out_dir.parent}: disk full while writing {filename}: the output needs "
+                               f"{self.total_size} bytes ({_human(self.total_size)}){free}")
+        return OutputError(f"{path or self.tmp_dir / filename}: write failed: {exc.strerror or exc}")
 
     def _complete(self, i: int) -> None:
         """A shard's last byte has landed: make it durable and journal its checksum so a resume can trust it."""
@@ -410,22 +457,26 @@ class CheckpointWriter:
                 raise ValueError(f"extra file name {name!r} must be a plain file name")
             files[name] = data
         for name, data in files.items():
-            with open(self.tmp_dir / name, "wb") as f:
-                try:
+            try:
+                with open(self.tmp_dir / name, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                except OSError as exc:
-                    raise self._disk_error(exc, name) from None
+            except OSError as exc:
+                raise self._disk_error(exc, name) from None
         (self.tmp_dir / JOURNAL).unlink(missing_ok=True)
         _fsync_dir(self.tmp_dir)
         self._refuse_existing()
         if self.out_dir.exists() or self.out_dir.is_symlink():
-            old = self.out_dir.parent / f".{self.out_dir.name}.lazymerge-old"
-            _remove(old)
-            os.rename(self.out_dir, old)
-            os.rename(self.tmp_dir, self.out_dir)
-            _remove(old)
+            # --overwrite: swap atomically, so a kill at any moment leaves the old or the new output in place
+            if _exchange(self.tmp_dir, self.out_dir):
+                _remove(self.tmp_dir)          # now holds the old output
+            else:
+                old = self.out_dir.parent / f".{self.out_dir.name}.lazymerge-old"
+                _remove(old)
+                os.rename(self.out_dir, old)
+                os.rename(self.tmp_dir, self.out_dir)
+                _remove(old)
         else:
             os.rename(self.tmp_dir, self.out_dir)
         _fsync_dir(self.out_dir.parent)

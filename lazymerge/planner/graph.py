@@ -34,11 +34,15 @@ class Task:
 
 @dataclass(frozen=True)
 class SourceRef:
-    """One input of a tensor job: which model (key into Plan.sources) and which tensor in it."""
+    """One input of a tensor job: which model (key into Plan.sources) and which tensor in it.
+
+    `job` is set for a *virtual* source: the tensor is an earlier stage's output (multi-stage recipes), computed
+    in the graph by that stage's job instead of read from disk (see `TensorBuilder.load`)."""
 
     model: str
     name: str
     row_nbytes: int        # bytes of one stored row (source dtype), for "bytes to read"
+    job: Any = field(default=None, compare=False)
 
 
 @dataclass
@@ -84,10 +88,19 @@ class TensorBuilder:
 
     With several row blocks, each `phase` of a multi-pass method reloads its inputs (memoised per phase) so that
     no phase keeps the whole tensor alive; with one block every phase shares the same loads.
+
+    A source with a `job` (an earlier stage's output) is loaded through a *child* builder that emits that job's
+    tasks into this tensor's task list: its whole-tensor statistics (select/gram/reduce) once, on first use, and
+    its element-wise chain per (block, phase) of this builder, like a reload. So a later stage recomputes an
+    earlier stage's block instead of keeping it alive, and the earlier stage's value never goes to disk.
     """
 
     def __init__(self, name: str, shape: tuple[int, ...], blocks: Sequence[tuple[int, int]],
-                 sources: Sequence[SourceRef], base: int | None, out_dtype: str, seed: int):
+                 sources: Sequence[SourceRef], base: int | None, out_dtype: str, seed: int,
+                 root: "TensorBuilder | None" = None, vocab: Any = None):
+        self.root = root or self          # the builder of the output tensor: owns the task list and the keys
+        self.context: Any = None          # a child's memo namespace: which stats pass / parent phase it serves
+        self._children: dict[int, tuple[TensorBuilder, Any]] = {}
         self.name = name
         self.shape = tuple(shape)
         self.blocks = list(blocks)
@@ -100,6 +113,7 @@ class TensorBuilder:
         for d in shape:
             self.numel *= d
         self.row_numel = self.numel // self.rows if self.rows else 0
+        self.vocab = vocab            # planner.vocab.VocabPlan when this tensor's rows are mapped
         self.out = TaskList()
         self._memo: dict[tuple, str] = {}
         self._n = 0
@@ -117,26 +131,51 @@ class TensorBuilder:
     def op(self, op: str, inputs: Iterable[str], nbytes: int, block: int = 0, scratch: int | None = None, /,
            **attrs: Any) -> str:
         """Emit a task; `scratch` defaults to the op's temporaries measured in float32 blocks (SCRATCH)."""
-        key = f"{self.name}#{self._n}:{op}"
-        self._n += 1
-        self.out.keys.append(key)
+        root = self.root              # a child builder emits into its output tensor's list (see the class doc)
+        key = f"{root.name}#{root._n}:{op}"
+        root._n += 1
+        root.out.keys.append(key)
         if scratch is None:
             scratch = int(SCRATCH.get(op, 1.0) * self.f32(block))
-        self.out.tasks.append(Task(op, tuple(inputs), attrs, int(nbytes), self.name, block, int(scratch)))
+        root.out.tasks.append(Task(op, tuple(inputs), attrs, int(nbytes), root.name, block, int(scratch)))
         return key
 
-    def _phase(self, phase: int) -> int:
-        return phase if len(self.blocks) > 1 else 0
+    def _phase(self, phase: int) -> Any:
+        if len(self.blocks) == 1:
+            return 0                      # one block: every phase (and every child pass) shares its loads
+        return phase if self.context is None else (self.context, phase)
+
+    def _virtual(self, i: int, j: int, phase: int) -> str:
+        """Block j of an earlier stage's output (source i), computed here: see the class docstring."""
+        if i not in self._children:
+            job = self.sources[i].job
+            child = TensorBuilder(job.name, self.shape, self.blocks, job.refs, job.base, "F32", self.seed,
+                                  root=self.root, vocab=job.vocab)
+            child.context = ("stats", self.context)
+            self._children[i] = (child, job.emit(child))
+        child, block_value = self._children[i]
+        child.context = ("block", self._phase(phase))
+        return block_value(j)
 
     def load(self, i: int, j: int, phase: int = 0, raw: bool = False) -> str:
         """Block j of source i as float32 (or, `raw`, in its stored dtype: integer buffers are copied as is)."""
+        if self.sources[i].job is not None:
+            memo = ("virtual", i, j, self._phase(phase))
+            if memo not in self._memo:
+                self._memo[memo] = self._virtual(i, j, phase)
+            return self._memo[memo]
         memo = ("load", i, j, self._phase(phase), raw)
         if memo not in self._memo:
             src = self.sources[i]
             rows = self.blocks[j] if len(self.shape) >= 2 else None   # 0-d/1-d tensors are one row
             read = self.block_rows(j) * src.row_nbytes
+            extra = {}
+            if self.vocab is not None:
+                extra = self.vocab.block_attrs(src.model, self.name, rows or (0, self.shape[0]))
+                if extra:
+                    read = extra["read_rows"] * src.row_nbytes
             self._memo[memo] = self.op("load", (), read if raw else self.f32(j), j, model=src.model,
-                                       name=src.name, rows=rows, read_bytes=read, raw=raw)
+                                       name=src.name, rows=rows, read_bytes=read, raw=raw, **extra)
         return self._memo[memo]
 
     def delta(self, i: int, j: int, phase: int = 0) -> str:

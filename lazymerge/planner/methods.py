@@ -1,14 +1,17 @@
 """Merge methods as small graphs of ops.
 
-A method is a parameter schema plus a `build` function that emits, for one output tensor, the tasks that compute
-it block by block. No method has its own execution path: they all compose `load, delta, trim, rescale, elect,
-combine, gram, reduce, lincomb, write`. The math lives in `engine.kernels`; the definitions in
-shared/methods.md (mergekit's defaults).
+A method is a parameter schema plus a `build` function that emits, for one output tensor, the tasks of its
+whole-tensor statistics (top-k thresholds, Gram reductions, norm factors) and returns a function that emits the
+element-wise tasks of one row block and returns the key of that block's float32 value. The caller decides what
+happens to the value: `emit_tensor` writes it; a later stage of a multi-stage recipe consumes it instead (see
+`graph.TensorBuilder`), which is why a method never writes itself. No method has its own execution path: they
+all compose `load, delta, trim, rescale, elect, combine, gram, reduce, lincomb`. The math lives in
+`engine.kernels`; the definitions in docs/methods.md (mergekit's defaults).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,11 +83,15 @@ class Resolved:
     glob: dict[str, Any]
 
 
+BlockFn = Callable[[int], str]
+Build = Callable[[TensorBuilder, list[int], list[int], Resolved], BlockFn]
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     params: tuple[Param, ...]
-    build: Callable[[TensorBuilder, list[int], list[int], Resolved], None]
+    build: Build                      # (tb, models, indices, params) -> (block j -> key of its value)
     base: str = "required"            # "required", "optional" or "none"
     min_models: int = 1
     max_models: int | None = None
@@ -112,10 +119,12 @@ GAMMA = Param("gamma", float, default=0.01, check=_unit_closed)
 EPSILON = Param("epsilon", float, default=0.15, check=_non_negative)
 
 
-def _write(tb: TensorBuilder, y: str, j: int) -> None:
+def emit_tensor(tb: TensorBuilder, block_value: BlockFn) -> None:
+    """Write every block of an output tensor (the end of a tensor's subgraph)."""
     from .plan import ITEMSIZE  # local import: plan imports this module
 
-    tb.write(y, j, ITEMSIZE[tb.out_dtype])
+    for j in range(len(tb.blocks)):
+        tb.write(block_value(j), j, ITEMSIZE[tb.out_dtype])
 
 
 def _select(tb: TensorBuilder, m: int, k: int, tag: str) -> str:
@@ -187,8 +196,8 @@ class Family:
     elect: bool
 
 
-def _build_family(fam: Family) -> Callable[[TensorBuilder, list[int], list[int], Resolved], None]:
-    def build(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+def _build_family(fam: Family) -> Build:
+    def build(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
         base = tb.base
         assert base is not None
         states = [_sparsify_states(tb, m, p, fam.sparsify) for m, p in zip(models, P.models)]
@@ -205,7 +214,8 @@ def _build_family(fam: Family) -> Callable[[TensorBuilder, list[int], list[int],
                 factors[n_] = tb.op("reduce", (*before, *after), 64, kind="rescale_norm", norm=norm_kind,
                                     split=len(before))
         weights = [p["weight"] for p in P.models]
-        for j in range(len(tb.blocks)):
+
+        def block(j: int) -> str:
             ts = []
             for n_, (m, p, idx) in enumerate(zip(models, P.models, indices)):
                 t = _trim(tb, tb.delta(m, j), m, p, fam.sparsify, states[n_], j, (tb.seed, tb.name, idx), P.glob)
@@ -216,28 +226,27 @@ def _build_family(fam: Family) -> Callable[[TensorBuilder, list[int], list[int],
             if fam.elect:
                 # a bool per entry, plus the float32 sum it is computed from
                 inputs.append(tb.op("elect", ts, tb.f32(j) // 4, j, consensus=P.glob["consensus"]))
-            y = tb.op("combine", inputs, tb.f32(j), j, weights=weights,
-                      normalize=P.glob["normalize"], lam=P.glob["lambda"], elect=fam.elect)
-            _write(tb, y, j)
+            return tb.op("combine", inputs, tb.f32(j), j, weights=weights,
+                         normalize=P.glob["normalize"], lam=P.glob["lambda"], elect=fam.elect)
+
+        return block
 
     return build
 
 
-def _build_linear(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+def _build_linear(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
     weights = [p["weight"] for p in P.models]
-    for j in range(len(tb.blocks)):
-        xs = [tb.load(m, j) for m in models]
-        y = tb.op("weighted_sum", xs, tb.f32(j), j, weights=weights, normalize=P.glob["normalize"])
-        _write(tb, y, j)
+    return lambda j: tb.op("weighted_sum", [tb.load(m, j) for m in models], tb.f32(j), j, weights=weights,
+                           normalize=P.glob["normalize"])
 
 
-def _build_task_arithmetic(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
-    _build_family(Family("none", elect=False))(tb, models, indices, P)
+def _build_task_arithmetic(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+    return _build_family(Family("none", elect=False))(tb, models, indices, P)
 
 
 def _gram_then_lincomb(tb: TensorBuilder, gram_inputs: Callable[[int, int], list[str]], n_gram: int,
                        lin_inputs: Callable[[int], list[str]], kind: str, mode: str = "total",
-                       **attrs: Any) -> None:
+                       **attrs: Any) -> BlockFn:
     """The one mechanism for methods that need inner products over the whole tensor (slerp, model_stock,
     nuslerp, multislerp, karcher): per-block Gram partials -> exact reduction -> coefficients -> lincomb.
 
@@ -249,31 +258,29 @@ def _gram_then_lincomb(tb: TensorBuilder, gram_inputs: Callable[[int, int], list
     width = n_gram + 1
     coef_bytes = {"total": 1, "rows": tb.rows, "cols": tb.row_numel}[mode] * width * 8
     coef = tb.op("reduce", parts, coef_bytes, kind=kind, mode=mode, **attrs)
-    for j in range(len(tb.blocks)):
-        y = tb.op("lincomb", (*lin_inputs(j), coef), tb.f32(j), j, rows=tb.blocks[j], mode=mode)
-        _write(tb, y, j)
+    return lambda j: tb.op("lincomb", (*lin_inputs(j), coef), tb.f32(j), j, rows=tb.blocks[j], mode=mode)
 
 
-def _build_slerp(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+def _build_slerp(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
     base = tb.base
     other = next(m for m in models if m != base)
     pair = [base, other]
-    _gram_then_lincomb(tb, lambda j, ph: [tb.load(m, j, ph) for m in pair], 2,
+    return _gram_then_lincomb(tb, lambda j, ph: [tb.load(m, j, ph) for m in pair], 2,
                        lambda j: [tb.load(m, j) for m in pair], "slerp", t=P.glob["t"])
 
 
-def _build_model_stock(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+def _build_model_stock(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
     base = tb.base
     assert base is not None
-    _gram_then_lincomb(tb, lambda j, ph: [tb.delta(m, j, ph) for m in models], len(models),
+    return _gram_then_lincomb(tb, lambda j, ph: [tb.delta(m, j, ph) for m in models], len(models),
                        lambda j: [tb.load(base, j)] + [tb.load(m, j) for m in models], "model_stock",
                        "rows" if P.glob["filter_wise"] else "total", n=len(models))
 
 
-def _spherical(kind: str) -> Callable[[TensorBuilder, list[int], list[int], Resolved], None]:
+def _spherical(kind: str) -> Build:
     """nuslerp / multislerp / karcher: on the models themselves, or on task vectors when a base is given."""
 
-    def build(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+    def build(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
         base = tb.base
         mode = "total"
         if kind == "nuslerp" and not P.glob["nuslerp_flatten"]:
@@ -293,19 +300,20 @@ def _spherical(kind: str) -> Callable[[TensorBuilder, list[int], list[int], Reso
             def lin_in(j: int) -> list[str]:
                 return [tb.load(base, j)] + [tb.load(m, j) for m in models]
         weights = [p.get("weight", 1.0) for p in P.models]
-        _gram_then_lincomb(tb, gram_in, len(models), lin_in, kind, mode, weights=weights,
-                           with_base=base is not None, **P.glob)
+        return _gram_then_lincomb(tb, gram_in, len(models), lin_in, kind, mode, weights=weights,
+                                  with_base=base is not None, **P.glob)
 
     return build
 
 
-def _build_passthrough(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+def _build_passthrough(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
     scale = P.models[0].get("scale", 1.0) if P.models else 1.0
-    for j in range(len(tb.blocks)):
+
+    def block(j: int) -> str:
         x = tb.load(models[0], j)
-        if scale != 1.0:
-            x = tb.op("rescale", (x,), tb.f32(j), j, factor=scale)
-        _write(tb, x, j)
+        return tb.op("rescale", (x,), tb.f32(j), j, factor=scale) if scale != 1.0 else x
+
+    return block
 
 
 FAMILY_PARAMS = (WEIGHT, DENSITY, LAMBDA, INT8_MASK, RESCALE_NORM, CONSENSUS)
@@ -357,12 +365,15 @@ register(Method("karcher", (Param("max_iter", int, default=10, per_model=False, 
                             Param("tol", float, default=1e-5, per_model=False, check=_non_negative)),
                 _spherical("karcher"), base="none", min_models=2,
                 doc="Riemannian (Karcher) mean of the models on the hypersphere"))
-def _build_fisher(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> None:
+def _build_fisher(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
     weights = [p["weight"] for p in P.models]
-    for j in range(len(tb.blocks)):
+
+    def block(j: int) -> str:
         xs = [tb.load(m, j) for m in models]
         fs = [tb.load(p["fisher"], j) for p in P.models]
-        _write(tb, tb.op("fisher", (*xs, *fs), tb.f32(j), j, weights=weights), j)
+        return tb.op("fisher", (*xs, *fs), tb.f32(j), j, weights=weights)
+
+    return block
 
 
 register(Method("fisher", (Param("fisher", Path, required=True), WEIGHT1), _build_fisher, base="optional",

@@ -2,9 +2,10 @@
 
 A value may be a scalar, a gradient (a list of numbers spread evenly over the layers and interpolated
 piecewise-linearly), or a list of `{filter: SUBSTRING, value: V}` entries where the first matching filter wins and
-an entry without a filter is the default. Filter values may themselves be gradients. Non-layer tensors sit at the
-ends of the gradient: those before the layers (embeddings) at 0, those after (final norm, lm_head) at 1, as
-mergekit does.
+an entry without a filter (or with filter `*`) is the default. Filter values may themselves be gradients.
+Non-layer tensors sit at the ends of the gradient: those before the layers (embeddings) at 0, those after (final
+norm, lm_head) at 1, as mergekit does. With slices, a gradient spans each slice's own layers (mergekit's
+`plan_slice`: t = k / (n - 1) for layer k of an n-layer slice, 1 for a one-layer slice).
 """
 from __future__ import annotations
 
@@ -15,14 +16,30 @@ from typing import Any, Mapping
 from ..errors import RecipeError
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
-_POST_HINTS = ("lm_head", "norm.weight", "norm.bias", "ln_f", "final_layernorm", "score.", "classifier", "pooler")
+_POST_HINTS = ("lm_head", "norm.weight", "norm.bias", "ln_f", "final_layernorm", "score.", "classifier", "pooler",
+               "cls.predictions", "cls.seq_relationship")
 
 
 def layer_index(name: str) -> int | None:
-    """The decoder-layer index in a tensor name (`model.layers.12.mlp...`, `transformer.h.3...`), by pattern,
-    so new architectures work without a model list."""
+    """The decoder-layer index in a tensor name (`model.layers.12.mlp...`, `transformer.h.3...`,
+    `encoder.layer.3...`), by pattern, so new architectures work without a model list."""
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None
+
+
+def layer_split(name: str) -> tuple[str, int, str] | None:
+    """`model.layers.12.mlp.up_proj.weight` -> ("model.layers.", 12, ".mlp.up_proj.weight"): the stack prefix,
+    the index and the rest, so slices can renumber a layer without knowing the architecture."""
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return None
+    return name[:m.start(1)], int(m.group(1)), name[m.end(1):]
+
+
+def is_post(name: str) -> bool:
+    """A non-layer tensor that sits after the layers (final norm, lm_head, classifier heads): mergekit's
+    "post weights", which take gradient position 1 and, with slices, come from the first slice, as the embeddings do."""
+    return any(h in name for h in _POST_HINTS) and "layers." not in name
 
 
 @dataclass(frozen=True)
@@ -35,12 +52,19 @@ class TensorPosition:
     @classmethod
     def of(cls, name: str, layer: int | None, num_layers: int) -> "TensorPosition":
         if layer is None:
-            is_post = any(h in name for h in _POST_HINTS) and "layers." not in name
-            return cls(name, 1.0 if is_post else 0.0)
-        return cls(name, layer / (num_layers - 1) if num_layers > 1 else 0.0)
+            return cls(name, 1.0 if is_post(name) else 0.0)
+        return cls(name, layer_t(layer, num_layers))
 
 
-def _gradient(values: list[Any], t: float, where: str) -> float:
+def layer_t(k: int, n: int) -> float:
+    """Gradient position of layer k of n, as mergekit computes it per slice (plan_slice): k / (n - 1), and 1
+    for a one-layer slice."""
+    return min(k / (n - 1), 1.0) if n > 1 else 1.0     # clamped: a second stack (vision tower) may be longer
+
+
+def _gradient(values: list[Any], t: float, where: str) -> Any:
+    if values and all(isinstance(v, str) for v in values):
+        return values[int(t * (len(values) - 1))]          # mergekit steps through non-numeric lists
     nums = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -67,7 +91,7 @@ def resolve(value: Any, pos: TensorPosition, where: str) -> Any:
             if extra or "value" not in entry:
                 raise RecipeError(f"{where}: filter entries are {{filter: SUBSTRING, value: V}}, found {dict(entry)}")
             flt = entry.get("filter")
-            if flt is None or str(flt) in pos.name:
+            if flt is None or flt == "*" or str(flt) in pos.name:
                 return resolve(entry["value"], pos, where)
         return None
     if isinstance(value, list):
@@ -77,9 +101,16 @@ def resolve(value: Any, pos: TensorPosition, where: str) -> Any:
 
 def lookup(name: str, levels: list[tuple[Mapping[str, Any], str]], pos: TensorPosition) -> tuple[Any, bool]:
     """Resolve parameter `name` through levels (most specific first). Returns (value, found)."""
+    v, where = lookup_where(name, levels, pos)
+    return v, where is not None
+
+
+def lookup_where(name: str, levels: list[tuple[Mapping[str, Any], str]], pos: TensorPosition,
+                 ) -> tuple[Any, str | None]:
+    """Like `lookup`, returning the level that gave the value (for messages), or None when none did."""
     for params, where in levels:
         if name in params:
             v = resolve(params[name], pos, f"{where}.{name}")
             if v is not None:
-                return v, True
-    return None, False
+                return v, where
+    return None, None

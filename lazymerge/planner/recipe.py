@@ -9,11 +9,14 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
 from ..errors import RecipeError
+
+if TYPE_CHECKING:
+    from .slices import OutputSlice
 
 TOP_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -59,9 +62,12 @@ class Recipe:
     dtype: str | None = None          # safetensors code, e.g. "BF16"
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    slices: list[dict[str, Any]] | None = None
+    slices: "list[OutputSlice] | None" = None
     source: str = "<recipe>"          # where the recipe came from, for error messages
     raw: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None           # a stage's name in a multi-document recipe
+    documents: list[dict[str, Any]] | None = None   # multi-stage: every stage this output needs, this one last
+    stage_names: frozenset[str] = frozenset()       # multi-stage: model references that name a stage
 
     @property
     def output_dtype(self) -> str | None:
@@ -70,18 +76,28 @@ class Recipe:
 
 class _SafeLoaderNoAliases(yaml.SafeLoader):
     """SafeLoader never constructs Python objects; we also refuse aliases so a 'billion laughs' recipe can't
-    blow up memory, and recipes never need them."""
+    blow up memory, and explicit tags (`!!python/object`, `!include`, `!!float x`), which a recipe never needs and
+    which are the way YAML files try to construct things. Recipes need neither."""
 
     def compose_node(self, parent, index):  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.MarkedYAMLError(None, None, "YAML aliases (*name) are not allowed in recipes",
                                        event.start_mark)
+        event = self.peek_event()
+        tag = getattr(event, "tag", None)
+        if tag is not None and isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent,
+                                                  yaml.MappingStartEvent)):
+            raise yaml.MarkedYAMLError(None, None, f"YAML tags ({tag}) are not allowed in recipes",
+                                       event.start_mark)
         return super().compose_node(parent, index)
 
 
-def load_yaml(text: str, source: str) -> Any:
+def load_yaml(text: str, source: str, *, all_documents: bool = False) -> Any:
+    """One YAML document (or, `all_documents`, the list of every `---` document) with one-line errors."""
     try:
+        if all_documents:
+            return list(yaml.load_all(text, Loader=_SafeLoaderNoAliases))  # noqa: S506 - a SafeLoader subclass
         return yaml.load(text, Loader=_SafeLoaderNoAliases)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -89,25 +105,57 @@ def load_yaml(text: str, source: str) -> Any:
         problem = exc.problem or exc.context or "invalid YAML"
         raise RecipeError(f"{source}: YAML error{where}: {problem}") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: YAML error: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"{source}: YAML error: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: YAML error: nested too deeply to be a recipe") from None
+    except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError) as exc:
+        # PyYAML's constructors raise these for scalars that look like a type but aren't (`2001-13-45`)
+        raise RecipeError(f"{source}: YAML error: cannot read a value: {exc}") from None
+
+
+def _is_path(recipe: Any) -> bool:
+    return isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe
+                                         and recipe.endswith((".yaml", ".yml")))
+
+
+def _read_text(recipe: "str | Path") -> str:
+    path = Path(recipe)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
 
 
 def read_recipe_source(recipe: "str | Path | Mapping[str, Any] | Recipe") -> tuple[Any, str]:
     """Accept a path, YAML text, or a mapping; return (data, source name for messages)."""
     if isinstance(recipe, Mapping):
         return dict(recipe), "<recipe>"
-    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yaml", ".yml"))):
-        path = Path(recipe)
-        if not path.is_file():
-            raise RecipeError(f"{path}: recipe file does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
-        return load_yaml(text, str(path)), str(path)
+    if _is_path(recipe):
+        return load_yaml(_read_text(recipe), str(recipe)), str(recipe)   # type: ignore[arg-type]
     if isinstance(recipe, str):
         return load_yaml(recipe, "<recipe>"), "<recipe>"
     raise RecipeError(f"recipe must be a path, YAML text or a mapping, not {type(recipe).__name__}")
+
+
+def read_documents(recipe: Any) -> tuple[list[Any], str]:
+    """Like `read_recipe_source`, but every `---` document of a multi-stage recipe (a list of mappings is also
+    accepted); empty documents are dropped."""
+    if isinstance(recipe, Mapping):
+        return [dict(recipe)], "<recipe>"
+    if isinstance(recipe, (list, tuple)):
+        return list(recipe), "<recipe>"
+    if _is_path(recipe):
+        docs, source = load_yaml(_read_text(recipe), str(recipe), all_documents=True), str(recipe)
+    elif isinstance(recipe, str):
+        docs, source = load_yaml(recipe, "<recipe>", all_documents=True), "<recipe>"
+    else:
+        raise RecipeError(f"recipe must be a path, YAML text or a mapping, not {type(recipe).__name__}")
+    docs = [d for d in docs if d is not None]
+    if not docs:
+        raise RecipeError(f"{source}: empty recipe; a recipe is a YAML mapping with a 'merge_method' key")
+    return docs, source
 
 
 def _dtype(value: Any, key: str, source: str) -> str | None:
@@ -144,6 +192,11 @@ def parse_recipe(recipe: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     data, source = read_recipe_source(recipe)
+    return recipe_from_data(data, source)
+
+
+def recipe_from_data(data: Any, source: str) -> Recipe:
+    """One recipe (one document of a multi-stage recipe) from its parsed YAML."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping with a 'merge_method' key")
     check_keys(source, data, TOP_KEYS)
@@ -157,8 +210,13 @@ def parse_recipe(recipe: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
     if models_raw is not None and not isinstance(models_raw, list):
         raise RecipeError(f"{source}: models: must be a list of '- model: PATH' entries")
     models = [_model_entry(m, f"{source}: models[{i}]") for i, m in enumerate(models_raw or [])]
-    if slices is not None and not isinstance(slices, list):
-        raise RecipeError(f"{source}: slices: must be a list of '- sources: [...]' entries")
+    if slices is not None:
+        from .slices import parse_slices
+
+        slices = parse_slices(slices, source)
+    name = data.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise RecipeError(f"{source}: name: must be a non-empty string (a stage's name)")
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
         raise RecipeError(f"{source}: base_model: must be a path to a checkpoint directory")
@@ -176,9 +234,13 @@ def parse_recipe(recipe: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
         slices=slices,
         source=source,
         raw=dict(data),
+        name=name,
     )
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as YAML, saved next to the output so a merge can be reproduced."""
+    """The recipe as YAML, saved next to the output so a merge can be reproduced (a multi-stage recipe: the stages
+    it needs, as `---` documents, the output last)."""
+    if recipe.documents and len(recipe.documents) > 1:
+        return yaml.safe_dump_all(recipe.documents, sort_keys=False)
     return yaml.safe_dump(recipe.raw, sort_keys=False)
