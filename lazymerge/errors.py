@@ -7,6 +7,13 @@ prints that line and exits non-zero; anything else escaping is a bug in lazymerg
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped, for one-line output of untrusted names."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class LazyMergeError(Exception):
     """Base class: the message is one self-contained line for the user.
 
@@ -17,10 +24,7 @@ class LazyMergeError(Exception):
     exit_code = 2
 
     def __str__(self) -> str:
-        text = super().__str__()
-        if text.isprintable():
-            return text
-        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+        return printable(super().__str__())
 
 
 class RecipeError(LazyMergeError):

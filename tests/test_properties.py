@@ -148,7 +148,7 @@ def near_valid_files(draw: st.DrawFn) -> bytes:
     return struct.pack("<Q", len(text)) + text + bytes(i % 251 for i in range(data_len))
 
 
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(near_valid_files())
 def test_near_valid_files(raw: bytes) -> None:
     check_file(raw)
@@ -230,7 +230,7 @@ TOKENS = ["merge_method", "models", "model", "parameters", "base_model", "dtype"
           "é"]
 
 
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(st.lists(st.sampled_from(TOKENS), max_size=40))
 def test_yaml_token_soup(tokens: list[str]) -> None:
     check_recipe("".join(tokens))

@@ -14,6 +14,8 @@ from typing import Any
 
 import psutil
 
+from ..errors import printable
+
 
 def human(n: float | int | None) -> str:
     if n is None:
@@ -74,7 +76,7 @@ class Report:
         ]
         if self.resumed_tensors:
             lines.append(f"resumed       {self.resumed_tensors} tensors kept from the interrupted run")
-        lines += [f"warning       {w}" for w in self.warnings]
+        lines += [f"warning       {printable(w)}" for w in self.warnings]
         return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import networkx as nx
 import psutil
 
-from ..errors import CheckpointError, RecipeError
+from ..errors import CheckpointError, RecipeError, printable
 from ..io.adapters import open_model, parse_model_ref
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutTensor, ShardLayout, parse_size, plan_layout
@@ -105,7 +105,7 @@ class Plan:
             f"budget        {human(self.budget) if self.budget else 'unlimited'}",
             f"est. peak     {human(self.est_peak)} of tensors (one task at a time)",
         ]
-        lines += [f"warning       {w}" for w in self.warnings]
+        lines += [f"warning       {printable(w)}" for w in self.warnings]
         return "\n".join(lines)
 
     def close(self) -> None:
@@ -392,6 +392,10 @@ class _StageCompiler:
             if (got[1:] != shape[1:]) if vp is not None else (got != shape):
                 raise CheckpointError(f"{ck.path}: tensor '{hit[0]}' has shape {list(hit[1].shape)}, but "
                                       f"{lead_path} has {list(shape)}")
+            if (hit[1].dtype in FLOAT_CODES) != (info.dtype in FLOAT_CODES):
+                # an integer buffer is copied, a float weight merged: the two cannot be mixed
+                raise CheckpointError(f"{ck.path}: tensor '{hit[0]}' has dtype {hit[1].dtype}, but {lead_path} "
+                                      f"has {info.dtype}")
             own_rows = (got[0] if len(got) >= 2 else 1) if vp is not None else rows
             refs.append(self._ref(key, hit[0], hit[1], own_rows))
         is_float = info.dtype in FLOAT_CODES
