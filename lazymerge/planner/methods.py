@@ -129,9 +129,11 @@ def emit_tensor(tb: TensorBuilder, block_value: BlockFn) -> None:
 
 def _select(tb: TensorBuilder, m: int, k: int, tag: str) -> str:
     """Exact k-th largest |delta| over the whole tensor: two radix passes over the blocks (see kernels)."""
-    h1 = [tb.op("select", (tb.delta(m, j, 1),), 65536 * 8, j, pass_=1) for j in range(len(tb.blocks))]
+    # phases are per model: a base block loaded for model m's pass must not wait for another model's pass
+    h1 = [tb.op("select", (tb.delta(m, j, (1, m, tag)),), 65536 * 8, j, pass_=1) for j in range(len(tb.blocks))]
     s1 = tb.op("reduce", h1, 1024, kind="topk1", k=k, tag=tag)
-    h2 = [tb.op("select", (tb.delta(m, j, 2), s1), 65536 * 8, j, pass_=2) for j in range(len(tb.blocks))]
+    h2 = [tb.op("select", (tb.delta(m, j, (2, m, tag)), s1), 65536 * 8, j, pass_=2)
+          for j in range(len(tb.blocks))]
     return tb.op("reduce", (s1, *h2), 1024 + 16 * len(tb.blocks), kind="topk2", tag=tag)
 
 
@@ -207,7 +209,7 @@ def _build_family(fam: Family) -> Build:
             for n_, (m, p, idx) in enumerate(zip(models, P.models, indices)):
                 before, after = [], []
                 for j in range(len(tb.blocks)):
-                    d = tb.delta(m, j, 3)
+                    d = tb.delta(m, j, (3, m))
                     t = _trim(tb, d, m, p, fam.sparsify, states[n_], j, (tb.seed, tb.name, idx), P.glob)
                     before.append(tb.op("norm", (d,), tb.block_rows(j) * 8, j, kind=norm_kind))
                     after.append(tb.op("norm", (t,), tb.block_rows(j) * 8, j, kind=norm_kind))
