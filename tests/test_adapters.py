@@ -231,3 +231,56 @@ def test_pickled_adapter_needs_opt_in(tmp_path: Path, toy: dict) -> None:
         Adapter.open(adapter)
     with open_model(f"{toy['dir']}+{adapter}", allow_pickle=True) as ckpt:
         torch.testing.assert_close(ckpt.read("m.fc.weight"), toy["base"]["m.fc.weight"] + 2 * b @ a)
+
+
+def _read_dir(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_merge_and_unload_through_the_engine(tmp_path: Path) -> None:
+    """`lazymerge run` on base+adapter (passthrough) writes PEFT's merge_and_unload, with the usual layout."""
+    import lazymerge
+
+    base_dir, adapter_dir, merged = _peft_case(tmp_path, _tiny_llama(), dict(r=4, lora_alpha=8,
+                                                                            target_modules=LLAMA_LINEAR))
+    recipe = {"merge_method": "passthrough", "models": [{"model": f"{base_dir}+{adapter_dir}"}],
+              "dtype": "float32"}
+    lazymerge.merge(recipe, tmp_path / "out", memory="64KiB")    # row blocks of the adapted weights
+    got = _read_dir(tmp_path / "out")
+    assert set(got) == {k for k in merged if k in _read_dir(base_dir)}
+    for name, y in got.items():
+        torch.testing.assert_close(y, merged[name].float(), atol=1e-5, rtol=0, msg=name)
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_two_adapters_merge_like_full_finetunes(tmp_path: Path) -> None:
+    """ties over two adapters equals ties over the two adapted models written out in full."""
+    import lazymerge
+
+    model = _tiny_llama()
+    base_dir, a1, m1 = _peft_case(tmp_path / "one", model, dict(r=4, lora_alpha=8, target_modules=LLAMA_LINEAR))
+    _, a2, m2 = _peft_case(tmp_path / "two", _tiny_llama(), dict(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    full = {}
+    base_t = _read_dir(base_dir)
+    for tag, m in (("f1", m1), ("f2", m2)):
+        full[tag] = tmp_path / tag
+        full[tag].mkdir()
+        save_file({k: m[k].contiguous() for k in base_t}, full[tag] / "model.safetensors")
+        (full[tag] / "config.json").write_text((base_dir / "config.json").read_text())
+    params = {"weight": 0.5, "density": 0.6}
+    via_adapters = {"merge_method": "ties", "base_model": str(base_dir), "dtype": "float32",
+                    "models": [{"model": f"{base_dir}+{a1}", "parameters": params},
+                               {"model": f"{base_dir}+{a2}", "parameters": params}]}
+    via_full = {**via_adapters, "models": [{"model": str(full["f1"]), "parameters": params},
+                                           {"model": str(full["f2"]), "parameters": params}]}
+    lazymerge.merge(via_adapters, tmp_path / "a")
+    lazymerge.merge(via_full, tmp_path / "b")
+    ya, yb = _read_dir(tmp_path / "a"), _read_dir(tmp_path / "b")
+    assert ya.keys() == yb.keys()
+    for name in ya:
+        torch.testing.assert_close(ya[name], yb[name], atol=1e-5, rtol=0, msg=name)
