@@ -51,16 +51,11 @@ def dtype_code(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} has no safetensors code") from None
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor lives and what it looks like; planners work from these alone, without reading data."""
+class ShapedTensor:
+    """Sizes derived from `shape` and `dtype`, shared by tensors on disk (`TensorInfo`) and planned outputs."""
 
-    name: str
-    dtype: str
     shape: tuple[int, ...]
-    file: Path
-    start: int
-    nbytes: int
+    dtype: str
 
     @property
     def numel(self) -> int:
@@ -86,6 +81,18 @@ class TensorInfo:
     @property
     def row_nbytes(self) -> int:
         return self.row_numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo(ShapedTensor):
+    """Where a tensor lives and what it looks like; planners work from these alone, without reading data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
 
 
 def _fail(path: Path, what: str) -> CheckpointError:

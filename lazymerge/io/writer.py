@@ -12,7 +12,6 @@ import ctypes
 import errno
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -24,14 +23,14 @@ import psutil
 import torch
 
 from lazymerge.errors import OutputError
-from lazymerge.io.shards import DTYPES
+from lazymerge.io.shards import DTYPES, ShapedTensor
 
 JOURNAL = "journal.json"
 INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
-class OutTensor:
+class OutTensor(ShapedTensor):
     """An output tensor as the planner knows it before computing it."""
 
     name: str
@@ -39,28 +38,8 @@ class OutTensor:
     dtype: str
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
-
-    @property
-    def row_nbytes(self) -> int:
-        return self.row_numel * DTYPES[self.dtype][1]
-
-    @property
     def nbytes(self) -> int:
-        return self.numel * DTYPES[self.dtype][1]
+        return self.numel * self.itemsize
 
 
 @dataclass(frozen=True)
