@@ -191,9 +191,10 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
 @main.command("demo")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the generated models and the merge here (default: a temporary directory).")
-@click.option("--preset", default="tiny", show_default=True, help="Model shape: tiny, small.")
+@click.option("--preset", default="small", show_default=True, help="Model shape: tiny, small.")
 @click.option("--method", default="ties", show_default=True, help="Merge method to demonstrate.")
-@click.option("--memory", "-m", default="64MiB", show_default=True, metavar="SIZE", help="Budget for the merge.")
+@click.option("--memory", "-m", default="16MiB", show_default=True, metavar="SIZE",
+              help="Budget for the merge (small, so that large tensors are split into row blocks).")
 @_friendly
 def demo_cmd(workdir: Path | None, preset: str, method: str, memory: str) -> None:
     """Make three small Llama-shaped checkpoints, merge them, and print the report.

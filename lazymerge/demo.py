@@ -37,7 +37,7 @@ def demo_recipe(method: str, base: Path, finetunes: list[Path]) -> dict[str, Any
     }
 
 
-def run_demo(workdir: Path, *, preset: str = "tiny", method: str = "ties", memory: str = "64MiB") -> str:
+def run_demo(workdir: Path, *, preset: str = "small", method: str = "ties", memory: str = "16MiB") -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     base, finetunes = make_demo(workdir / "models", preset=preset)
     recipe = demo_recipe(method, base, finetunes)

@@ -55,6 +55,7 @@ class Report:
     tensors: int
     tasks: int
     shards: int
+    blocked_tensors: int = 0          # tensors computed in several row blocks
     resumed_tensors: int = 0
     over_budget_tasks: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -72,7 +73,8 @@ class Report:
             f"budget {human(self.budget) if self.budget else 'unlimited'})",
             f"read          {human(self.bytes_read)}",
             f"written       {human(self.bytes_written)} in {self.shards} shard(s)",
-            f"tasks         {self.tasks}",
+            f"tasks         {self.tasks}" + (f", {self.blocked_tensors} tensors in row blocks"
+                                              if self.blocked_tensors else ""),
         ]
         if self.resumed_tensors:
             lines.append(f"resumed       {self.resumed_tensors} tensors kept from the interrupted run")

@@ -148,7 +148,8 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
             method=plan.method.name, out=str(out), seed=plan.seed, device=str(dev), wall_s=rss.wall,
             cpu_s=rss.cpu, peak_rss=rss.peak, peak_live_bytes=stats.peak_live_bytes, budget=plan.budget,
             bytes_read=ctx.bytes_read, bytes_written=ctx.bytes_written, tensors=total_tensors,
-            tasks=stats.tasks_run, shards=len(plan.layout), resumed_tensors=len(done_tensors),
+            tasks=stats.tasks_run, shards=len(plan.layout),
+            blocked_tensors=sum(1 for n in plan.blocks.values() if n > 1), resumed_tensors=len(done_tensors),
             over_budget_tasks=stats.over_budget_tasks, warnings=list(plan.warnings) + ctx.warnings,
             version=version,
         )
