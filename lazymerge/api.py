@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import torch
 
@@ -12,10 +12,10 @@ from .engine.run import run_plan
 from .planner.plan import Plan, compile_plan
 from .planner.recipe import Recipe, dump_recipe
 
-RecipeLike = "str | Path | Mapping[str, Any] | Recipe"
+RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
 
 
-def plan(recipe: RecipeLike, *, memory: "int | str | None" = None, shard_size: "int | str" = "5GB",
+def plan(recipe: RecipeLike, *, memory: int | str | None = None, shard_size: int | str = "5GB",
          seed: int = 0, allow_pickle: bool = False, max_block_rows: int | None = None,
          stage: str | None = None) -> Plan:
     """Validate a recipe and compile it into a Plan (task graph + output layout) from checkpoint headers only.
@@ -30,8 +30,8 @@ def plan(recipe: RecipeLike, *, memory: "int | str | None" = None, shard_size: "
                         max_block_rows=max_block_rows, stage=stage)
 
 
-def merge(recipe: RecipeLike, out: "str | Path", *, memory: "int | str | None" = None,
-          shard_size: "int | str" = "5GB", seed: int = 0, device: "str | torch.device" = "cpu",
+def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = None,
+          shard_size: int | str = "5GB", seed: int = 0, device: str | torch.device = "cpu",
           progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
           strict: bool = False, allow_pickle: bool = False, workers: int | None = None,
           max_block_rows: int | None = None, cancel: threading.Event | None = None,

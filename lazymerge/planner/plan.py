@@ -27,7 +27,7 @@ from .recipe import Recipe, check_keys, closest
 from .slices import (Group, LayerIndex, TensorSpec, check_layer_ranges, config_num_layers, embedding_name,
                      is_head, slice_specs, sliced_config, ties_embeddings)
 from .stages import StageOutput, resolve_stages, stage_key
-from .vocab import VocabPlan, non_tokenizer, plan_vocab
+from .vocab import non_tokenizer, plan_vocab
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "F8_E4M3": 1, "F8_E5M2": 1}
