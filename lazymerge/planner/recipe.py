@@ -175,16 +175,21 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()}
 
 
-def _model_entry(item: Any, where: str) -> ModelEntry:
-    if isinstance(item, str):
-        return ModelEntry(item)
+def model_fields(item: Any, where: str, valid: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """The `model` path and `parameters` of a `- model: ...` entry (in `models:` or a slice's `sources:`)."""
     if not isinstance(item, Mapping):
-        raise RecipeError(f"{where}: each model must be a mapping with a 'model' key")
-    check_keys(where, item, MODEL_KEYS)
+        raise RecipeError(f"{where}: must be a mapping with a 'model' key")
+    check_keys(where, item, valid)
     model = item.get("model")
     if not isinstance(model, str) or not model:
         raise RecipeError(f"{where}.model: must be a path to a checkpoint directory")
-    return ModelEntry(model, _mapping(item.get("parameters"), f"{where}.parameters"))
+    return model, _mapping(item.get("parameters"), f"{where}.parameters")
+
+
+def _model_entry(item: Any, where: str) -> ModelEntry:
+    if isinstance(item, str):
+        return ModelEntry(item)
+    return ModelEntry(*model_fields(item, where, MODEL_KEYS))
 
 
 def parse_recipe(recipe: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:

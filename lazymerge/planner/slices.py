@@ -59,7 +59,7 @@ class OutputSlice:
 
 def parse_slices(raw: Any, source: str) -> list[OutputSlice]:
     """Structure of `slices:` (keys, types, equal lengths); models and layer counts are checked when planning."""
-    from .recipe import _mapping, check_keys
+    from .recipe import _mapping, check_keys, model_fields
 
     if not isinstance(raw, list) or not raw:
         raise RecipeError(f"{source}: slices: must be a non-empty list of '- sources: [...]' entries")
@@ -75,18 +75,13 @@ def parse_slices(raw: Any, source: str) -> list[OutputSlice]:
         sources = []
         for j, s in enumerate(srcs):
             sw = f"{where}.sources[{j}]"
-            if not isinstance(s, Mapping):
-                raise RecipeError(f"{sw}: must be a mapping with 'model' and 'layer_range'")
-            check_keys(sw, s, SOURCE_KEYS)
-            model = s.get("model")
-            if not isinstance(model, str) or not model:
-                raise RecipeError(f"{sw}.model: must be a path to a checkpoint directory")
+            model, params = model_fields(s, sw, SOURCE_KEYS)
             lr = s.get("layer_range")
             if (not isinstance(lr, (list, tuple)) or len(lr) != 2
                     or not all(isinstance(v, int) and not isinstance(v, bool) for v in lr)
                     or not 0 <= lr[0] < lr[1]):
                 raise RecipeError(f"{sw}.layer_range: must be [start, end] with 0 <= start < end, not {lr!r}")
-            sources.append(SliceSource(model, (lr[0], lr[1]), _mapping(s.get("parameters"), f"{sw}.parameters"), sw))
+            sources.append(SliceSource(model, (lr[0], lr[1]), params, sw))
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
         if len(lengths) > 1:
             raise RecipeError(f"{where}.sources: every source of a slice must span the same number of layers, "
