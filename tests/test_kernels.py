@@ -641,3 +641,23 @@ def test_lora_rows(fan_in_fan_out):
         assert torch.equal(o, outs[0])
     assert outs[0].dtype == torch.float32
     assert (outs[0].double() - full).abs().max() < TOL
+
+
+# -- the engine's lean, in-place variants give the same values as the plain kernels ---------------------------
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_lean_election_matches_plain_kernels(consensus: str, normalize: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        es = [torch.randn(1000, generator=g) * (torch.rand(1000, generator=g) > 0.3) for _ in range(3)]
+        w = [0.5, 0.7, 0.2]
+        sign = K.elect_sign(es, consensus)
+        nonneg = K.elect_nonneg(es, consensus)
+        assert torch.equal(nonneg, sign > 0)
+        ref = K.combine(es, w, sign=sign, normalize=normalize)
+        got = K.combine_elected([e.clone() for e in es], w, nonneg, normalize, own=(True, False, True))
+        assert torch.equal(got, ref)
+        summed = K.sum_into([e.clone() for e in es], own0=True)
+        assert torch.equal(summed, K.combine(es, w, normalize=False))
