@@ -81,7 +81,7 @@ def ensure_checkpoints(preset: str, seed: int, workdir: Path, *, header_only: bo
     if not header_only:
         from lazymerge.io.writer import OutTensor, plan_layout  # size estimate from the layout, before writing
         from lazymerge.synth import tensor_shapes
-        from lazymerge.io.shards import dtype_code
+        from lazymerge.dtypes import dtype_code
         layout = plan_layout([OutTensor(n, s, dtype_code(torch.bfloat16)) for n, s in tensor_shapes(shape)],
                              M.parse_size(shard))
         need = 3 * sum(sh.size for sh in layout)

@@ -128,7 +128,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
     import shutil
 
     from .api import plan
-    from .engine.report import human
+    from .units import human
 
     p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle, stage=stage)
     try:
@@ -141,6 +141,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
             click.echo(f"warning       only {human(free)} free in {where}, the output needs "
                        f"{human(p.bytes_written)}", err=True)
         if graph_file is not None:
+            import dataclasses
             import json
 
             import networkx as nx
@@ -148,8 +149,9 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
             data = nx.node_link_data(p.graph, edges="edges")
             for node in data["nodes"]:
                 t = node.pop("task")
-                node.update(op=t.op, tensor=t.tensor, block=t.block, nbytes=t.nbytes,
-                            attrs={k: v for k, v in t.attrs.items() if k != "seed_parts"})
+                attrs = {f.name: getattr(t.attrs, f.name) for f in dataclasses.fields(t.attrs)}
+                attrs.pop("seed_parts", None)
+                node.update(op=t.op, tensor=t.tensor, block=t.block, nbytes=t.nbytes, attrs=attrs)
             graph_file.write_text(json.dumps(data, default=str))
             click.echo(f"graph         {graph_file}")
     finally:

@@ -32,7 +32,9 @@ import click
 import yaml
 
 from .errors import LazyMergeError, OutputError, RecipeError
-from .planner.recipe import DTYPES, closest, load_yaml
+from .dtypes import RECIPE_NAMES
+from .planner.keys import closest
+from .planner.recipe import load_yaml
 
 STRATEGIES = ("weighted", "task_arithmetic", "slerp", "sequential")
 # keys each strategy takes, besides `strategy` and `models`
@@ -113,8 +115,8 @@ def _dtypes(data: Mapping[str, Any], source: str) -> dict[str, str]:
         if data.get(key) is None:
             continue
         v = data[key]
-        if not isinstance(v, str) or v.lower() not in DTYPES:
-            raise RecipeError(f"{source}: {key}: unknown dtype {v!r}{closest(str(v), list(DTYPES))}; use one of "
+        if not isinstance(v, str) or v.lower() not in RECIPE_NAMES:
+            raise RecipeError(f"{source}: {key}: unknown dtype {v!r}{closest(str(v), list(RECIPE_NAMES))}; use one of "
                               "float32, float16, bfloat16")
         out[key] = v
     return out

@@ -17,8 +17,9 @@ import torch
 
 from lazymerge.errors import CheckpointError, OutputError
 from lazymerge.io.checkpoint import Checkpoint
-from lazymerge.io.shards import dtype_code
-from lazymerge.io.writer import CheckpointWriter, OutTensor, ShardLayout, index_json, parse_size, plan_layout
+from lazymerge.dtypes import dtype_code
+from lazymerge.io.writer import CheckpointWriter, OutTensor, ShardLayout, index_json, plan_layout
+from lazymerge.units import parse_size
 
 GROUP_ELEMENTS = 1 << 22  # elements per generated row group: bounds memory, and fixes the random stream
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from lazymerge.errors import CheckpointError, OutputError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.shards import ShardReader, read_header
-from lazymerge.io.writer import CheckpointWriter, OutTensor, parse_size, plan_layout
+from lazymerge.io.writer import CheckpointWriter, OutTensor, plan_layout
+from lazymerge.units import parse_size
 
 CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 

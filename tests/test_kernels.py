@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lazymerge.engine import kernels as K
+from lazymerge.io.adapters import lora_rows
 
 TOL = 1e-6
 
@@ -636,7 +637,7 @@ def test_lora_rows(fan_in_fan_out):
     if fan_in_fan_out:
         full = full.t()
     rows = full.shape[0]
-    outs = [torch.cat([K.lora_rows(A, B, 0.5, (a, b), fan_in_fan_out) for a, b in bl]) for bl in blockings(rows)]
+    outs = [torch.cat([lora_rows(A, B, 0.5, (a, b), fan_in_fan_out) for a, b in bl]) for bl in blockings(rows)]
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
     assert outs[0].dtype == torch.float32

@@ -615,7 +615,8 @@ def test_recipe_dict_yaml_text_and_path_agree(models_fp32, tmp_path):
     assert yaml.safe_load(path.read_text())["merge_method"] == "ties"
 
 
-CORE_OPS = {"load", "delta", "trim", "rescale", "elect", "combine", "write", "gram", "reduce", "select"}
+CORE_OPS = {"load", "delta", "trim_magnitude", "drop_random", "rescale", "elect", "combine", "write", "gram",
+            "topk_pass1", "topk_reduce1", "slerp_coeffs", "lincomb", "weighted_sum"}
 
 
 def _plan_recipes(m) -> dict[str, dict]:
@@ -659,6 +660,7 @@ def test_plan_graph_shape(models_fp32, method, memory):
         task = data["task"]
         assert isinstance(task.op, str) and task.op, key
         assert task.op in OPS, f"{key!r}: op {task.op!r} is not in engine.ops.OPS"
+        assert isinstance(task.attrs, OPS[task.op].attrs), f"{key!r}: attributes {task.attrs!r} of the wrong type"
         assert isinstance(task.nbytes, int) and task.nbytes >= 0, f"{key!r}: nbytes {task.nbytes!r}"
         # the task's inputs are exactly its graph predecessors
         assert set(task.inputs) == set(g.predecessors(key)), f"{key!r}: inputs {task.inputs} vs edges"

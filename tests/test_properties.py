@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from lazymerge.errors import CheckpointError, LazyMergeError, RecipeError
 from lazymerge.io.checkpoint import Checkpoint
-from lazymerge.io.shards import DTYPES, ShardReader, read_header
+from lazymerge.dtypes import DTYPES
+from lazymerge.io.shards import ShardReader, read_header
 from lazymerge.planner.recipe import TOP_KEYS, Recipe, parse_recipe
 
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,

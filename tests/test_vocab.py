@@ -8,6 +8,7 @@ The end-to-end merge through the planner and engine is in test_vocab_e2e.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lazymerge.errors import CheckpointError, RecipeError
 from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.engine import vocab_rows as R
 from lazymerge.planner import vocab as V
 
 HIDDEN = 8
@@ -181,9 +183,9 @@ def assemble(o: Opened, vp: V.VocabPlan, key: str, name: str, block: int | None 
     parts = []
     for a in range(0, vp.out_vocab, block):
         rows = (a, min(a + block, vp.out_vocab))
-        attrs = vp.block_attrs(key, name, rows)
-        if attrs:
-            parts.append(V.load_block(o.reader(name), key, **attrs))
+        vocab = vp.block_attrs(key, name, rows)
+        if vocab is not None:
+            parts.append(R.load_block(o.reader(name), key, vocab))
         else:                                            # an identity source: a plain row-block load
             parts.append(o.reader(name)(key, rows))
     return torch.cat(parts)
@@ -417,7 +419,7 @@ def test_no_setting_smallest_shared_vocab(abc, opened):
     for x, n in (("A", 7), ("B", 8), ("C", 5)):
         assert f"{abc[x]}: {n}" in w
     k = o.key(abc["B"])
-    assert vp.identity(k) and vp.block_attrs(k, "lm_head.weight", (0, 2)) == {}   # plain loads of rows [a, b)
+    assert vp.identity(k) and vp.block_attrs(k, "lm_head.weight", (0, 2)) is None   # plain loads of rows [a, b)
     got = assemble(o, vp, k, "lm_head.weight", 2)
     assert torch.equal(got, o.sources[k].read("lm_head.weight", rows=(0, 5)))
 
@@ -521,24 +523,24 @@ def test_mismatched_hidden_size_is_a_checkpoint_error(tmp_path, opened):
 def test_map_rows():
     src = torch.arange(20, dtype=torch.float32).reshape(10, 2) + 100      # source rows 5..14 (offset 5)
     fb = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]])
-    out = V.map_rows(src, [5, -1, 14, 7, -1], fb, offset=5)
+    out = R.map_rows(src, [5, -1, 14, 7, -1], fb, offset=5)
     assert out.tolist() == [[100, 101], [-1, -1], [118, 119], [104, 105], [-2, -2]]
     # no source rows at all
-    out = V.map_rows(None, [-1, -1], fb, row_shape=(2,))
+    out = R.map_rows(None, [-1, -1], fb, row_shape=(2,))
     assert out.tolist() == [[-1, -1], [-2, -2]]
     with pytest.raises(ValueError, match="2 rows are -1 but 1 fallback"):
-        V.map_rows(src, [-1, 5, -1], fb[:1], offset=5)
+        R.map_rows(src, [-1, 5, -1], fb[:1], offset=5)
     with pytest.raises(ValueError, match="not all in src"):
-        V.map_rows(src, [3], None, offset=5)
+        R.map_rows(src, [3], None, offset=5)
 
 
 def test_row_runs():
-    assert V.row_runs([]) == []
-    assert V.row_runs([-1, -1]) == []
-    assert V.row_runs([3, 4, 5]) == [(3, 6)]
-    assert V.row_runs([9, 3, -1, 4], gap=0) == [(3, 5), (9, 10)]
-    assert V.row_runs([9, 3, 4], gap=4) == [(3, 10)]
-    assert V.row_runs([100, 0, 1], gap=16) == [(0, 2), (100, 101)]
+    assert R.row_runs([]) == []
+    assert R.row_runs([-1, -1]) == []
+    assert R.row_runs([3, 4, 5]) == [(3, 6)]
+    assert R.row_runs([9, 3, -1, 4], gap=0) == [(3, 5), (9, 10)]
+    assert R.row_runs([9, 3, 4], gap=4) == [(3, 10)]
+    assert R.row_runs([100, 0, 1], gap=16) == [(0, 2), (100, 101)]
 
 
 def test_load_block_reads_only_needed_rows():
@@ -550,7 +552,7 @@ def test_load_block_reads_only_needed_rows():
         return full[rows[0]:rows[1]].clone()
 
     row_map = (150, 3, -1, 4, 199)
-    out = V.load_block(read, "k", row_map, (((("k", 0, 2),),)), (2,))
+    out = R.load_block(read, "k", R.VocabRows(row_map, (((("k", 0, 2),),)), (2,), read_rows=6))
     assert out[0].tolist() == full[150].tolist() and out[4].tolist() == full[199].tolist()
     assert out[2].tolist() == full[0:2].mean(0).tolist()
     assert sum(b - a for _, (a, b) in reads) < 60                        # never the whole 200-row tensor
@@ -578,22 +580,22 @@ def test_one_dim_vocab_tensor_is_cut_too(tmp_path, opened):
     vp = o.plan()
     assert vp.tensors == {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"}
     kb = o.key(b)
-    assert vp.block_attrs(kb, "lm_head.weight", (0, 7)) == {}
-    attrs = vp.block_attrs(kb, "lm_head.bias", (0, 7))
-    assert attrs["vocab_map"] == tuple(range(7)) and attrs["vocab_row_shape"] == ()
-    assert V.load_block(o.reader("lm_head.bias"), kb, **attrs).tolist() == list(range(7))
-    assert vp.block_attrs(o.key(a), "lm_head.bias", (0, 7)) == {}
+    assert vp.block_attrs(kb, "lm_head.weight", (0, 7)) is None
+    vocab = vp.block_attrs(kb, "lm_head.bias", (0, 7))
+    assert vocab.map == tuple(range(7)) and vocab.row_shape == ()
+    assert R.load_block(o.reader("lm_head.bias"), kb, vocab).tolist() == list(range(7))
+    assert vp.block_attrs(o.key(a), "lm_head.bias", (0, 7)) is None
 
 
 def test_block_attrs_are_plain(abc, opened):
     o = opened(ties_recipe(abc, tokenizer_source="union"))
     vp = o.plan()
-    attrs = vp.block_attrs(o.key(abc["C"]), "lm_head.weight", (3, 8))
-    assert attrs["vocab_map"] == (3, -1, -1, -1, -1)
-    assert len(attrs["vocab_fill"]) == 4
-    assert attrs["vocab_row_shape"] == (HIDDEN,)
-    assert attrs["read_rows"] == 1 + 4
-    json.dumps(attrs)                                                     # plain values only
+    vocab = vp.block_attrs(o.key(abc["C"]), "lm_head.weight", (3, 8))
+    assert vocab.map == (3, -1, -1, -1, -1)
+    assert len(vocab.fill) == 4
+    assert vocab.row_shape == (HIDDEN,)
+    assert vocab.read_rows == 1 + 4
+    json.dumps(dataclasses.asdict(vocab))                                 # plain values only
 
 
 def test_non_tokenizer_aux_files(tmp_path):

@@ -742,32 +742,6 @@ def with_base(coeffs: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LoRA
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def lora_rows(A: Tensor, B: Tensor, scale: float, rows: tuple[int, int], fan_in_fan_out: bool = False) -> Tensor:
-    """Rows ``[a, b)`` of the LoRA weight delta ``scale * B @ A`` (``B [out, r]``, ``A [r, in]``), float32.
-
-    With ``fan_in_fan_out`` the target weight is stored ``[in, out]`` (PEFT transposes), so its rows are columns
-    of ``B @ A``.  The rank-r product is accumulated one rank at a time in float64 (element-wise ops, not BLAS,
-    whose blocking would make a row's bits depend on how many rows are computed together), scaled, then
-    rounded once to float32.
-    """
-    a, b = rows
-    if fan_in_fan_out:
-        left, right = A.t()[a:b], B.t()  # [b-a, r] and [r, out]
-    else:
-        left, right = B[a:b], A  # [b-a, r] and [r, in]
-    left = left.to(torch.float64)
-    right = right.to(torch.float64)
-    acc = torch.zeros(left.shape[0], right.shape[1], dtype=torch.float64)
-    for k in range(left.shape[1]):
-        acc = acc + left[:, k : k + 1] * right[k : k + 1, :]
-    return (acc * scale).to(torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Fisher-weighted averaging
 # ----------------------------------------------------------------------------------------------------------------
 

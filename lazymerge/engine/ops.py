@@ -1,239 +1,504 @@
-"""Op names -> functions. The only place where graph tasks meet kernels and I/O.
+"""The op registry: the whole vocabulary of the task graph, each op declared once.
 
-Each op takes the run context, its input values (in the task's input order), the task's attributes and `own`:
-for each input, whether this task is its last reader, so the op may overwrite it instead of allocating (the
+An op is a frozen dataclass of its attributes (what the planner puts in a `Task`), registered with `@op` on the
+function that runs it, its scratch estimate and, from the dataclass's docstring, one line saying what it does.
+"What does op X take, return and cost" is answered here and nowhere else: the planner emits tasks with these
+attribute types (`planner.graph.TensorBuilder.emit`), the scheduler runs them (`run_task`), docs/DESIGN.md lists
+them (`describe()`).
+
+An op function takes the run context, its input values (in the task's input order), its attributes and `own`:
+for each input, whether this task is its last reader, so that it may overwrite it instead of allocating (the
 scheduler donates buffers). Kernels stay pure; reading and writing go through the context.
+
+Scratch: the temporaries an op allocates while it runs, in float32 blocks of its row block (e.g. a top-k pass
+holds |d| and its bit pattern; `combine` holds agreement masks and a weight sum; Gram and lincomb work in float64).
+Counted against the budget so that RSS, not just our bookkeeping, stays within it.
 """
 from __future__ import annotations
 
 import math
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..errors import CheckpointError
+from ..dtypes import torch_dtype
 from . import kernels as K
+from .context import RunContext
+from .vocab_rows import VocabRows, load_block
 
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
-
-
-@dataclass
-class RunContext:
-    """What ops may touch: opened inputs, the output writer, the device, and counters."""
-
-    sources: dict[str, Any]
-    writer: Any
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    strict: bool = False
-    bytes_read: int = 0
-    bytes_written: int = 0
-    warnings: list[str] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _warned: set = field(default_factory=set)
-
-    def count(self, read: int = 0, written: int = 0) -> None:
-        with self._lock:
-            self.bytes_read += read
-            self.bytes_written += written
-
-    def non_finite(self, model: str, name: str) -> None:
-        msg = f"{self.sources[model].path}: tensor '{name}' contains NaN or Inf"
-        if self.strict:
-            raise CheckpointError(msg + " (--strict)")
-        with self._lock:
-            if (model, name) not in self._warned:
-                self._warned.add((model, name))
-                self.warnings.append(msg)
+Tensor = torch.Tensor
 
 
-Op = Callable[[RunContext, list[Any], dict[str, Any], tuple[bool, ...]], Any]
-OPS: dict[str, Op] = {}
+class Attrs:
+    """Base of every op's attributes; `op` is the registered name (set by `@op`)."""
+
+    op: ClassVar[str] = ""
 
 
-def op(name: str) -> Callable[[Op], Op]:
-    def deco(fn: Op) -> Op:
-        OPS[name] = fn
+OpFn = Callable[[RunContext, list[Any], Any, tuple[bool, ...]], Any]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    attrs: type                  # the frozen dataclass of the task's attributes
+    run: OpFn
+    scratch: float               # temporaries, in float32 blocks of the task's row block
+    doc: str                     # one line: what it computes
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def op(name: str, attrs: type, scratch: float) -> Callable[[OpFn], OpFn]:
+    """Register `fn` as op `name` with attributes `attrs`."""
+
+    def deco(fn: OpFn) -> OpFn:
+        if name in OPS:
+            raise AssertionError(f"op {name!r} registered twice")
+        attrs.op = name
+        OPS[name] = OpSpec(name, attrs, fn, scratch, (attrs.__doc__ or "").strip().splitlines()[0])
         return fn
+
     return deco
 
 
-@op("load")
-def _load(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    ckpt = ctx.sources[a["model"]]
-    if "vocab_map" in a:      # a vocab-indexed tensor whose rows are mapped token by token (planner/vocab.py)
-        from ..planner.vocab import load_block
+def run_task(ctx: RunContext, attrs: Attrs, ins: list[Any], own: tuple[bool, ...]) -> Any:
+    return OPS[attrs.op].run(ctx, ins, attrs, own)
 
-        def read(key: str, rows: tuple[int, int]) -> torch.Tensor:
-            return ctx.sources[key].read(a["name"], rows=rows, dtype=torch.float32, device=ctx.device)
 
-        x = load_block(read, a["model"], a["vocab_map"], a["vocab_fill"], a["vocab_row_shape"])
+def describe() -> str:
+    """The registry as a Markdown table (docs/DESIGN.md embeds it; a test keeps the two equal)."""
+    lines = ["| op | attributes | scratch | what it computes |", "| --- | --- | --- | --- |"]
+    for s in OPS.values():
+        fields = ", ".join(f"`{f}`" for f in s.attrs.__dataclass_fields__) or "-"
+        lines.append(f"| `{s.name}` | {fields} | {s.scratch:g} | {s.doc} |")
+    return "\n".join(lines)
+
+
+# -- reading and writing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load(Attrs):
+    """Rows of an input tensor as float32 (or as stored when `raw`), vocab rows mapped when `vocab` is set."""
+
+    model: str
+    name: str
+    rows: tuple[int, int] | None         # None: the whole tensor (a 0-d/1-d tensor is one row)
+    read_bytes: int
+    raw: bool = False
+    vocab: VocabRows | None = None
+
+
+@op("load", Load, scratch=0.0)
+def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Tensor:
+    ckpt = ctx.sources[a.model]
+    if a.vocab is not None:      # a vocab-indexed tensor whose rows are mapped token by token (engine/vocab_rows.py)
+        def read(key: str, rows: tuple[int, int]) -> Tensor:
+            return ctx.sources[key].read(a.name, rows=rows, dtype=torch.float32, device=ctx.device)
+
+        x = load_block(read, a.model, a.vocab)
     else:
-        x = ckpt.read(a["name"], rows=a["rows"], dtype=None if a["raw"] else torch.float32, device=ctx.device)
-    ctx.count(read=a["read_bytes"])
+        x = ckpt.read(a.name, rows=a.rows, dtype=None if a.raw else torch.float32, device=ctx.device)
+    ctx.count(read=a.read_bytes)
     # a sum is NaN/Inf whenever any entry is (and a reduction is cheaper than an element-wise isfinite)
     if x.is_floating_point() and not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
-        ctx.non_finite(a["model"], a["name"])
+        ctx.non_finite(a.model, a.name)
     return x
 
 
-@op("delta")
-def _delta(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+@dataclass(frozen=True)
+class Write(Attrs):
+    """Cast a block to the output dtype and write it at its rows of the output tensor; returns nothing."""
+
+    name: str
+    row_start: int
+    dtype: str                           # safetensors code
+
+
+@op("write", Write, scratch=0.0)
+def _write(ctx: RunContext, ins: list[Any], a: Write, own: tuple[bool, ...]) -> None:
+    y = ins[0].to(device="cpu", dtype=torch_dtype(a.dtype)).contiguous()
+    ctx.writer.write_rows(a.name, a.row_start, y)
+    ctx.count(written=y.numel() * y.element_size())
+    return None
+
+
+# -- element-wise ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delta(Attrs):
+    """The task vector: input 0 minus input 1 (the base)."""
+
+
+@op("delta", Delta, scratch=0.0)
+def _delta(ctx: RunContext, ins: list[Any], a: Delta, own: tuple[bool, ...]) -> Tensor:
     return ins[0].sub_(ins[1]) if own[0] else K.delta(ins[0], ins[1])
 
 
-@op("select")
-def _select(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> Any:
+@dataclass(frozen=True)
+class Rescale(Attrs):
+    """Input 0 times `factor`, or times the scalar of input 1 (a norm factor) when `factor` is None."""
+
+    factor: float | None = None
+
+
+@op("rescale", Rescale, scratch=0.0)
+def _rescale(ctx: RunContext, ins: list[Any], a: Rescale, own: tuple[bool, ...]) -> Tensor:
+    factor = float(ins[1] if len(ins) > 1 else a.factor)
+    return ins[0].mul_(factor) if own[0] else K.scale(ins[0], factor)
+
+
+@dataclass(frozen=True)
+class WeightedSum(Attrs):
+    """sum_i w_i x_i over the inputs, divided by sum_i w_i when `normalize` (linear)."""
+
+    weights: tuple[float, ...]
+    normalize: bool
+
+
+@op("weighted_sum", WeightedSum, scratch=1.0)
+def _weighted_sum(ctx: RunContext, ins: list[Any], a: WeightedSum, own: tuple[bool, ...]) -> Tensor:
+    weights = a.weights
+    acc = ins[0].mul_(weights[0]) if own[0] else K.scale(ins[0], weights[0])
+    for x, w, o in zip(ins[1:], weights[1:], own[1:]):
+        acc.add_(x.mul_(w) if o else K.scale(x, w))
+    if a.normalize:
+        acc.div_(sum(weights))
+    return acc
+
+
+@dataclass(frozen=True)
+class Elect(Attrs):
+    """TIES sign election over the weighted task vectors: a bool block, True where the elected sign is +."""
+
+    consensus: str                       # "sum" or "count"
+
+
+@op("elect", Elect, scratch=1.0)
+def _elect(ctx: RunContext, ins: list[Any], a: Elect, own: tuple[bool, ...]) -> Tensor:
+    return K.elect_nonneg(ins, a.consensus)
+
+
+@dataclass(frozen=True)
+class Combine(Attrs):
+    """base + lam * D, D mixing the weighted task vectors (inputs: base, e_1..e_n[, elected sign])."""
+
+    weights: tuple[float, ...]
+    normalize: bool
+    lam: float
+    elect: bool
+
+
+@op("combine", Combine, scratch=3.0)
+def _combine(ctx: RunContext, ins: list[Any], a: Combine, own: tuple[bool, ...]) -> Tensor:
+    """D is per methods.md step 4: the elected entries' (or all entries') sum, normalised by the weights."""
+    weights = a.weights
+    n = len(weights)
+    base, es = ins[0], ins[1:1 + n]
+    if a.elect:
+        d = K.combine_elected(es, weights, ins[1 + n], a.normalize, own[1:1 + n])
+    else:
+        d = K.sum_into(es, own[1])
+        if a.normalize:
+            total = K.weighted_sum([torch.ones(())] * n, weights)   # the float32 sum of the weights
+            if abs(float(total)) >= 1e-8:
+                d.div_(total)
+    if a.lam != 1.0:
+        d.mul_(a.lam)
+    return base.add_(d) if own[0] else d.add_(base)   # d is ours; float addition commutes bit for bit
+
+
+@dataclass(frozen=True)
+class Fisher(Attrs):
+    """Fisher-weighted average sum_i w_i F_i x_i / sum_i w_i F_i (inputs: x_1..x_n, F_1..F_n)."""
+
+    weights: tuple[float, ...]
+
+
+@op("fisher", Fisher, scratch=4.0)
+def _fisher(ctx: RunContext, ins: list[Any], a: Fisher, own: tuple[bool, ...]) -> Tensor:
+    n = len(a.weights)
+    return K.fisher_merge(ins[:n], ins[n:], a.weights)
+
+
+# -- sparsification: exact top-k over the whole tensor, random drops ----------------------------------------
+
+
+@dataclass(frozen=True)
+class TopkPass1(Attrs):
+    """Top-k, pass 1 over one block: a histogram of the high 16 bits of |d| (CPU)."""
+
+
+@op("topk_pass1", TopkPass1, scratch=2.0)
+def _topk_pass1(ctx: RunContext, ins: list[Any], a: TopkPass1, own: tuple[bool, ...]) -> Tensor:
     # partials (histograms, Gram rows, norms) are small: they live on the CPU whatever the device
-    if a["pass_"] == 1:
-        return K.topk_pass1(ins[0]).cpu()
+    return K.topk_pass1(ins[0]).cpu()
+
+
+@dataclass(frozen=True)
+class TopkReduce1(Attrs):
+    """Top-k, pass 1 reduced over all blocks: the high-bits bucket that holds the k-th largest |d|."""
+
+    k: int
+    tag: str                             # which threshold of the tensor ("keep", "upto", "top")
+
+
+@op("topk_reduce1", TopkReduce1, scratch=0.0)
+def _topk_reduce1(ctx: RunContext, ins: list[Any], a: TopkReduce1, own: tuple[bool, ...]) -> Any:
+    return K.topk_reduce1(ins, a.k)
+
+
+@dataclass(frozen=True)
+class TopkPass2(Attrs):
+    """Top-k, pass 2 over one block: a histogram of the low bits inside the bucket (inputs: d, pass-1 state)."""
+
+
+@op("topk_pass2", TopkPass2, scratch=2.0)
+def _topk_pass2(ctx: RunContext, ins: list[Any], a: TopkPass2, own: tuple[bool, ...]) -> Tensor:
     return K.topk_pass2(ins[0], ins[1]).cpu()
 
 
-@op("reduce")
-def _reduce(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> Any:
-    kind = a["kind"]
-    if kind == "topk1":
-        return K.topk_reduce1(ins, a["k"])
-    if kind == "topk2":
-        return K.topk_reduce2(ins[1:], ins[0])
-    if kind == "rescale_norm":
-        split = a["split"]
-        before = K.norm_from_partials(ins[:split], a["norm"])
-        after = K.norm_from_partials(ins[split:], a["norm"])
-        return 1.0 if before < 1e-7 or after < 1e-7 else before / after
-    mode = a.get("mode", "total")
-    if mode == "total":
-        gram = K.gram_total(ins)
-    elif mode == "rows":
-        gram = torch.cat(list(ins))
-    else:
-        gram = K.col_gram_total(ins)
-    return REDUCERS[kind](gram, a)
+@dataclass(frozen=True)
+class TopkReduce2(Attrs):
+    """Top-k, pass 2 reduced: the exact k-th largest |d| and how many ties to keep (inputs: state 1, hists)."""
+
+    tag: str
 
 
-def _maybe_base(c: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
-    return K.with_base(c) if a.get("with_base") else c
+@op("topk_reduce2", TopkReduce2, scratch=0.0)
+def _topk_reduce2(ctx: RunContext, ins: list[Any], a: TopkReduce2, own: tuple[bool, ...]) -> Any:
+    return K.topk_reduce2(ins[1:], ins[0])
 
 
-# Gram matrix -> lincomb coefficients, per method.
-REDUCERS: dict[str, Callable[[torch.Tensor, dict[str, Any]], Any]] = {
-    "slerp": lambda G, a: K.slerp_coeffs(G, a["t"]),
-    "model_stock": lambda G, a: K.model_stock_coeffs(K.model_stock_t(G), a["n"]),
-    "nuslerp": lambda G, a: _maybe_base(K.nuslerp_coeffs(G, a["weights"]), a),
-    "multislerp": lambda G, a: _maybe_base(
-        K.multislerp_coeffs(G, a["weights"], a["normalize_weights"], a["eps"]), a),
-    "karcher": lambda G, a: K.karcher_coeffs(G, None, a["max_iter"], a["tol"]),
-}
-
-
-@op("trim")
-def _trim(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    d = ins[0]
-    method = a["method"]
-    if method == "magnitude":
-        return _keep(d, K.topk_mask(d, ins[1], a["block"]), own[0])
-    if method == "outliers":
-        keep = None
-        i = 1
-        if a["has_upto"]:
-            keep = K.topk_mask(d, ins[i], a["block"])
-            i += 1
-        if a["has_top"]:
-            top = K.topk_mask(d, ins[i], a["block"]).logical_not_()
-            keep = top if keep is None else keep.logical_and_(top)
-        return _keep(d, keep, own[0])
-    u = K.uniform_rows(K.derive_seed(*a["seed_parts"]), tuple(a["shape"]), tuple(a["rows"])).to(d.device)
-    u = u.reshape(d.shape)
-    if method == "random":
-        kept = _keep(d, u < a["density"], own[0])
-        return kept.div_(a["density"]) if a["rescale"] else kept
-    if method == "della":
-        return K.rank_magnitude_sampling(d, u, a["density"], a["epsilon"], a["rescale"])
-    raise KeyError(f"unknown trim method {method!r}")
-
-
-def _keep(d: torch.Tensor, keep: torch.Tensor, owned: bool) -> torch.Tensor:
+def _keep(d: Tensor, keep: Tensor, owned: bool) -> Tensor:
     """Zero the entries not kept: one multiply by the mask (a dropped negative entry becomes -0.0, which adds
     like +0.0 and never agrees in a sign election)."""
     return d.mul_(keep) if owned else d * keep
 
 
-@op("norm")
-def _norm(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    return K.norm_partials(ins[0], a["kind"]).cpu()
+@dataclass(frozen=True)
+class TrimMagnitude(Attrs):
+    """Keep the entries of d at or above the top-k threshold (inputs: d, top-k state), zero the rest (TIES)."""
+
+    block: int                           # the block's index: ties at the threshold are broken by flat index
 
 
-@op("rescale")
-def _rescale(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    factor = float(ins[1] if len(ins) > 1 else a["factor"])
-    return ins[0].mul_(factor) if own[0] else K.scale(ins[0], factor)
+@op("trim_magnitude", TrimMagnitude, scratch=2.0)
+def _trim_magnitude(ctx: RunContext, ins: list[Any], a: TrimMagnitude, own: tuple[bool, ...]) -> Tensor:
+    d = ins[0]
+    return _keep(d, K.topk_mask(d, ins[1], a.block), own[0])
 
 
-@op("elect")
-def _elect(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    return K.elect_nonneg(ins, a["consensus"])
+@dataclass(frozen=True)
+class TrimOutliers(Attrs):
+    """Breadcrumbs: zero the smallest entries of d and the largest-magnitude outliers (inputs: d, states)."""
+
+    block: int
+    has_upto: bool                       # a threshold below which entries are dropped is an input
+    has_top: bool                        # a threshold above which entries are dropped is an input
 
 
-@op("combine")
-def _combine(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    """base + lam * D, where D mixes the weighted task vectors (elected or summed) per methods.md step 4."""
-    weights = a["weights"]
-    n = len(weights)
-    base, es = ins[0], ins[1:1 + n]
-    if a["elect"]:
-        d = K.combine_elected(es, weights, ins[1 + n], a["normalize"], own[1:1 + n])
-    else:
-        d = K.sum_into(es, own[1])
-        if a["normalize"]:
-            total = K.weighted_sum([torch.ones(())] * n, weights)   # the float32 sum of the weights
-            if abs(float(total)) >= 1e-8:
-                d.div_(total)
-    if a["lam"] != 1.0:
-        d.mul_(a["lam"])
-    return base.add_(d) if own[0] else d.add_(base)   # d is ours; float addition commutes bit for bit
+@op("trim_outliers", TrimOutliers, scratch=2.0)
+def _trim_outliers(ctx: RunContext, ins: list[Any], a: TrimOutliers, own: tuple[bool, ...]) -> Tensor:
+    d = ins[0]
+    keep = None
+    i = 1
+    if a.has_upto:
+        keep = K.topk_mask(d, ins[i], a.block)
+        i += 1
+    if a.has_top:
+        top = K.topk_mask(d, ins[i], a.block).logical_not_()
+        keep = top if keep is None else keep.logical_and_(top)
+    return _keep(d, keep, own[0])
 
 
-@op("weighted_sum")
-def _weighted_sum(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    weights = a["weights"]
-    acc = ins[0].mul_(weights[0]) if own[0] else K.scale(ins[0], weights[0])
-    for x, w, o in zip(ins[1:], weights[1:], own[1:]):
-        acc.add_(x.mul_(w) if o else K.scale(x, w))
-    if a["normalize"]:
-        acc.div_(sum(weights))
-    return acc
+@dataclass(frozen=True)
+class DropRandom(Attrs):
+    """DARE: keep each entry of d with probability `density` (block-invariant random stream), rescale by 1/p."""
+
+    density: float
+    rescale: bool
+    seed_parts: tuple                    # (run seed, tensor name, model rank): the random stream's key
+    shape: tuple[int, ...]               # the whole tensor's shape (fixes the row groups)
+    rows: tuple[int, int]
 
 
-@op("fisher")
-def _fisher(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    n = len(a["weights"])
-    return K.fisher_merge(ins[:n], ins[n:], a["weights"])
+def _uniform(a: DropRandom | DropDella, d: Tensor) -> Tensor:
+    u = K.uniform_rows(K.derive_seed(*a.seed_parts), tuple(a.shape), tuple(a.rows)).to(d.device)
+    return u.reshape(d.shape)
 
 
-@op("gram")
-def _gram(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    return (K.col_gram(ins) if a.get("mode") == "cols" else K.row_gram(ins)).cpu()
+@op("drop_random", DropRandom, scratch=2.0)
+def _drop_random(ctx: RunContext, ins: list[Any], a: DropRandom, own: tuple[bool, ...]) -> Tensor:
+    d = ins[0]
+    kept = _keep(d, _uniform(a, d) < a.density, own[0])
+    return kept.div_(a.density) if a.rescale else kept
 
 
-@op("lincomb")
-def _lincomb(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
-    xs, coeffs = ins[:-1], ins[-1].to(ins[0].device)
-    mode = a.get("mode", "total")
-    if mode == "cols":
-        return K.lincomb_cols(xs, coeffs)
+@dataclass(frozen=True)
+class DropDella(Attrs):
+    """DELLA: drop entries of d with probabilities ranked by magnitude in density ± epsilon, rescale."""
+
+    density: float
+    epsilon: float
+    rescale: bool
+    seed_parts: tuple
+    shape: tuple[int, ...]
+    rows: tuple[int, int]
+
+
+@op("drop_della", DropDella, scratch=2.0)
+def _drop_della(ctx: RunContext, ins: list[Any], a: DropDella, own: tuple[bool, ...]) -> Tensor:
+    d = ins[0]
+    return K.rank_magnitude_sampling(d, _uniform(a, d), a.density, a.epsilon, a.rescale)
+
+
+@dataclass(frozen=True)
+class Norm(Attrs):
+    """Per-row partials of the l1 / l2 / linf norm of one block (CPU, float64)."""
+
+    kind: str
+
+
+@op("norm", Norm, scratch=2.0)
+def _norm(ctx: RunContext, ins: list[Any], a: Norm, own: tuple[bool, ...]) -> Tensor:
+    return K.norm_partials(ins[0], a.kind).cpu()
+
+
+@dataclass(frozen=True)
+class NormFactor(Attrs):
+    """||d|| / ||trimmed d|| from both tensors' norm partials (1 when either is ~0): `rescale_norm`."""
+
+    norm: str
+    split: int                           # the first `split` inputs are the partials before trimming
+
+
+@op("norm_factor", NormFactor, scratch=0.0)
+def _norm_factor(ctx: RunContext, ins: list[Any], a: NormFactor, own: tuple[bool, ...]) -> float:
+    before = K.norm_from_partials(ins[:a.split], a.norm)
+    after = K.norm_from_partials(ins[a.split:], a.norm)
+    return 1.0 if before < 1e-7 or after < 1e-7 else before / after
+
+
+# -- inner products: Gram partials -> coefficients -> linear combination ------------------------------------
+# `mode` says which vectors the inner products are over: "total" (the flattened tensor), "rows" (each row) or
+# "cols" (each column).
+
+
+@dataclass(frozen=True)
+class Gram(Attrs):
+    """Partial Gram matrix of the inputs over one block: per row in float64, or exact per column (limbs)."""
+
+    mode: str
+
+
+@op("gram", Gram, scratch=6.0)
+def _gram(ctx: RunContext, ins: list[Any], a: Gram, own: tuple[bool, ...]) -> Tensor:
+    return (K.col_gram(ins) if a.mode == "cols" else K.row_gram(ins)).cpu()
+
+
+def _gram_total(parts: list[Any], mode: str) -> Tensor:
+    """The Gram matrix (matrices, per row or column) from all blocks' partials, order-independently."""
+    if mode == "total":
+        return K.gram_total(parts)
     if mode == "rows":
-        r0, r1 = a["rows"] or (0, 1)
+        return torch.cat(list(parts))
+    return K.col_gram_total(parts)
+
+
+def _maybe_base(c: Tensor, with_base: bool) -> Tensor:
+    return K.with_base(c) if with_base else c
+
+
+@dataclass(frozen=True)
+class SlerpCoeffs(Attrs):
+    """slerp's two coefficients (base, other) at `t` from the Gram partials of the pair."""
+
+    t: float
+    mode: str = "total"
+
+
+@op("slerp_coeffs", SlerpCoeffs, scratch=0.0)
+def _slerp_coeffs(ctx: RunContext, ins: list[Any], a: SlerpCoeffs, own: tuple[bool, ...]) -> Tensor:
+    return K.slerp_coeffs(_gram_total(ins, a.mode), a.t)
+
+
+@dataclass(frozen=True)
+class ModelStockCoeffs(Attrs):
+    """Model Stock's coefficients (base, fine-tunes) from the task vectors' Gram partials."""
+
+    n: int
+    mode: str = "total"
+
+
+@op("model_stock_coeffs", ModelStockCoeffs, scratch=0.0)
+def _model_stock_coeffs(ctx: RunContext, ins: list[Any], a: ModelStockCoeffs, own: tuple[bool, ...]) -> Tensor:
+    return K.model_stock_coeffs(K.model_stock_t(_gram_total(ins, a.mode)), a.n)
+
+
+@dataclass(frozen=True)
+class NuslerpCoeffs(Attrs):
+    """nuslerp's coefficients from the Gram partials (a leading base coefficient when `with_base`)."""
+
+    weights: tuple[float, ...]
+    with_base: bool
+    mode: str = "total"
+
+
+@op("nuslerp_coeffs", NuslerpCoeffs, scratch=0.0)
+def _nuslerp_coeffs(ctx: RunContext, ins: list[Any], a: NuslerpCoeffs, own: tuple[bool, ...]) -> Tensor:
+    return _maybe_base(K.nuslerp_coeffs(_gram_total(ins, a.mode), a.weights), a.with_base)
+
+
+@dataclass(frozen=True)
+class MultislerpCoeffs(Attrs):
+    """multislerp's coefficients from the Gram partials (a leading base coefficient when `with_base`)."""
+
+    weights: tuple[float, ...]
+    normalize_weights: bool
+    eps: float
+    with_base: bool
+    mode: str = "total"
+
+
+@op("multislerp_coeffs", MultislerpCoeffs, scratch=0.0)
+def _multislerp_coeffs(ctx: RunContext, ins: list[Any], a: MultislerpCoeffs, own: tuple[bool, ...]) -> Tensor:
+    G = _gram_total(ins, a.mode)
+    return _maybe_base(K.multislerp_coeffs(G, a.weights, a.normalize_weights, a.eps), a.with_base)
+
+
+@dataclass(frozen=True)
+class KarcherCoeffs(Attrs):
+    """The Karcher mean's coefficients from the models' Gram partials (fixed-point iteration)."""
+
+    max_iter: int
+    tol: float
+    mode: str = "total"
+
+
+@op("karcher_coeffs", KarcherCoeffs, scratch=0.0)
+def _karcher_coeffs(ctx: RunContext, ins: list[Any], a: KarcherCoeffs, own: tuple[bool, ...]) -> Tensor:
+    return K.karcher_coeffs(_gram_total(ins, a.mode), None, a.max_iter, a.tol)
+
+
+@dataclass(frozen=True)
+class Lincomb(Attrs):
+    """sum_i c_i x_i in float64, rounded once (inputs: x_1..x_n, coefficients)."""
+
+    rows: tuple[int, int]                # the block's rows (for per-row coefficients)
+    mode: str = "total"
+
+
+@op("lincomb", Lincomb, scratch=4.0)
+def _lincomb(ctx: RunContext, ins: list[Any], a: Lincomb, own: tuple[bool, ...]) -> Tensor:
+    xs, coeffs = ins[:-1], ins[-1].to(ins[0].device)
+    if a.mode == "cols":
+        return K.lincomb_cols(xs, coeffs)
+    if a.mode == "rows":
+        r0, r1 = a.rows or (0, 1)
         coeffs = coeffs[r0:r1]
     return K.lincomb(xs, coeffs)
-
-
-@op("write")
-def _write(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> None:
-    y = ins[0].to(device="cpu", dtype=TORCH_DTYPES[a["dtype"]]).contiguous()
-    ctx.writer.write_rows(a["name"], a["row_start"], y)
-    ctx.count(written=y.numel() * y.element_size())
-    return None

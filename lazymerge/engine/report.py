@@ -15,17 +15,7 @@ from typing import Any
 import psutil
 
 from ..errors import printable
-
-
-def human(n: float | int | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
+from ..units import human
 
 
 @dataclass

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import MergeAborted, OutputError
 from ..io.writer import CheckpointWriter
-from .ops import OPS, RunContext
+from .context import RunContext
+from .ops import run_task
 from .report import Progress, Report, RssSampler
 from .scheduler import execute
 
@@ -84,10 +85,7 @@ def run_fingerprint(plan: Any, device: torch.device, version: str) -> str:
                          device.type, version], sort_keys=True, default=str).encode())
     files: set[Path] = set()
     for src in plan.sources.values():
-        files |= {Path(info.file) for info in src.tensors.values()}
-        adapter = getattr(src, "adapter", None)
-        if getattr(adapter, "_weights_file", None) is not None:
-            files.add(Path(adapter._weights_file))
+        files |= src.data_files()
     for f in sorted(files):
         try:
             st = f.stat()
@@ -136,7 +134,7 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
                     progress(Progress(state["tensors"], total_tensors, state["bytes"], bytes_total, rss.wall))
 
             def run(task: Any, args: list[Any], own: tuple[bool, ...]) -> Any:
-                return OPS[task.op](ctx, args, task.attrs, own)
+                return run_task(ctx, task.attrs, args, own)
 
             try:
                 stats = execute(keys, tasks, run, budget=plan.budget, workers=workers or default_workers(),

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lazymerge.engine.kernels import lora_rows
 from lazymerge.errors import CheckpointError
-from lazymerge.io.checkpoint import Checkpoint
-from lazymerge.io.shards import DTYPES, TensorInfo, dtype_code, read_header
+from lazymerge.io.checkpoint import Checkpoint, load_pickle
+from lazymerge.io.shards import TensorInfo, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -169,22 +168,7 @@ def _open_weights(path: Path, allow_pickle: bool) -> Checkpoint:
     if not allow_pickle:
         raise CheckpointError(f"{file}: pickled adapter weights are refused by default; pass --allow-pickle to "
                               "load them with torch.load(weights_only=True)")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the restricted unpickler raises many types; each means the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{file}: cannot load with torch.load(weights_only=True): {first}") from None
-    if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{file}: not a flat state dict of tensors")
-    tensors: dict[str, TensorInfo] = {}
-    for name, t in state.items():
-        try:
-            code = dtype_code(t.dtype)
-        except ValueError:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {t.dtype}") from None
-        tensors[name] = TensorInfo(name=name, dtype=code, shape=tuple(t.shape), file=file, start=0,
-                                   nbytes=t.numel() * DTYPES[code][1])
+    state, tensors = load_pickle(file, allow_empty=True)
     return Checkpoint(path, tensors, None, {file: state})
 
 
@@ -201,7 +185,7 @@ class Adapter:
         self.path = path
         self.config = config
         self._weights = weights
-        self._weights_file = path / (WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else PICKLE_NAME)
+        self.weights_file = path / (WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else PICKLE_NAME)
         self.lora: dict[str, LoraModule] = {}
         self.replaced: dict[str, TensorInfo] = {}
         self.ignored: list[str] = []
@@ -235,12 +219,12 @@ class Adapter:
             if match:
                 factors.setdefault(match["module"], {})[match["kind"]] = info
             elif _PEFT_ONLY.search(name):
-                raise CheckpointError(f"{self._weights_file}: tensor {key!r} is not a plain LoRA factor "
+                raise CheckpointError(f"{self.weights_file}: tensor {key!r} is not a plain LoRA factor "
                                       "(DoRA, LoRA bias or trainable tokens are not supported)")
             else:
                 target = _SAVED_KEY.sub("", name)
                 if target in self.replaced:
-                    raise CheckpointError(f"{self._weights_file}: tensors {self.replaced[target].name!r} and "
+                    raise CheckpointError(f"{self.weights_file}: tensors {self.replaced[target].name!r} and "
                                           f"{key!r} both replace {target!r}")
                 self.replaced[target] = info
         for module, parts in factors.items():
@@ -248,7 +232,7 @@ class Adapter:
             a = parts.get("lora_embedding_A" if embedding else "lora_A")
             b = parts.get("lora_embedding_B" if embedding else "lora_B")
             if a is None or b is None or len(parts) != 2:
-                raise CheckpointError(f"{self._weights_file}: module {module!r} needs exactly one A and one B "
+                raise CheckpointError(f"{self.weights_file}: module {module!r} needs exactly one A and one B "
                                       f"factor, found {sorted(parts)}")
             if not _is_targeted(self.config, module):
                 self.ignored.extend(sorted(i.name for i in parts.values()))
@@ -259,7 +243,7 @@ class Adapter:
         rank = _pattern_value(self.config["rank_pattern"], module, self.config["r"])
         alpha = _pattern_value(self.config["alpha_pattern"], module, self.config["lora_alpha"])
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise CheckpointError(f"{self._weights_file}: module {module!r} has A {list(a.shape)} and B "
+            raise CheckpointError(f"{self.weights_file}: module {module!r} has A {list(a.shape)} and B "
                                   f"{list(b.shape)}, not A [{rank}, in] and B [out, {rank}] (r from {CONFIG_NAME})")
         scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
         fan_in_fan_out = embedding or bool(self.config.get("fan_in_fan_out"))
@@ -295,6 +279,28 @@ class Adapter:
         self._weights.close()
 
 
+def lora_rows(A: torch.Tensor, B: torch.Tensor, scale: float, rows: tuple[int, int],
+              fan_in_fan_out: bool = False) -> torch.Tensor:
+    """Rows ``[a, b)`` of the LoRA weight delta ``scale * B @ A`` (``B [out, r]``, ``A [r, in]``), float32.
+
+    With ``fan_in_fan_out`` the target weight is stored ``[in, out]`` (PEFT transposes), so its rows are columns
+    of ``B @ A``.  The rank-r product is accumulated one rank at a time in float64 (element-wise ops, not BLAS,
+    whose blocking would make a row's bits depend on how many rows are computed together), scaled, then
+    rounded once to float32.
+    """
+    a, b = rows
+    if fan_in_fan_out:
+        left, right = A.t()[a:b], B.t()  # [b-a, r] and [r, out]
+    else:
+        left, right = B[a:b], A  # [b-a, r] and [r, in]
+    left = left.to(torch.float64)
+    right = right.to(torch.float64)
+    acc = torch.zeros(left.shape[0], right.shape[1], dtype=torch.float64)
+    for k in range(left.shape[1]):
+        acc = acc + left[:, k : k + 1] * right[k : k + 1, :]
+    return (acc * scale).to(torch.float32)
+
+
 class AdaptedCheckpoint:
     """A base checkpoint with an adapter applied lazily; reads like a `Checkpoint`."""
 
@@ -309,7 +315,7 @@ class AdaptedCheckpoint:
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
              device: str | torch.device = "cpu") -> torch.Tensor:
         """Rows [a, b) of the adapted tensor, W + delta summed in float32 and then cast to `dtype` (None: the
-        stored dtype). Only those rows of the delta are formed, with the engine's block-invariant kernel, so a
+        stored dtype). Only those rows of the delta are formed, with the block-invariant `lora_rows`, so a
         row's bits do not depend on the block it is read in."""
         mod = self.adapter.lora.get(name)
         if mod is None:
@@ -332,6 +338,10 @@ class AdaptedCheckpoint:
 
     def aux_files(self) -> list[Path]:
         return self.base.aux_files()
+
+    def data_files(self) -> set[Path]:
+        """The files whose bytes the adapted tensors are read from: the base's and the adapter's weights."""
+        return {Path(info.file) for info in self.tensors.values()} | {self.adapter.weights_file}
 
     def close(self) -> None:
         self.adapter.close()

@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 
 from lazymerge.errors import CheckpointError
-from lazymerge.io.shards import DTYPES, ShardReader, TensorInfo, dtype_code, read_header
+from lazymerge.dtypes import dtype_code, itemsize
+from lazymerge.io.shards import ShardReader, TensorInfo, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -180,17 +181,11 @@ class Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         loaded: dict[Path, dict[str, torch.Tensor]] = {}
         for f in files:
-            state = _torch_load(f)
-            for name, t in state.items():
+            state, infos = load_pickle(f)
+            for name, info in infos.items():
                 if name in tensors:
                     raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {f}")
-                try:
-                    code = dtype_code(t.dtype)
-                except ValueError:
-                    raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {t.dtype}") from None
-                shape = tuple(t.shape)
-                tensors[name] = TensorInfo(name=name, dtype=code, shape=shape, file=f, start=0,
-                                           nbytes=math.prod(shape) * DTYPES[code][1])
+                tensors[name] = info
             loaded[f] = state
         return tensors, loaded
 
@@ -232,6 +227,10 @@ class Checkpoint:
         roots = _allowed_roots(self.path.resolve())
         return [p for p in (self.path / n for n in AUX_NAMES) if p.is_file() and _inside(p, roots)]
 
+    def data_files(self) -> set[Path]:
+        """The files its tensors are read from (what a resumed run checks for changes)."""
+        return {Path(info.file) for info in self.tensors.values()}
+
     def close(self) -> None:
         with self._lock:
             for reader in self._readers.values():
@@ -245,8 +244,9 @@ class Checkpoint:
         self.close()
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """A pickled state dict via the restricted unpickler, memory-mapped when the zip format allows it."""
+def load_pickle(path: Path, *, allow_empty: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, TensorInfo]]:
+    """A pickled state dict via the restricted unpickler (memory-mapped when the zip format allows it), and the
+    TensorInfo of each of its tensors. The one place lazymerge unpickles; callers check the user opted in."""
     try:
         with warnings.catch_warnings():
             # torch warns (several lines) about protocols and formats of untrusted files; the error says it all
@@ -260,7 +260,16 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # the unpickler raises many types; each means the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {first}") from None
-    if not isinstance(state, dict) or not state or not all(
+    if not isinstance(state, dict) or not (state or allow_empty) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: not a flat state dict of tensors")
-    return state
+    infos: dict[str, TensorInfo] = {}
+    for name, t in state.items():
+        try:
+            code = dtype_code(t.dtype)
+        except ValueError:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}") from None
+        shape = tuple(t.shape)
+        infos[name] = TensorInfo(name=name, dtype=code, shape=shape, file=path, start=0,
+                                 nbytes=math.prod(shape) * itemsize(code))
+    return state, infos

@@ -17,38 +17,10 @@ from pathlib import Path
 
 import torch
 
+from lazymerge.dtypes import DTYPES
 from lazymerge.errors import CheckpointError
 
-# safetensors dtype code -> (torch dtype, bytes per element); codes this torch build lacks are left out.
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    code: (getattr(torch, name), size)
-    for code, name, size in (
-        ("F64", "float64", 8),
-        ("F32", "float32", 4),
-        ("F16", "float16", 2),
-        ("BF16", "bfloat16", 2),
-        ("I64", "int64", 8),
-        ("I32", "int32", 4),
-        ("I16", "int16", 2),
-        ("I8", "int8", 1),
-        ("U8", "uint8", 1),
-        ("BOOL", "bool", 1),
-        ("F8_E4M3", "float8_e4m3fn", 1),
-        ("F8_E5M2", "float8_e5m2", 1),
-    )
-    if hasattr(torch, name)
-}
-_CODE_OF: dict[torch.dtype, str] = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
-
 MAX_HEADER_BYTES = 100 * 1000 * 1000
-
-
-def dtype_code(dtype: torch.dtype) -> str:
-    """The safetensors code for a torch dtype (for writers and for pickled checkpoints, which carry torch dtypes)."""
-    try:
-        return _CODE_OF[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype} has no safetensors code") from None
 
 
 class ShapedTensor:

@@ -13,7 +13,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import threading
 from dataclasses import dataclass
@@ -22,8 +21,10 @@ from pathlib import Path
 import psutil
 import torch
 
+from lazymerge.dtypes import DTYPES
 from lazymerge.errors import OutputError
-from lazymerge.io.shards import DTYPES, ShapedTensor
+from lazymerge.units import human
+from lazymerge.io.shards import ShapedTensor
 
 JOURNAL = "journal.json"
 INDEX = "model.safetensors.index.json"
@@ -106,25 +107,6 @@ def index_json(layout: list[ShardLayout]) -> bytes:
     return (json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n").encode()
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from `2GB` (decimal), `2GiB` or `2G` (binary), `500MB`, `1.5G` or a plain integer."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(value))
-        unit = m.group(2).lower() if m else ""
-        if not m or unit not in _UNITS:
-            raise ValueError(f"invalid size {value!r}: expected e.g. 5GB, 2GiB, 500MB, 1.5G or a byte count")
-        size = int(float(m.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"invalid size {value!r}: must be positive")
-    return size
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -148,15 +130,6 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _remove(path: Path) -> None:
@@ -223,7 +196,7 @@ class CheckpointWriter:
             free = shutil.disk_usage(self.out_dir.parent).free
             if free < needed:
                 raise OutputError(f"{self.out_dir.parent}: not enough free disk space: the output needs {needed} "
-                                  f"more bytes, {free} are free ({_human(needed)} > {_human(free)})")
+                                  f"more bytes, {free} are free ({human(needed)} > {human(free)})")
             for i, shard in enumerate(self.layout):
                 if i not in self._verified:
                     self._preallocate(i, shard)
@@ -389,11 +362,11 @@ class CheckpointWriter:
     def _disk_error(self, exc: OSError, filename: str, path: Path | None = None) -> Exception:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             try:
-                free = f", {_human(shutil.disk_usage(self.out_dir.parent).free)} free"
+                free = f", {human(shutil.disk_usage(self.out_dir.parent).free)} free"
             except OSError:
                 free = ""
             return OutputError(f"{self.out_dir.parent}: disk full while writing {filename}: the output needs "
-                               f"{self.total_size} bytes ({_human(self.total_size)}){free}")
+                               f"{self.total_size} bytes ({human(self.total_size)}){free}")
         return OutputError(f"{path or self.tmp_dir / filename}: write failed: {exc.strerror or exc}")
 
     def _complete(self, i: int) -> None:

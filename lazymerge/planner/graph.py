@@ -1,7 +1,7 @@
 """The task graph: nodes, and the small builder each merge method uses to describe one output tensor.
 
-A method never executes anything: it emits tasks (`op` + inputs + attributes + output bytes) for one tensor,
-block by block. The order in which tasks are emitted is a valid topological order that finishes one row block
+A method never executes anything: it emits tasks (an op's typed attributes from `engine.ops`, inputs, output
+bytes) for one tensor, block by block. The order in which tasks are emitted is a valid topological order that finishes one row block
 (and one tensor) before starting the next; the scheduler uses it as its priority, as dask.order would compute.
 """
 from __future__ import annotations
@@ -11,25 +11,27 @@ from typing import Any, Iterable, Sequence
 
 import networkx as nx
 
-F32 = 4
+from ..dtypes import itemsize
+from ..engine import ops
 
-# Temporaries an op allocates while it runs, in float32 blocks of its row block (the kernels in engine/ops.py:
-# e.g. a top-k pass holds |d| and its bit pattern; `combine` holds agreement masks and a weight sum; Gram and
-# lincomb work in float64). Counted against the budget so that RSS, not just our bookkeeping, stays within it.
-SCRATCH = {"load": 0.0, "write": 0.0, "reduce": 0.0, "delta": 0.0, "rescale": 0.0, "weighted_sum": 1.0,
-           "select": 2.0, "trim": 2.0, "elect": 1.0, "combine": 3.0, "norm": 2.0, "gram": 6.0, "lincomb": 4.0,
-           "fisher": 4.0}
+F32 = 4
 
 
 @dataclass(frozen=True)
 class Task:
-    op: str
+    """One node of the graph: an op (its typed attributes, `engine.ops`), the keys of its inputs, the bytes of its
+    output, and the temporaries it allocates while it runs."""
+
+    attrs: ops.Attrs
     inputs: tuple[str, ...]
-    attrs: dict[str, Any]
     nbytes: int
     tensor: str
     block: int = 0
     scratch: int = 0          # bytes of temporaries while it runs (freed when it ends)
+
+    @property
+    def op(self) -> str:
+        return self.attrs.op
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class TaskList:
 
 
 class TensorBuilder:
-    """Emits the tasks of one output tensor. Methods call `load`, `delta` and `op`; `write` ends a block.
+    """Emits the tasks of one output tensor. Methods call `load`, `delta` and `emit`; `write` ends a block.
 
     With several row blocks, each `phase` of a multi-pass method reloads its inputs (memoised per phase) so that
     no phase keeps the whole tensor alive; with one block every phase shares the same loads.
@@ -128,16 +130,14 @@ class TensorBuilder:
         return self.block_rows(j) * self.row_numel * F32
 
     # -- emission ----------------------------------------------------------------------------------------
-    def op(self, op: str, inputs: Iterable[str], nbytes: int, block: int = 0, scratch: int | None = None, /,
-           **attrs: Any) -> str:
-        """Emit a task; `scratch` defaults to the op's temporaries measured in float32 blocks (SCRATCH)."""
+    def emit(self, attrs: ops.Attrs, inputs: Iterable[str], nbytes: int, block: int = 0) -> str:
+        """Emit a task; its scratch is the op's temporaries (`engine.ops`) in float32 blocks of row block `block`."""
         root = self.root              # a child builder emits into its output tensor's list (see the class doc)
-        key = f"{root.name}#{root._n}:{op}"
+        key = f"{root.name}#{root._n}:{attrs.op}"
         root._n += 1
         root.out.keys.append(key)
-        if scratch is None:
-            scratch = int(SCRATCH.get(op, 1.0) * self.f32(block))
-        root.out.tasks.append(Task(op, tuple(inputs), attrs, int(nbytes), root.name, block, int(scratch)))
+        scratch = int(ops.OPS[attrs.op].scratch * self.f32(block))
+        root.out.tasks.append(Task(attrs, tuple(inputs), int(nbytes), root.name, block, scratch))
         return key
 
     def _phase(self, phase: int) -> Any:
@@ -169,13 +169,13 @@ class TensorBuilder:
             src = self.sources[i]
             rows = self.blocks[j] if len(self.shape) >= 2 else None   # 0-d/1-d tensors are one row
             read = self.block_rows(j) * src.row_nbytes
-            extra = {}
+            vocab = None
             if self.vocab is not None:
-                extra = self.vocab.block_attrs(src.model, self.name, rows or (0, self.shape[0]))
-                if extra:
-                    read = extra["read_rows"] * src.row_nbytes
-            self._memo[memo] = self.op("load", (), read if raw else self.f32(j), j, model=src.model,
-                                       name=src.name, rows=rows, read_bytes=read, raw=raw, **extra)
+                vocab = self.vocab.block_attrs(src.model, self.name, rows or (0, self.shape[0]))
+                if vocab is not None:
+                    read = vocab.read_rows * src.row_nbytes
+            self._memo[memo] = self.emit(ops.Load(src.model, src.name, rows, read, raw, vocab),
+                                         (), read if raw else self.f32(j), j)
         return self._memo[memo]
 
     def delta(self, i: int, j: int, phase: int = 0) -> str:
@@ -183,10 +183,10 @@ class TensorBuilder:
         assert self.base is not None
         memo = ("delta", i, j, self._phase(phase))
         if memo not in self._memo:
-            self._memo[memo] = self.op("delta", (self.load(i, j, phase), self.load(self.base, j, phase)),
-                                       self.f32(j), j)
+            self._memo[memo] = self.emit(ops.Delta(), (self.load(i, j, phase), self.load(self.base, j, phase)),
+                                         self.f32(j), j)
         return self._memo[memo]
 
-    def write(self, y: str, j: int, out_itemsize: int) -> str:
-        return self.op("write", (y,), self.block_rows(j) * self.row_numel * out_itemsize, j,
-                       name=self.name, row_start=self.blocks[j][0], dtype=self.out_dtype)
+    def write(self, y: str, j: int) -> str:
+        return self.emit(ops.Write(self.name, self.blocks[j][0], self.out_dtype), (y,),
+                         self.block_rows(j) * self.row_numel * itemsize(self.out_dtype), j)

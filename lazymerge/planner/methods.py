@@ -5,8 +5,9 @@ whole-tensor statistics (top-k thresholds, Gram reductions, norm factors) and re
 element-wise tasks of one row block and returns the key of that block's float32 value. The caller decides what
 happens to the value: `emit_tensor` writes it; a later stage of a multi-stage recipe consumes it instead (see
 `graph.TensorBuilder`), which is why a method never writes itself. No method has its own execution path: they
-all compose `load, delta, trim, rescale, elect, combine, gram, reduce, lincomb`. The math lives in
-`engine.kernels`; the definitions in docs/methods.md (mergekit's defaults).
+all compose the typed ops of `engine.ops` (load, delta, top-k selection, trims and drops, rescale, elect,
+combine, Gram partials, coefficients, lincomb). The math lives in `engine.kernels`; the definitions in
+docs/methods.md (mergekit's defaults).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..engine import ops
 from ..errors import RecipeError
 from .graph import TensorBuilder
 
@@ -121,20 +123,18 @@ EPSILON = Param("epsilon", float, default=0.15, check=_non_negative)
 
 def emit_tensor(tb: TensorBuilder, block_value: BlockFn) -> None:
     """Write every block of an output tensor (the end of a tensor's subgraph)."""
-    from .plan import ITEMSIZE  # local import: plan imports this module
-
     for j in range(len(tb.blocks)):
-        tb.write(block_value(j), j, ITEMSIZE[tb.out_dtype])
+        tb.write(block_value(j), j)
 
 
 def _select(tb: TensorBuilder, m: int, k: int, tag: str) -> str:
     """Exact k-th largest |delta| over the whole tensor: two radix passes over the blocks (see kernels)."""
     # phases are per model: a base block loaded for model m's pass must not wait for another model's pass
-    h1 = [tb.op("select", (tb.delta(m, j, (1, m, tag)),), 65536 * 8, j, pass_=1) for j in range(len(tb.blocks))]
-    s1 = tb.op("reduce", h1, 1024, kind="topk1", k=k, tag=tag)
-    h2 = [tb.op("select", (tb.delta(m, j, (2, m, tag)), s1), 65536 * 8, j, pass_=2)
+    h1 = [tb.emit(ops.TopkPass1(), (tb.delta(m, j, (1, m, tag)),), 65536 * 8, j) for j in range(len(tb.blocks))]
+    s1 = tb.emit(ops.TopkReduce1(k, tag), h1, 1024)
+    h2 = [tb.emit(ops.TopkPass2(), (tb.delta(m, j, (2, m, tag)), s1), 65536 * 8, j)
           for j in range(len(tb.blocks))]
-    return tb.op("reduce", (s1, *h2), 1024 + 16 * len(tb.blocks), kind="topk2", tag=tag)
+    return tb.emit(ops.TopkReduce2(tag), (s1, *h2), 1024 + 16 * len(tb.blocks))
 
 
 def _sparsify_states(tb: TensorBuilder, m: int, p: dict[str, Any], how: str) -> list[str]:
@@ -166,27 +166,25 @@ def _trim(tb: TensorBuilder, d: str, m: int, p: dict[str, Any], how: str, states
     if how == "magnitude":
         if not states:
             return d
-        return tb.op("trim", (d, states[0]), tb.f32(j), j, method="magnitude", block=j)
+        return tb.emit(ops.TrimMagnitude(block=j), (d, states[0]), tb.f32(j), j)
     if how == "magnitude_outliers":
         upto, top = states
         if upto is None and top is None:
             return d
         ins = tuple(s for s in (upto, top) if s is not None)
-        return tb.op("trim", (d, *ins), tb.f32(j), j, method="outliers", block=j,
-                     has_upto=upto is not None, has_top=top is not None)
+        return tb.emit(ops.TrimOutliers(block=j, has_upto=upto is not None, has_top=top is not None), (d, *ins),
+                       tb.f32(j), j)
     if how == "random":
         if density >= 1.0:
             return d
-        return tb.op("trim", (d,), tb.f32(j), j, method="random", density=density,
-                     rescale=glob["rescale"] and not glob.get("rescale_norm"), seed_parts=seed_parts,
-                     shape=tb.shape, rows=tb.blocks[j])
+        return tb.emit(ops.DropRandom(density, bool(glob["rescale"] and not glob.get("rescale_norm")), seed_parts,
+                                      tb.shape, tb.blocks[j]), (d,), tb.f32(j), j)
     if how == "rank_magnitude_sampling":
         eps = p["epsilon"]
         if not (0.0 < density - eps and density + eps < 1.0):
             raise RecipeError(f"della: density ± epsilon ({density} ± {eps}) must lie in (0, 1)")
-        return tb.op("trim", (d,), tb.f32(j), j, method="della", density=density, epsilon=eps,
-                     rescale=glob["rescale"] and not glob.get("rescale_norm"), seed_parts=seed_parts,
-                     shape=tb.shape, rows=tb.blocks[j])
+        return tb.emit(ops.DropDella(density, eps, bool(glob["rescale"] and not glob.get("rescale_norm")),
+                                     seed_parts, tb.shape, tb.blocks[j]), (d,), tb.f32(j), j)
     raise AssertionError(how)
 
 
@@ -211,25 +209,24 @@ def _build_family(fam: Family) -> Build:
                 for j in range(len(tb.blocks)):
                     d = tb.delta(m, j, (3, m))
                     t = _trim(tb, d, m, p, fam.sparsify, states[n_], j, (tb.seed, tb.name, idx), P.glob)
-                    before.append(tb.op("norm", (d,), tb.block_rows(j) * 8, j, kind=norm_kind))
-                    after.append(tb.op("norm", (t,), tb.block_rows(j) * 8, j, kind=norm_kind))
-                factors[n_] = tb.op("reduce", (*before, *after), 64, kind="rescale_norm", norm=norm_kind,
-                                    split=len(before))
-        weights = [p["weight"] for p in P.models]
+                    before.append(tb.emit(ops.Norm(norm_kind), (d,), tb.block_rows(j) * 8, j))
+                    after.append(tb.emit(ops.Norm(norm_kind), (t,), tb.block_rows(j) * 8, j))
+                factors[n_] = tb.emit(ops.NormFactor(norm_kind, split=len(before)), (*before, *after), 64)
+        weights = tuple(p["weight"] for p in P.models)
 
         def block(j: int) -> str:
             ts = []
             for n_, (m, p, idx) in enumerate(zip(models, P.models, indices)):
                 t = _trim(tb, tb.delta(m, j), m, p, fam.sparsify, states[n_], j, (tb.seed, tb.name, idx), P.glob)
                 if factors[n_] is not None:
-                    t = tb.op("rescale", (t, factors[n_]), tb.f32(j), j)
-                ts.append(tb.op("rescale", (t,), tb.f32(j), j, factor=p["weight"]))   # e_i = w_i d_i'
+                    t = tb.emit(ops.Rescale(), (t, factors[n_]), tb.f32(j), j)
+                ts.append(tb.emit(ops.Rescale(p["weight"]), (t,), tb.f32(j), j))   # e_i = w_i d_i'
             inputs = [tb.load(base, j), *ts]
             if fam.elect:
                 # a bool per entry, plus the float32 sum it is computed from
-                inputs.append(tb.op("elect", ts, tb.f32(j) // 4, j, consensus=P.glob["consensus"]))
-            return tb.op("combine", inputs, tb.f32(j), j, weights=weights,
-                         normalize=P.glob["normalize"], lam=P.glob["lambda"], elect=fam.elect)
+                inputs.append(tb.emit(ops.Elect(P.glob["consensus"]), ts, tb.f32(j) // 4, j))
+            return tb.emit(ops.Combine(weights, P.glob["normalize"], P.glob["lambda"], fam.elect), inputs,
+                           tb.f32(j), j)
 
         return block
 
@@ -237,9 +234,8 @@ def _build_family(fam: Family) -> Build:
 
 
 def _build_linear(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
-    weights = [p["weight"] for p in P.models]
-    return lambda j: tb.op("weighted_sum", [tb.load(m, j) for m in models], tb.f32(j), j, weights=weights,
-                           normalize=P.glob["normalize"])
+    attrs = ops.WeightedSum(tuple(p["weight"] for p in P.models), P.glob["normalize"])
+    return lambda j: tb.emit(attrs, [tb.load(m, j) for m in models], tb.f32(j), j)
 
 
 def _build_task_arithmetic(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
@@ -247,20 +243,21 @@ def _build_task_arithmetic(tb: TensorBuilder, models: list[int], indices: list[i
 
 
 def _gram_then_lincomb(tb: TensorBuilder, gram_inputs: Callable[[int, int], list[str]], n_gram: int,
-                       lin_inputs: Callable[[int], list[str]], kind: str, mode: str = "total",
-                       **attrs: Any) -> BlockFn:
+                       lin_inputs: Callable[[int], list[str]], coeffs: ops.Attrs) -> BlockFn:
     """The one mechanism for methods that need inner products over the whole tensor (slerp, model_stock,
-    nuslerp, multislerp, karcher): per-block Gram partials -> exact reduction -> coefficients -> lincomb.
+    nuslerp, multislerp, karcher): per-block Gram partials -> exact reduction -> coefficients (the op `coeffs`)
+    -> lincomb.
 
-    `mode` says which vectors the inner products are over: "total" (the flattened tensor), "rows" (each row:
-    filter-wise variants) or "cols" (each column)."""
+    `coeffs.mode` says which vectors the inner products are over: "total" (the flattened tensor), "rows" (each
+    row: filter-wise variants) or "cols" (each column)."""
+    mode = coeffs.mode  # type: ignore[attr-defined]
     per = tb.row_numel if mode == "cols" else None
-    parts = [tb.op("gram", gram_inputs(j, 1), (per or tb.block_rows(j)) * n_gram * n_gram * 8, j, mode=mode)
+    parts = [tb.emit(ops.Gram(mode), gram_inputs(j, 1), (per or tb.block_rows(j)) * n_gram * n_gram * 8, j)
              for j in range(len(tb.blocks))]
     width = n_gram + 1
     coef_bytes = {"total": 1, "rows": tb.rows, "cols": tb.row_numel}[mode] * width * 8
-    coef = tb.op("reduce", parts, coef_bytes, kind=kind, mode=mode, **attrs)
-    return lambda j: tb.op("lincomb", (*lin_inputs(j), coef), tb.f32(j), j, rows=tb.blocks[j], mode=mode)
+    coef = tb.emit(coeffs, parts, coef_bytes)
+    return lambda j: tb.emit(ops.Lincomb(tb.blocks[j], mode), (*lin_inputs(j), coef), tb.f32(j), j)
 
 
 def _build_slerp(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
@@ -268,15 +265,15 @@ def _build_slerp(tb: TensorBuilder, models: list[int], indices: list[int], P: Re
     other = next(m for m in models if m != base)
     pair = [base, other]
     return _gram_then_lincomb(tb, lambda j, ph: [tb.load(m, j, ph) for m in pair], 2,
-                       lambda j: [tb.load(m, j) for m in pair], "slerp", t=P.glob["t"])
+                              lambda j: [tb.load(m, j) for m in pair], ops.SlerpCoeffs(P.glob["t"]))
 
 
 def _build_model_stock(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
     base = tb.base
     assert base is not None
     return _gram_then_lincomb(tb, lambda j, ph: [tb.delta(m, j, ph) for m in models], len(models),
-                       lambda j: [tb.load(base, j)] + [tb.load(m, j) for m in models], "model_stock",
-                       "rows" if P.glob["filter_wise"] else "total", n=len(models))
+                              lambda j: [tb.load(base, j)] + [tb.load(m, j) for m in models],
+                              ops.ModelStockCoeffs(len(models), "rows" if P.glob["filter_wise"] else "total"))
 
 
 def _spherical(kind: str) -> Build:
@@ -301,9 +298,16 @@ def _spherical(kind: str) -> Build:
 
             def lin_in(j: int) -> list[str]:
                 return [tb.load(base, j)] + [tb.load(m, j) for m in models]
-        weights = [p.get("weight", 1.0) for p in P.models]
-        return _gram_then_lincomb(tb, gram_in, len(models), lin_in, kind, mode, weights=weights,
-                                  with_base=base is not None, **P.glob)
+        weights = tuple(p.get("weight", 1.0) for p in P.models)
+        with_base = base is not None
+        coeffs: ops.Attrs
+        if kind == "nuslerp":
+            coeffs = ops.NuslerpCoeffs(weights, with_base, mode)
+        elif kind == "multislerp":
+            coeffs = ops.MultislerpCoeffs(weights, P.glob["normalize_weights"], P.glob["eps"], with_base, mode)
+        else:
+            coeffs = ops.KarcherCoeffs(P.glob["max_iter"], P.glob["tol"], mode)
+        return _gram_then_lincomb(tb, gram_in, len(models), lin_in, coeffs)
 
     return build
 
@@ -313,7 +317,7 @@ def _build_passthrough(tb: TensorBuilder, models: list[int], indices: list[int],
 
     def block(j: int) -> str:
         x = tb.load(models[0], j)
-        return tb.op("rescale", (x,), tb.f32(j), j, factor=scale) if scale != 1.0 else x
+        return tb.emit(ops.Rescale(scale), (x,), tb.f32(j), j) if scale != 1.0 else x
 
     return block
 
@@ -368,12 +372,12 @@ register(Method("karcher", (Param("max_iter", int, default=10, per_model=False, 
                 _spherical("karcher"), base="none", min_models=2,
                 doc="Riemannian (Karcher) mean of the models on the hypersphere"))
 def _build_fisher(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
-    weights = [p["weight"] for p in P.models]
+    attrs = ops.Fisher(tuple(p["weight"] for p in P.models))
 
     def block(j: int) -> str:
         xs = [tb.load(m, j) for m in models]
         fs = [tb.load(p["fisher"], j) for p in P.models]
-        return tb.op("fisher", (*xs, *fs), tb.f32(j), j, weights=weights)
+        return tb.emit(attrs, (*xs, *fs), tb.f32(j), j)
 
     return block
 

@@ -16,23 +16,23 @@ from typing import Any
 import networkx as nx
 import psutil
 
+from ..dtypes import FLOAT_CODES, torch_name
+from ..engine.ops import Load
 from ..errors import CheckpointError, RecipeError, printable
+from ..units import human, parse_size
 from ..io.adapters import open_model, parse_model_ref
 from ..io.checkpoint import Checkpoint
-from ..io.writer import OutTensor, ShardLayout, parse_size, plan_layout
+from ..io.writer import OutTensor, ShardLayout, plan_layout
 from .graph import SourceRef, TaskList, TensorBuilder
 from .methods import METHODS, BlockFn, Method, Param, Resolved, emit_tensor
 from .params import TensorPosition, layer_index, lookup_where
-from .recipe import Recipe, check_keys, closest
+from .keys import check_keys, closest
+from .recipe import Recipe
 from .slices import (Group, LayerIndex, TensorSpec, check_layer_ranges, config_num_layers, embedding_name,
                      is_head, slice_specs, sliced_config, ties_embeddings)
 from .stages import StageOutput, resolve_stages, stage_key
 from .vocab import non_tokenizer, plan_vocab
 
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1}
-FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-TORCH_DTYPE_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 DEFAULT_MEMORY_FRACTION = 0.6
 
 
@@ -81,7 +81,7 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(t.attrs["read_bytes"] for t in self.tasks.tasks if t.op == "load")
+        return sum(t.attrs.read_bytes for t in self.tasks.tasks if isinstance(t.attrs, Load))
 
     @property
     def bytes_written(self) -> int:
@@ -92,8 +92,6 @@ class Plan:
         return self.tasks.peak_bytes()
 
     def summary(self) -> str:
-        from ..engine.report import human
-
         blocked = {k: v for k, v in self.blocks.items() if v > 1}
         lines = [
             f"method        {self.method.name}",
@@ -521,7 +519,7 @@ def _emit(st: StagePlan, sources: dict[str, Any], budget: int | None, shard_byte
     config = dict(st.config) if st.config else None
     out_codes = {o.dtype for o in outputs if o.dtype in FLOAT_CODES}
     if config is not None and len(out_codes) == 1:
-        config["torch_dtype"] = TORCH_DTYPE_NAME[out_codes.pop()]
+        config["torch_dtype"] = torch_name(out_codes.pop())
     return Plan(recipe=st.recipe, method=st.method, tasks=tasks, sources=sources, outputs=outputs,
                 layout=plan_layout(outputs, shard_bytes), budget=budget, seed=seed, config=config,
                 aux_files=st.aux_files, blocks=blocks_of,

@@ -6,43 +6,22 @@ Method-specific checks (which parameters a method takes, their ranges) live in `
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import yaml
 
+from ..dtypes import RECIPE_NAMES
 from ..errors import RecipeError
-
-if TYPE_CHECKING:
-    from .slices import OutputSlice
+from .keys import check_keys, mapping, model_fields
+from .slices import OutputSlice, parse_slices
 
 TOP_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
 )
 MODEL_KEYS = ("model", "parameters")
-DTYPES = {
-    "float32": "F32", "fp32": "F32", "float": "F32",
-    "float16": "F16", "fp16": "F16", "half": "F16",
-    "bfloat16": "BF16", "bf16": "BF16",
-    "float64": "F64",
-}
-
-
-def closest(key: str, valid: tuple[str, ...] | list[str]) -> str:
-    """The ' (did you mean X?)' suffix for an unknown key, or '' when nothing is close."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def check_keys(where: str, given: Mapping[str, Any], valid: tuple[str, ...]) -> None:
-    for key in given:
-        if key not in valid:
-            raise RecipeError(
-                f"{where}: unknown key '{key}'{closest(str(key), valid)}; valid keys: {', '.join(valid)}"
-            )
 
 
 @dataclass(frozen=True)
@@ -161,29 +140,10 @@ def read_documents(recipe: Any) -> tuple[list[Any], str]:
 def _dtype(value: Any, key: str, source: str) -> str | None:
     if value is None:
         return None
-    code = DTYPES.get(str(value).lower())
+    code = RECIPE_NAMES.get(str(value).lower())
     if code is None:
         raise RecipeError(f"{source}: {key}: unknown dtype '{value}'; use one of float32, float16, bfloat16")
     return code
-
-
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise RecipeError(f"{where}: must be a mapping of name: value, not {type(value).__name__}")
-    return {str(k): v for k, v in value.items()}
-
-
-def model_fields(item: Any, where: str, valid: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    """The `model` path and `parameters` of a `- model: ...` entry (in `models:` or a slice's `sources:`)."""
-    if not isinstance(item, Mapping):
-        raise RecipeError(f"{where}: must be a mapping with a 'model' key")
-    check_keys(where, item, valid)
-    model = item.get("model")
-    if not isinstance(model, str) or not model:
-        raise RecipeError(f"{where}.model: must be a path to a checkpoint directory")
-    return model, _mapping(item.get("parameters"), f"{where}.parameters")
 
 
 def _model_entry(item: Any, where: str) -> ModelEntry:
@@ -216,8 +176,6 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
         raise RecipeError(f"{source}: models: must be a list of '- model: PATH' entries")
     models = [_model_entry(m, f"{source}: models[{i}]") for i, m in enumerate(models_raw or [])]
     if slices is not None:
-        from .slices import parse_slices
-
         slices = parse_slices(slices, source)
     name = data.get("name")
     if name is not None and (not isinstance(name, str) or not name):
@@ -232,7 +190,7 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
         merge_method=method,
         models=models,
         base_model=base,
-        parameters=_mapping(data.get("parameters"), f"{source}: parameters"),
+        parameters=mapping(data.get("parameters"), f"{source}: parameters"),
         dtype=_dtype(data.get("dtype"), "dtype", source),
         out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source),
         tokenizer_source=tok,

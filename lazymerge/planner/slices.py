@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import RecipeError
+from .keys import check_keys, mapping, model_fields
 from .params import is_post, layer_split
 
 SLICE_KEYS = ("sources", "parameters", "base_model")
@@ -59,8 +60,6 @@ class OutputSlice:
 
 def parse_slices(raw: Any, source: str) -> list[OutputSlice]:
     """Structure of `slices:` (keys, types, equal lengths); models and layer counts are checked when planning."""
-    from .recipe import _mapping, check_keys, model_fields
-
     if not isinstance(raw, list) or not raw:
         raise RecipeError(f"{source}: slices: must be a non-empty list of '- sources: [...]' entries")
     out = []
@@ -89,7 +88,7 @@ def parse_slices(raw: Any, source: str) -> list[OutputSlice]:
         base = item.get("base_model")
         if base is not None and not isinstance(base, str):
             raise RecipeError(f"{where}.base_model: must be a path to a checkpoint directory")
-        out.append(OutputSlice(tuple(sources), _mapping(item.get("parameters"), f"{where}.parameters"), base, where))
+        out.append(OutputSlice(tuple(sources), mapping(item.get("parameters"), f"{where}.parameters"), base, where))
     return out
 
 

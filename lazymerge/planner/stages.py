@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError
-from ..io.shards import DTYPES, TensorInfo
+from ..dtypes import itemsize
+from ..io.shards import TensorInfo
 from .recipe import Recipe, read_documents, recipe_from_data
 
 STAGE_KEY_PREFIX = "stage:"
@@ -112,7 +113,7 @@ class StageOutput:
     def __post_init__(self) -> None:
         self.path = Path(f"<stage {self.name}>")
         for nm, job in self.jobs.items():
-            size = DTYPES[job.out_dtype][1]
+            size = itemsize(job.out_dtype)
             self.tensors[nm] = TensorInfo(nm, job.out_dtype, tuple(job.shape), self.path, 0,
                                           math.prod(job.shape) * size)
 

@@ -31,19 +31,18 @@ Where this differs from mergekit, knowingly: the union lists new tokens in recip
 order (mergekit iterates a set and a hash map); and the output never has fewer rows than the tokenizer source
 model (mergekit shrinks e.g. Qwen's 151936 rows to its 151665 tokens).
 
-At run time the `load` op of a vocab-indexed tensor calls `load_block`, which reads only the source rows a block
-needs (in runs of consecutive rows) and assembles the block with the pure `map_rows`. The merge method then sees
-aligned rows, as for any other tensor. How the pieces are wired:
+At run time the `load` op of a vocab-indexed tensor calls `engine.vocab_rows.load_block`, which reads only the
+source rows a block needs (in runs of consecutive rows) and assembles the block with the pure `map_rows`. The merge
+method then sees aligned rows, as for any other tensor. How the pieces are wired:
 
 - planner: `vp = plan_vocab(...)` once per stage, before the tensor jobs; a tensor in `vp.tensors` has
   `vp.out_vocab` rows in the output and is checked against the other inputs on its trailing dimensions only; a
   checkpoint opened later by a parameter is added with `vp.follow(key, model_key, rows)`; the `load` task of
-  source `key`, rows [a, b), gets the extra attributes `vp.block_attrs(key, tensor, (a, b))` ({} for a source that
-  needs no mapping); config `vocab_size = vp.out_vocab`; when `vp.files` is not empty it replaces the lead's
+  source `key`, rows [a, b), gets `vocab=vp.block_attrs(key, tensor, (a, b))` (None for a source that needs no
+  mapping); config `vocab_size = vp.out_vocab`; when `vp.files` is not empty it replaces the lead's
   tokenizer files (`non_tokenizer(aux)` keeps the others); `vp.warnings` go to the plan's warnings.
-- engine: a `load` task with `vocab_map` in its attributes returns
-  `load_block(read, model, vocab_map, vocab_fill, vocab_row_shape)`, `read(key, (a, b))` reading rows of the same
-  tensor from source `key` as float32.
+- engine: a `load` task with a `vocab` attribute returns `engine.vocab_rows.load_block(read, model, ...)`,
+  `read(key, (a, b))` reading rows of the same tensor from source `key` as float32.
 """
 from __future__ import annotations
 
@@ -52,14 +51,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
-
-import torch
+from typing import Any, Iterable, Mapping
 
 from ..errors import CheckpointError, RecipeError
+from ..engine.vocab_rows import Fill, VocabRows, row_runs
 from ..io.adapters import parse_model_ref
 from .params import layer_index
-from .recipe import check_keys, closest
+from .keys import check_keys, closest
 
 # Files that make up a tokenizer: when a VocabPlan writes its own (`files`), the lead model's copies of these are
 # not copied as aux files.
@@ -74,12 +72,6 @@ TOKEN_KEYS = ("source", "force")
 _VOCAB_NAME = re.compile(r"(?:^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings|"
                          r"shared|output|embeddings|embedding|embed)(?:\.|$)")
 _EMBED_FIRST = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared", "embed")
-# Runs of needed source rows closer than this are read as one range (fewer reads, a few extra rows).
-GAP_ROWS = 16
-# Fixed chunk for whole-tensor means (padding rows): the result must not depend on block sizes.
-MEAN_CHUNK_ROWS = 256
-
-Fill = tuple[tuple[str, int, int], ...]   # mean over entries of (mean of rows [a, b) of source key); () = zeros
 
 
 @dataclass
@@ -126,130 +118,23 @@ class VocabPlan:
             self.fill[key] = f
         self._identity.pop(key, None)
 
-    def block_attrs(self, key: str, name: str, rows: tuple[int, int]) -> dict[str, Any]:
-        """Extra attributes for the `load` task of output rows [a, b) of output tensor `name` from source `key`
-        (plain tuples): `vocab_map` (source rows or -1), `vocab_fill` (one Fill per -1, in order),
-        `vocab_row_shape`, and `read_rows`, the source rows `load_block` reads (for the task's read_bytes).
-        {} when the source needs no mapping (`identity`): load rows [a, b) as usual. (A 1-d tensor is loaded
+    def block_attrs(self, key: str, name: str, rows: tuple[int, int]) -> VocabRows | None:
+        """The `vocab` attribute of the `load` task of output rows [a, b) of output tensor `name` from source
+        `key`: that block's slice of the row map, its fills, the row shape, and how many source rows it reads.
+        None when the source needs no mapping (`identity`): load rows [a, b) as usual. (A 1-d tensor is loaded
         whole, so one with more rows than the output is mapped even then.)"""
         if key not in self.row_maps:
             raise KeyError(f"{key}: not an input of this VocabPlan (a checkpoint opened after plan_vocab needs "
                            "follow())")
         if self.identity(key) and (self.row_shapes[name] or self.rows.get(key, self.out_vocab) == self.out_vocab):
-            return {}
+            return None
         a, b = rows
         row_map = self.row_maps[key][a:b]
         fills = self.fill.get(key, {})
         vocab_fill = tuple(fills.get(a + i, ()) for i, r in enumerate(row_map) if r < 0)
         read = sum(e - s for s, e in row_runs(row_map))
         read += sum(e - s for _, s, e in {entry for f in vocab_fill for entry in f})
-        return {"vocab_map": tuple(row_map), "vocab_fill": vocab_fill,
-                "vocab_row_shape": self.row_shapes[name], "read_rows": read}
-
-
-# -- run-time side: pure assembly + a loader over an injected read function --------------------------------
-
-
-def row_runs(row_map: Iterable[int], gap: int = GAP_ROWS) -> list[tuple[int, int]]:
-    """Sorted ranges [s, e) of source rows covering the non-negative entries of `row_map`; ranges separated by
-    at most `gap` unused rows are merged (one read instead of several)."""
-    rows = sorted({r for r in row_map if r >= 0})
-    runs: list[list[int]] = []
-    for r in rows:
-        if runs and r - runs[-1][1] <= gap:
-            runs[-1][1] = r + 1
-        else:
-            runs.append([r, r + 1])
-    return [(s, e) for s, e in runs]
-
-
-def map_rows(src: torch.Tensor | None, row_map: Sequence[int], fallback_rows: torch.Tensor | None,
-             offset: int = 0, row_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """One block of output rows: `out[i] = src[row_map[i] - offset]` where `row_map[i] >= 0`, and the next row of
-    `fallback_rows` (one row per -1 entry, in order) where it is -1.
-
-    `src` holds consecutive source rows starting at `offset` (None when no entry is >= 0; `row_shape` then gives
-    the shape of a row). Pure: no I/O.
-    """
-    idx = torch.as_tensor(list(row_map), dtype=torch.long)
-    have = idx >= 0
-    n_missing = int((~have).sum())
-    if src is not None:
-        shape, dtype, device = tuple(src.shape[1:]), src.dtype, src.device
-    elif fallback_rows is not None:
-        shape, dtype, device = tuple(fallback_rows.shape[1:]), fallback_rows.dtype, fallback_rows.device
-    else:
-        shape, dtype, device = tuple(row_shape or ()), torch.float32, torch.device("cpu")
-    if n_missing and (fallback_rows is None or fallback_rows.shape[0] != n_missing):
-        got = 0 if fallback_rows is None else fallback_rows.shape[0]
-        raise ValueError(f"map_rows: {n_missing} rows are -1 but {got} fallback rows were given")
-    if bool(have.any()) and src is None:
-        raise ValueError("map_rows: source rows are needed but src is None")
-    out = torch.empty((len(idx), *shape), dtype=dtype, device=device)
-    if bool(have.any()):
-        local = idx[have] - offset
-        if int(local.min()) < 0 or int(local.max()) >= src.shape[0]:
-            raise ValueError(f"map_rows: source rows {int(idx[have].min())}..{int(idx[have].max())} are not all in "
-                             f"src (rows {offset}..{offset + src.shape[0] - 1})")
-        out[have.to(device)] = src[local.to(src.device)]
-    if n_missing:
-        out[(~have).to(device)] = fallback_rows.to(device=device, dtype=dtype)
-    return out
-
-
-Reader = Callable[[str, tuple[int, int]], torch.Tensor]
-
-
-def _mean_rows(read: Reader, key: str, a: int, b: int) -> torch.Tensor:
-    """Mean of rows [a, b) of source `key`, accumulated row by row in float64 over fixed chunks, so the value is
-    the same whichever block asks for it."""
-    if b - a == 1:
-        return read(key, (a, b))[0].to(torch.float64)
-    acc = None
-    for s in range(a, b, MEAN_CHUNK_ROWS):
-        chunk = read(key, (s, min(s + MEAN_CHUNK_ROWS, b))).to(torch.float64)
-        for row in chunk:
-            acc = row.clone() if acc is None else acc.add_(row)
-    return acc / (b - a)
-
-
-def fill_rows(read: Reader, fills: Sequence[Fill], row_shape: tuple[int, ...]) -> torch.Tensor:
-    """The rows for -1 entries: each the mean over its entries of (mean of rows [a, b) of that source), float32."""
-    out = torch.zeros((len(fills), *row_shape), dtype=torch.float32)
-    cache: dict[tuple[str, int, int], torch.Tensor] = {}
-    for i, f in enumerate(fills):
-        if not f:
-            continue
-        acc = None
-        for entry in f:
-            if entry not in cache:
-                cache[entry] = _mean_rows(read, *entry)
-            acc = cache[entry].clone() if acc is None else acc.add_(cache[entry])
-        out[i] = (acc / len(f)).to(torch.float32)
-    return out
-
-
-def load_block(read: Reader, key: str, vocab_map: Sequence[int], vocab_fill: Sequence[Fill],
-               vocab_row_shape: Sequence[int], **_: Any) -> torch.Tensor:
-    """A block of output rows for source `key` (float32): the rows it has, read in runs, and the filled rest.
-
-    `read(key, (a, b))` returns rows [a, b) of the tensor being loaded from source `key` as float32; the keyword
-    arguments are `VocabPlan.block_attrs`'s (extra task attributes are ignored).
-    """
-    row_shape = tuple(vocab_row_shape)
-    runs = row_runs(vocab_map)
-    fallback = fill_rows(read, vocab_fill, row_shape) if vocab_fill else None
-    if not runs:
-        return map_rows(None, vocab_map, fallback, row_shape=row_shape)
-    if len(runs) == 1:
-        return map_rows(read(key, runs[0]), vocab_map, fallback, offset=runs[0][0], row_shape=row_shape)
-    parts, lookup, pos = [], {}, 0
-    for s, e in runs:
-        parts.append(read(key, (s, e)))
-        lookup.update({r: pos + r - s for r in range(s, e)})
-        pos += e - s
-    local = [lookup[r] if r >= 0 else -1 for r in vocab_map]
-    return map_rows(torch.cat(parts), local, fallback, row_shape=row_shape)
+        return VocabRows(tuple(row_map), vocab_fill, self.row_shapes[name], read)
 
 
 # -- tokenizer.json handling (plain JSON) ------------------------------------------------------------------
@@ -766,5 +651,4 @@ def non_tokenizer(paths: Iterable[Path]) -> list[Path]:
     return [p for p in paths if Path(p).name not in TOKENIZER_FILES]
 
 
-__all__ = ["VocabPlan", "plan_vocab", "map_rows", "load_block", "fill_rows", "row_runs", "non_tokenizer",
-           "source_key", "tokenizer_files", "TOKENIZER_FILES"]
+__all__ = ["VocabPlan", "plan_vocab", "non_tokenizer", "source_key", "tokenizer_files", "TOKENIZER_FILES"]
