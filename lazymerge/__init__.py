@@ -1,8 +1,6 @@
 """lazymerge: merge LLM checkpoints as a lazy, out-of-core task graph inside a memory budget."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import os as _os
 
 # Transparent huge pages for torch's CPU allocations: merges allocate and free many block-sized buffers, and with
@@ -10,6 +8,7 @@ import os as _os
 # ops). torch reads this once, at its first allocation, so it must be set before torch is imported.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from ._version import __version__  # noqa: E402
 from .api import merge, plan  # noqa: E402
 from .engine.report import Progress, Report  # noqa: E402
 from .errors import CheckpointError, LazyMergeError, MergeAborted, OutputError, RecipeError  # noqa: E402

@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
+from ._version import __version__
 from .engine.report import Progress, Report
 from .engine.run import run_plan
 from .planner.plan import Plan, compile_plan
@@ -41,8 +42,6 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
     The same recipe, inputs and seed give bit-identical output whatever `memory`, `workers` or block size.
     `progress(Progress)` is called after each task. Returns the Report also saved as OUT/lazymerge_report.json.
     """
-    from . import __version__
-
     p = plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
              max_block_rows=max_block_rows, stage=stage)
     try:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .convert import convert_config_cmd
 from .errors import LazyMergeError
 

@@ -73,7 +73,8 @@ def describe() -> str:
     lines = ["| op | attributes | scratch | what it computes |", "| --- | --- | --- | --- |"]
     for s in OPS.values():
         fields = ", ".join(f"`{f}`" for f in s.attrs.__dataclass_fields__) or "-"
-        lines.append(f"| `{s.name}` | {fields} | {s.scratch:g} | {s.doc} |")
+        doc = s.doc.replace("|", "\\|")
+        lines.append(f"| `{s.name}` | {fields} | {s.scratch:g} | {doc} |")
     return "\n".join(lines)
 
 
@@ -230,7 +231,7 @@ def _fisher(ctx: RunContext, ins: list[Any], a: Fisher, own: tuple[bool, ...]) -
 
 @dataclass(frozen=True)
 class TopkPass1(Attrs):
-    """Top-k, pass 1 over one block: a histogram of the high 16 bits of |d| (CPU)."""
+    """Top-k, pass 1 over one block: a histogram of the high 16 bits of abs(d) (CPU)."""
 
 
 @op("topk_pass1", TopkPass1, scratch=2.0)
@@ -241,7 +242,7 @@ def _topk_pass1(ctx: RunContext, ins: list[Any], a: TopkPass1, own: tuple[bool, 
 
 @dataclass(frozen=True)
 class TopkReduce1(Attrs):
-    """Top-k, pass 1 reduced over all blocks: the high-bits bucket that holds the k-th largest |d|."""
+    """Top-k, pass 1 reduced over all blocks: the high-bits bucket that holds the k-th largest abs(d)."""
 
     k: int
     tag: str                             # which threshold of the tensor ("keep", "upto", "top")
@@ -264,7 +265,7 @@ def _topk_pass2(ctx: RunContext, ins: list[Any], a: TopkPass2, own: tuple[bool, 
 
 @dataclass(frozen=True)
 class TopkReduce2(Attrs):
-    """Top-k, pass 2 reduced: the exact k-th largest |d| and how many ties to keep (inputs: state 1, hists)."""
+    """Top-k, pass 2 reduced: the exact k-th largest abs(d) and how many ties to keep (inputs: state 1, hists)."""
 
     tag: str
 
@@ -371,7 +372,7 @@ def _norm(ctx: RunContext, ins: list[Any], a: Norm, own: tuple[bool, ...]) -> Te
 
 @dataclass(frozen=True)
 class NormFactor(Attrs):
-    """||d|| / ||trimmed d|| from both tensors' norm partials (1 when either is ~0): `rescale_norm`."""
+    """norm(d) / norm(trimmed d) from both tensors' norm partials (1 when either is ~0): `rescale_norm`."""
 
     norm: str
     split: int                           # the first `split` inputs are the partials before trimming

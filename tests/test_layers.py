@@ -1,0 +1,122 @@
+"""The package's imports keep its stated flow (docs/DESIGN.md): recipe -> planner -> engine -> io.
+
+Walks every module's imports from its source (`ast`: module-level *and* function-level imports, relative ones
+resolved) and fails on
+- an upward edge: io importing the engine or the planner (or anything above them), the engine importing the
+  planner;
+- an import circle between modules, wherever the imports sit (a function-level import that only hides a circle
+  is still a circle).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "lazymerge"
+
+# lower number = lower layer; a module may import its own layer and the ones below
+LAYERS = {
+    "lazymerge.errors": 0, "lazymerge.dtypes": 0, "lazymerge.units": 0, "lazymerge._version": 0,
+    "lazymerge.io": 1,
+    "lazymerge.engine": 2,
+    "lazymerge.planner": 3,
+}
+TOP = 4  # api, cli, convert, demo, extract, fisher, synth, the package itself
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer(module: str) -> int:
+    for prefix, n in LAYERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return n
+    return TOP
+
+
+def imports(path: Path) -> set[str]:
+    return imports_of(path.read_text(), module_name(path), path.name == "__init__.py")
+
+
+def imports_of(source: str, me: str, is_package: bool = False) -> set[str]:
+    """The lazymerge modules module `me` imports (`from x import y` counts as x.y when x.y is a module, else x)."""
+    package = me if is_package else me.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names = [f"{mod}.{a.name}" if _is_module(f"{mod}.{a.name}") else mod for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n == "lazymerge" or n.startswith("lazymerge.")}
+    out.discard(me)
+    return out
+
+
+def _is_module(name: str) -> bool:
+    p = PKG.parent.joinpath(*name.split("."))
+    return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports(p) for p in sorted(PKG.rglob("*.py"))}
+
+
+def test_walk_finds_the_package():
+    g = graph()
+    assert {"lazymerge.io.shards", "lazymerge.engine.ops", "lazymerge.planner.plan"} <= set(g)
+    assert "lazymerge.engine.kernels" in g["lazymerge.engine.ops"]          # relative imports are resolved
+
+
+def test_no_upward_imports():
+    bad = [f"{mod} (layer {layer(mod)}) imports {dep} (layer {layer(dep)})"
+           for mod, deps in graph().items() for dep in sorted(deps)
+           if layer(dep) > layer(mod) and layer(mod) < TOP]
+    assert not bad, "imports against the flow recipe -> planner -> engine -> io:\n  " + "\n  ".join(bad)
+
+
+def test_no_import_circles():
+    g = graph()
+    cycles = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for dep in sorted(g.get(m, ())):
+            if dep not in g:
+                continue
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import circles:\n  " + "\n  ".join(cycles)
+
+
+@pytest.mark.parametrize("me, dep", [("lazymerge.io.x", "from ..engine import kernels"),
+                                     ("lazymerge.engine.x", "from lazymerge.planner.vocab import plan_vocab"),
+                                     ("lazymerge.engine.x", "import lazymerge.planner.plan")])
+def test_the_walk_sees_a_function_level_upward_import(me, dep):
+    """The check itself: an upward import hidden in a function is found."""
+    found = imports_of(f"def g():\n    {dep}\n", me)
+    assert any(layer(d) > layer(me) for d in found), found
