@@ -313,3 +313,126 @@ def gradient_value(values: Sequence[float], layer: int, num_layers: int) -> floa
     i1 = min(i0 + 1, len(values) - 1)
     frac = pos - i0
     return float((1 - frac) * values[i0] + frac * values[i1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain block kernels: the straightforward formulas the engine's lean kernels (engine/kernels.py, engine/ops.py)
+# replaced. Kept here as oracles: tests/test_kernels.py checks the lean versions against them bit for bit.
+# ----------------------------------------------------------------------------------------------------------------
+def elect_sign(es: Sequence[torch.Tensor], consensus: str = "sum", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """TIES sign election: +1 where the consensus statistic is >= 0, else -1.
+
+    ``sum`` uses the sum of the weighted deltas, ``count`` the sum of their signs (mergekit ``get_mask``); ties
+    (statistic exactly 0) elect +1.  ``dtype`` may be int8 (mergekit's ``int8_mask``), the values are identical.
+    """
+    if consensus == "sum":
+        terms = list(es)
+    elif consensus == "count":
+        terms = [torch.sign(e) for e in es]
+    else:
+        raise ValueError(f"elect_sign: unknown consensus {consensus!r} (expected 'sum' or 'count')")
+    stat = terms[0]
+    for t in terms[1:]:
+        stat = stat + t
+    return torch.where(stat >= 0, 1, -1).to(dtype)
+
+
+def combine_block(
+    es: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    sign: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Mix the weighted deltas ``e_i = w_i d_i'`` into one delta D (methods.md step 4).
+
+    With ``sign`` (from `elect_sign`) only entries whose sign agrees are summed (a zero entry has sign 0 and never
+    agrees) and the divisor is the per-element sum of the agreeing weights, exact 0 -> 1.  Without it the divisor
+    is the scalar ``sum_i w_i`` with ``|.| < 1e-8 -> 1``.  The divisor is applied only when ``normalize``.
+    """
+    if len(es) != len(weights) or not es:
+        raise ValueError(f"combine: {len(es)} deltas for {len(weights)} weights")
+    if sign is None:
+        mixed = es[0]
+        for e in es[1:]:
+            mixed = mixed + e
+        if not normalize:
+            return mixed
+        divisor = torch.tensor(weights[0], dtype=torch.float32)
+        for w in weights[1:]:
+            divisor = divisor + torch.tensor(w, dtype=torch.float32)
+        if abs(float(divisor)) < 1e-8:
+            return mixed
+        return mixed / divisor
+    s = sign.to(torch.float32)
+    mixed = None
+    divisor = None
+    for e, w in zip(es, weights):
+        agree = torch.sign(e) == s
+        term = torch.where(agree, e, 0.0)
+        wterm = torch.where(agree, torch.tensor(w, dtype=torch.float32), 0.0)
+        mixed = term if mixed is None else mixed + term
+        divisor = wterm if divisor is None else divisor + wterm
+    if not normalize:
+        return mixed
+    divisor = torch.where(divisor == 0, 1.0, divisor)
+    return mixed / divisor
+
+
+def random_mask(d: torch.Tensor, density: float, u: torch.Tensor) -> torch.Tensor:
+    """DARE drop: keep an entry where its uniform ``u < density`` (probability ``density``), zero the rest.
+
+    density >= 1 keeps everything, as mergekit returns the tensor untouched.
+    """
+    if density >= 1:
+        return d
+    return torch.where(u < density, d, 0.0)
+
+
+def dare_rescale(d: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE's ``1/density`` rescale of the kept entries (skipped for density >= 1, which drops nothing).
+
+    mergekit subtlety: recent mergekit replaced this by an L1-norm rescale (``rescale_norm: l1``); methods.md keeps
+    the paper's ``1/density``, and ``rescale_norm`` is available separately through the norm kernels below.
+    """
+    if density >= 1:
+        return d
+    return d / density
+
+
+def magnitude_k(numel: int, density: float) -> int:
+    """Entries kept by ``magnitude`` (ties): ``int(density * numel)``, all for density >= 1; 0 is an error."""
+    if density >= 1:
+        return numel
+    k = int(density * numel)
+    if k <= 0:
+        raise ValueError(f"density {density} keeps no entry of a tensor with {numel} elements")
+    return k
+
+
+def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """``(k_hi, k_top)``: keep the ``k_hi`` largest ``|d|`` minus the ``k_top`` largest.
+
+    methods.md / mergekit: keep = int(density n), top = int(gamma n), bot = n - keep - top (negative -> top += bot,
+    bot = 0); ascending ranks [bot, n - top) survive, i.e. k_hi = n - bot.  mergekit slices ``indices[bot:-top]``,
+    which keeps nothing when top == 0; here k_top == 0 means "remove no outliers".  density >= 1 keeps everything
+    (mergekit returns the tensor before looking at gamma).  A density keeping no entry is an error.
+    """
+    if density >= 1:
+        return numel, 0
+    keep = int(density * numel)
+    if keep <= 0:
+        raise ValueError(f"density {density} keeps no entry of a tensor with {numel} elements")
+    top = int(gamma * numel)
+    bot = numel - keep - top
+    if bot < 0:
+        top += bot
+        bot = 0
+    return numel - bot, top
+
+
+def norm_rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
+    """Factor restoring the pre-mask norm (mergekit ``rescaled_masked_tensor``); 1 when either norm < eps."""
+    if before < eps or after < eps:
+        return 1.0
+    return before / after
+

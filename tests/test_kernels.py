@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 
+import reference as oracle
+
 from lazymerge.engine import kernels as K
 from lazymerge.io.adapters import lora_rows
 
@@ -74,13 +76,13 @@ def test_elect_sign_and_combine_match_ties_formula():
     mixed_ref = (stack * agree).sum(0)
     div_ref = (torch.tensor(weights, dtype=torch.float64).view(3, 1, 1) * agree).sum(0)
     div_ref[div_ref == 0] = 1
-    sign = assert_block_invariant(lambda *e: K.elect_sign(list(e)), es)
+    sign = assert_block_invariant(lambda *e: oracle.elect_sign(list(e)), es)
     assert torch.equal(sign.double(), sign_ref)
-    assert torch.equal(K.elect_sign(es, dtype=torch.int8), sign_ref.to(torch.int8))
-    mixed = assert_block_invariant(lambda *a: K.combine(list(a[:3]), weights, sign=a[3]), es + [sign])
+    assert torch.equal(oracle.elect_sign(es, dtype=torch.int8), sign_ref.to(torch.int8))
+    mixed = assert_block_invariant(lambda *a: oracle.combine_block(list(a[:3]), weights, sign=a[3]), es + [sign])
     assert (mixed.double() - mixed_ref).abs().max() < TOL
     normed = assert_block_invariant(
-        lambda *a: K.combine(list(a[:3]), weights, sign=a[3], normalize=True), es + [sign]
+        lambda *a: oracle.combine_block(list(a[:3]), weights, sign=a[3], normalize=True), es + [sign]
     )
     assert (normed.double() - mixed_ref / div_ref).abs().max() < TOL
 
@@ -93,20 +95,20 @@ def test_elect_sign_count_and_ties_to_plus():
     ]
     # sum:   3, 0, 0, 0            -> +1 +1 +1 +1
     # count: -1, -1, 0, 0          -> -1 -1 +1 +1
-    assert K.elect_sign(es, "sum").tolist() == [1.0, 1.0, 1.0, 1.0]
-    assert K.elect_sign(es, "count").tolist() == [-1.0, -1.0, 1.0, 1.0]
+    assert oracle.elect_sign(es, "sum").tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert oracle.elect_sign(es, "count").tolist() == [-1.0, -1.0, 1.0, 1.0]
     with pytest.raises(ValueError):
-        K.elect_sign(es, "majority")
+        oracle.elect_sign(es, "majority")
 
 
 def test_combine_without_sign():
     es = [randn(6, 3, seed=s) for s in range(2)]
-    plain = K.combine(es, [0.25, 0.5])
+    plain = oracle.combine_block(es, [0.25, 0.5])
     assert (plain.double() - (es[0].double() + es[1].double())).abs().max() < TOL
-    normed = K.combine(es, [0.25, 0.5], normalize=True)
+    normed = oracle.combine_block(es, [0.25, 0.5], normalize=True)
     assert (normed.double() - (es[0].double() + es[1].double()) / 0.75).abs().max() < TOL
     # a ~zero weight sum is replaced by 1
-    assert torch.equal(K.combine(es, [1.0, -1.0], normalize=True), K.combine(es, [1.0, -1.0]))
+    assert torch.equal(oracle.combine_block(es, [1.0, -1.0], normalize=True), oracle.combine_block(es, [1.0, -1.0]))
 
 
 def test_lincomb_global_and_rowwise():
@@ -176,12 +178,12 @@ def test_random_mask_and_dare_rescale():
     shape = (200, 500)
     d = randn(*shape, seed=4)
     u = K.uniform_rows(7, shape, (0, shape[0]))
-    kept = K.random_mask(d, 0.3, u)
+    kept = oracle.random_mask(d, 0.3, u)
     assert torch.equal(kept, torch.where(u < 0.3, d, torch.zeros(())))
     frac = float((kept != 0).double().mean())
     assert abs(frac - 0.3) < 0.01  # 100k Bernoulli(0.3) draws: sd 0.0015
-    assert torch.allclose(K.dare_rescale(kept, 0.3), kept / 0.3, rtol=1e-6, atol=0)
-    assert K.random_mask(d, 1.0, u) is d and K.dare_rescale(d, 1.0) is d
+    assert torch.allclose(oracle.dare_rescale(kept, 0.3), kept / 0.3, rtol=1e-6, atol=0)
+    assert oracle.random_mask(d, 1.0, u) is d and oracle.dare_rescale(d, 1.0) is d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,9 +236,9 @@ def test_topk_edge_cases():
     assert mask.tolist() == [True] * 4 + [False] * 14
     with pytest.raises(ValueError, match="k=0"):
         K.topk_reduce1([K.topk_pass1(d)], 0)
-    assert K.magnitude_k(100, 0.25) == 25 and K.magnitude_k(100, 1.0) == 100
+    assert oracle.magnitude_k(100, 0.25) == 25 and oracle.magnitude_k(100, 1.0) == 100
     with pytest.raises(ValueError):
-        K.magnitude_k(100, 0.001)
+        oracle.magnitude_k(100, 0.001)
     one_d = randn(50, seed=8)
     m = topk_blocked(one_d, 5, [(0, 50)])
     ref = torch.zeros(50, dtype=torch.bool)
@@ -262,15 +264,23 @@ def breadcrumbs_reference(d: torch.Tensor, density: float, gamma: float) -> torc
     return mask.reshape(d.shape)
 
 
+def outliers_mask(d_block: torch.Tensor, state_hi: dict, state_top: dict | None, block_index: int) -> torch.Tensor:
+    """Breadcrumbs keep-mask as the engine's `trim_outliers` op forms it: in the top k_hi, not in the top k_top."""
+    keep = K.topk_mask(d_block, state_hi, block_index)
+    if state_top is not None:
+        keep &= ~K.topk_mask(d_block, state_top, block_index)
+    return keep
+
+
 def breadcrumbs_blocked(d: torch.Tensor, density: float, gamma: float, blocks) -> torch.Tensor:
-    k_hi, k_top = K.breadcrumbs_counts(d.numel(), density, gamma)
+    k_hi, k_top = oracle.breadcrumbs_counts(d.numel(), density, gamma)
 
     def state(k):
         s1 = K.topk_reduce1([K.topk_pass1(d[a:b]) for a, b in blocks], k)
         return K.topk_reduce2([K.topk_pass2(d[a:b], s1) for a, b in blocks], s1)
 
     hi, top = state(k_hi), (state(k_top) if k_top else None)
-    return torch.cat([K.magnitude_outliers_mask(d[a:b], hi, top, i) for i, (a, b) in enumerate(blocks)])
+    return torch.cat([outliers_mask(d[a:b], hi, top, i) for i, (a, b) in enumerate(blocks)])
 
 
 @pytest.mark.parametrize("density, gamma", [(0.5, 0.1), (0.3, 0.0), (0.95, 0.2), (0.9, 0.01), (1.0, 0.1)])
@@ -283,11 +293,11 @@ def test_breadcrumbs_matches_rank_formula(density, gamma):
 
 
 def test_breadcrumbs_counts():
-    assert K.breadcrumbs_counts(1000, 0.5, 0.01) == (510, 10)
-    assert K.breadcrumbs_counts(1000, 0.5, 0.0) == (500, 0)  # top == 0 keeps up to the largest
-    assert K.breadcrumbs_counts(1000, 0.995, 0.01) == (1000, 5)  # bot < 0 -> fewer outliers removed
+    assert oracle.breadcrumbs_counts(1000, 0.5, 0.01) == (510, 10)
+    assert oracle.breadcrumbs_counts(1000, 0.5, 0.0) == (500, 0)  # top == 0 keeps up to the largest
+    assert oracle.breadcrumbs_counts(1000, 0.995, 0.01) == (1000, 5)  # bot < 0 -> fewer outliers removed
     with pytest.raises(ValueError):
-        K.breadcrumbs_counts(10, 0.05, 0.01)
+        oracle.breadcrumbs_counts(10, 0.05, 0.01)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,8 +380,8 @@ def test_norms_exact_across_blockings(kind):
 
 
 def test_norm_rescale_factor():
-    assert K.norm_rescale_factor(2.0, 0.5) == 4.0
-    assert K.norm_rescale_factor(2.0, 1e-9) == 1.0 and K.norm_rescale_factor(0.0, 1.0) == 1.0
+    assert oracle.norm_rescale_factor(2.0, 0.5) == 4.0
+    assert oracle.norm_rescale_factor(2.0, 1e-9) == 1.0 and oracle.norm_rescale_factor(0.0, 1.0) == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -654,11 +664,11 @@ def test_lean_election_matches_plain_kernels(consensus: str, normalize: bool) ->
     for _ in range(10):
         es = [torch.randn(1000, generator=g) * (torch.rand(1000, generator=g) > 0.3) for _ in range(3)]
         w = [0.5, 0.7, 0.2]
-        sign = K.elect_sign(es, consensus)
+        sign = oracle.elect_sign(es, consensus)
         nonneg = K.elect_nonneg(es, consensus)
         assert torch.equal(nonneg, sign > 0)
-        ref = K.combine(es, w, sign=sign, normalize=normalize)
+        ref = oracle.combine_block(es, w, sign=sign, normalize=normalize)
         got = K.combine_elected([e.clone() for e in es], w, nonneg, normalize, own=(True, False, True))
         assert torch.equal(got, ref)
         summed = K.sum_into([e.clone() for e in es], own0=True)
-        assert torch.equal(summed, K.combine(es, w, normalize=False))
+        assert torch.equal(summed, oracle.combine_block(es, w, normalize=False))

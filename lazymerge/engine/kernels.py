@@ -79,65 +79,6 @@ def weighted_sum(xs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return acc
 
 
-def elect_sign(es: Sequence[Tensor], consensus: str = "sum", dtype: torch.dtype = torch.float32) -> Tensor:
-    """TIES sign election: +1 where the consensus statistic is >= 0, else -1.
-
-    ``sum`` uses the sum of the weighted deltas, ``count`` the sum of their signs (mergekit ``get_mask``); ties
-    (statistic exactly 0) elect +1.  ``dtype`` may be int8 (mergekit's ``int8_mask``), the values are identical.
-    """
-    if consensus == "sum":
-        terms = list(es)
-    elif consensus == "count":
-        terms = [torch.sign(e) for e in es]
-    else:
-        raise ValueError(f"elect_sign: unknown consensus {consensus!r} (expected 'sum' or 'count')")
-    stat = terms[0]
-    for t in terms[1:]:
-        stat = stat + t
-    return torch.where(stat >= 0, 1, -1).to(dtype)
-
-
-def combine(
-    es: Sequence[Tensor],
-    weights: Sequence[float],
-    sign: Tensor | None = None,
-    normalize: bool = False,
-) -> Tensor:
-    """Mix the weighted deltas ``e_i = w_i d_i'`` into one delta D (methods.md step 4).
-
-    With ``sign`` (from `elect_sign`) only entries whose sign agrees are summed (a zero entry has sign 0 and never
-    agrees) and the divisor is the per-element sum of the agreeing weights, exact 0 -> 1.  Without it the divisor
-    is the scalar ``sum_i w_i`` with ``|.| < 1e-8 -> 1``.  The divisor is applied only when ``normalize``.
-    """
-    if len(es) != len(weights) or not es:
-        raise ValueError(f"combine: {len(es)} deltas for {len(weights)} weights")
-    if sign is None:
-        mixed = es[0]
-        for e in es[1:]:
-            mixed = mixed + e
-        if not normalize:
-            return mixed
-        divisor = torch.tensor(weights[0], dtype=torch.float32)
-        for w in weights[1:]:
-            divisor = divisor + torch.tensor(w, dtype=torch.float32)
-        if abs(float(divisor)) < 1e-8:
-            return mixed
-        return mixed / divisor
-    s = sign.to(torch.float32)
-    mixed = None
-    divisor = None
-    for e, w in zip(es, weights):
-        agree = torch.sign(e) == s
-        term = torch.where(agree, e, 0.0)
-        wterm = torch.where(agree, torch.tensor(w, dtype=torch.float32), 0.0)
-        mixed = term if mixed is None else mixed + term
-        divisor = wterm if divisor is None else divisor + wterm
-    if not normalize:
-        return mixed
-    divisor = torch.where(divisor == 0, 1.0, divisor)
-    return mixed / divisor
-
-
 def lincomb(xs: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     """``y = sum_i c_i x_i`` with float64 coefficients, accumulated in float64 and rounded once to float32.
 
@@ -211,27 +152,6 @@ def uniform_rows(seed: int, shape: tuple[int, ...], rows: tuple[int, int]) -> Te
     return torch.cat(chunks).reshape(block_shape)
 
 
-def random_mask(d: Tensor, density: float, u: Tensor) -> Tensor:
-    """DARE drop: keep an entry where its uniform ``u < density`` (probability ``density``), zero the rest.
-
-    density >= 1 keeps everything, as mergekit returns the tensor untouched.
-    """
-    if density >= 1:
-        return d
-    return torch.where(u < density, d, 0.0)
-
-
-def dare_rescale(d: Tensor, density: float) -> Tensor:
-    """DARE's ``1/density`` rescale of the kept entries (skipped for density >= 1, which drops nothing).
-
-    mergekit subtlety: recent mergekit replaced this by an L1-norm rescale (``rescale_norm: l1``); methods.md keeps
-    the paper's ``1/density``, and ``rescale_norm`` is available separately through the norm kernels below.
-    """
-    if density >= 1:
-        return d
-    return d / density
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Magnitude top-k: exact two-pass radix select over blocks
 #
@@ -247,16 +167,6 @@ _BINS = 65536
 
 def _abs_bits(d: Tensor) -> Tensor:
     return d.abs().contiguous().view(torch.int32).reshape(-1)
-
-
-def magnitude_k(numel: int, density: float) -> int:
-    """Entries kept by ``magnitude`` (ties): ``int(density * numel)``, all for density >= 1; 0 is an error."""
-    if density >= 1:
-        return numel
-    k = int(density * numel)
-    if k <= 0:
-        raise ValueError(f"density {density} keeps no entry of a tensor with {numel} elements")
-    return k
 
 
 def topk_pass1(d_block: Tensor) -> Tensor:
@@ -327,44 +237,6 @@ def topk_mask(d_block: Tensor, state2: dict, block_index: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Breadcrumbs (magnitude_outliers) as two top-k masks
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
-    """``(k_hi, k_top)``: keep the ``k_hi`` largest ``|d|`` minus the ``k_top`` largest.
-
-    methods.md / mergekit: keep = int(density n), top = int(gamma n), bot = n - keep - top (negative -> top += bot,
-    bot = 0); ascending ranks [bot, n - top) survive, i.e. k_hi = n - bot.  mergekit slices ``indices[bot:-top]``,
-    which keeps nothing when top == 0; here k_top == 0 means "remove no outliers".  density >= 1 keeps everything
-    (mergekit returns the tensor before looking at gamma).  A density keeping no entry is an error.
-    """
-    if density >= 1:
-        return numel, 0
-    keep = int(density * numel)
-    if keep <= 0:
-        raise ValueError(f"density {density} keeps no entry of a tensor with {numel} elements")
-    top = int(gamma * numel)
-    bot = numel - keep - top
-    if bot < 0:
-        top += bot
-        bot = 0
-    return numel - bot, top
-
-
-def magnitude_outliers_mask(d_block: Tensor, state_hi: dict, state_top: dict | None, block_index: int) -> Tensor:
-    """Breadcrumbs keep-mask: in the top ``k_hi`` and not in the top ``k_top`` (``state_top`` None when k_top == 0).
-
-    Both selections order by (|d| descending, flat index ascending), so the top-``k_top`` set is inside the
-    top-``k_hi`` set and exactly ``k_hi - k_top`` entries survive.
-    """
-    keep = topk_mask(d_block, state_hi, block_index)
-    if state_top is not None:
-        keep &= ~topk_mask(d_block, state_top, block_index)
-    return keep
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # DELLA rank-magnitude sampling
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -429,13 +301,6 @@ def norm_from_partials(parts: Sequence[Tensor], kind: str) -> float:
         return max(values, default=0.0)
     total = math.fsum(values)
     return math.sqrt(total) if kind == "l2" else total
-
-
-def norm_rescale_factor(before: float, after: float, eps: float = 1e-7) -> float:
-    """Factor restoring the pre-mask norm (mergekit ``rescaled_masked_tensor``); 1 when either norm < eps."""
-    if before < eps or after < eps:
-        return 1.0
-    return before / after
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -761,7 +626,8 @@ def fisher_merge(xs: Sequence[Tensor], fs: Sequence[Tensor], weights: Sequence[f
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Lean variants for the engine: same bits as the reference kernels above, fewer and smaller temporaries.
+# TIES election and mixing, lean: the same bits as the plain formulas (tests/reference.py `elect_sign`,
+# `combine_block`, which tests/test_kernels.py checks them against) with fewer and smaller temporaries.
 #
 # `own=True` means the caller donates the first tensor argument (nobody else will read it), so it may be
 # overwritten; in-place float ops round exactly like their out-of-place twins, so results stay bit-identical.
@@ -769,7 +635,8 @@ def fisher_merge(xs: Sequence[Tensor], fs: Sequence[Tensor], weights: Sequence[f
 
 
 def elect_nonneg(es: Sequence[Tensor], consensus: str = "sum") -> Tensor:
-    """`elect_sign` as a bool tensor (True where the elected sign is +1): 1 byte per entry instead of 4."""
+    """TIES sign election as a bool tensor (True where the elected sign is +1; a statistic of exactly 0 elects +1):
+    ``sum`` sums the weighted deltas, ``count`` their signs (mergekit ``get_mask``). 1 byte per entry."""
     if consensus == "sum":
         stat = es[0] + es[1] if len(es) > 1 else es[0].clone()
         for e in es[2:]:
@@ -785,7 +652,7 @@ def elect_nonneg(es: Sequence[Tensor], consensus: str = "sum") -> Tensor:
 
 def combine_elected(es: Sequence[Tensor], weights: Sequence[float], nonneg: Tensor, normalize: bool,
                     own: Sequence[bool] = ()) -> Tensor:
-    """`combine` with a sign from `elect_nonneg`: sum the entries whose sign agrees with the elected one, divided
+    """methods.md step 4 with a sign from `elect_nonneg`: sum the entries whose sign agrees with the elected one, divided
     (with `normalize`) by the sum of the agreeing models' weights, an exact 0 read as 1."""
     mixed: Tensor | None = None
     divisor: Tensor | None = None
