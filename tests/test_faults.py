@@ -390,6 +390,14 @@ def test_overwrite_replaces_whole_directory(exchange: bool, tmp_path: Path, monk
     from lazymerge.io import writer as W
 
     if exchange:
+        probe = [tmp_path / "probe-a", tmp_path / "probe-b"]
+        for p in probe:
+            p.mkdir()
+        available = W._exchange(*probe)
+        for p in probe:
+            p.rmdir()
+        if not available:
+            pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this filesystem")
         real = W._exchange
         used = []
         monkeypatch.setattr(W, "_exchange", lambda a, b: used.append(real(a, b)) or used[-1])
@@ -404,5 +412,5 @@ def test_overwrite_replaces_whole_directory(exchange: bool, tmp_path: Path, monk
         w.finalize(config=None, aux_files=[], extra_files={})
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert os.listdir(tmp_path) == ["out"]
-    if exchange and used != [True]:
-        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this filesystem (the fallback was used)")
+    if exchange:
+        assert used == [True], "the atomic exchange was available but not used"

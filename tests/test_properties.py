@@ -3,8 +3,9 @@
 - the safetensors header reader (`read_header`) on random bytes, on a valid length prefix + random JSON, and on
   random tensor entries; whatever it accepts must be safe to read (no byte outside the file, no overlap);
 - the checkpoint index reader (`Checkpoint.open`) on random `weight_map`s, including escaping paths;
-- the recipe parser (`parse_recipe`) on random text, random YAML token soup (tags, anchors, aliases) and random
-  structured recipes.
+- the recipe parser on random text, random YAML token soup (tags, anchors, aliases) and random structured recipes:
+  `parse_recipe` and the path `lazymerge.plan` takes (`stages.resolve_stages`: every `---` document, the stage
+  graph), including multi-stage recipes whose stages refer to each other.
 
 Example counts are bounded so the file runs in well under 20 s; no example database is written.
 """
@@ -30,6 +31,7 @@ from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.dtypes import DTYPES
 from lazymerge.io.shards import ShardReader, read_header
 from lazymerge.planner.recipe import TOP_KEYS, Recipe, parse_recipe
+from lazymerge.planner.stages import resolve_stages
 
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
                                                                     HealthCheck.function_scoped_fixture])
@@ -205,15 +207,32 @@ def plain(value: object) -> bool:
 
 
 def check_recipe(text: str) -> None:
+    """Both entry points: `parse_recipe` (one document, `yaml.load`) and the path `lazymerge.plan` really takes,
+    `stages.resolve_stages` (`read_documents`: every `---` document, `yaml.load_all`, then the stage graph)."""
+    text = text if "\n" in text else text + "\n"
     try:
-        r = parse_recipe(text if "\n" in text else text + "\n")
+        r = parse_recipe(text)
     except RecipeError as exc:
         one_line(exc)
         event("refused")
+    else:
+        event("accepted")
+        assert isinstance(r, Recipe) and isinstance(r.merge_method, str)
+        assert plain(r.raw)
+    check_stages(text)
+
+
+def check_stages(recipe: object, stage: str | None = None) -> None:
+    try:
+        chain = resolve_stages(recipe, stage)
+    except RecipeError as exc:
+        one_line(exc)
+        event("stages refused")
         return
-    event("accepted")
-    assert isinstance(r, Recipe) and isinstance(r.merge_method, str)
-    assert plain(r.raw)
+    event(f"stages accepted ({min(len(chain), 3)}{'+' if len(chain) > 2 else ''})")
+    assert chain and all(isinstance(r, Recipe) and plain(r.raw) for r in chain)
+    names = [r.name for r in chain]
+    assert len(set(names)) == len(names), names                 # each stage once, dependencies first
 
 
 @settings(max_examples=200, **SETTINGS)
@@ -271,6 +290,34 @@ def test_structured_random_recipe(data: dict, flow: bool) -> None:
         one_line(exc)
 
 
+_names = st.sampled_from(["a", "b", "c", "./m"])
+stage_names = st.one_of(_names, _names, _names, _names, scalars)
+stage_docs = st.fixed_dictionaries(
+    {"merge_method": st.sampled_from(["linear", "ties", "slerp", "passthrough"]),
+     "models": st.lists(st.fixed_dictionaries({"model": stage_names | st.sampled_from(["./m", "a+./ad"])},
+                                              optional={"parameters": values}) | stage_names, max_size=3)},
+    optional={"name": stage_names, "base_model": stage_names, "dtype": st.sampled_from(["bfloat16", "x"]) | values,
+              "tokenizer_source": st.sampled_from(["base", "union"]) | stage_names})
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(st.lists(st.one_of(stage_docs, stage_docs, stage_docs, values), min_size=1, max_size=4),
+       st.sampled_from([None, "a", "b", "zzz"]),
+       st.booleans())
+def test_structured_multi_stage_recipe(docs: list, stage: str | None, flow: bool) -> None:
+    """Multi-document recipes with stage names referring to each other (cycles, duplicates, unknown stages)
+    through the real path: YAML text with `---` documents, and the same documents as a list."""
+    try:
+        text = yaml.safe_dump_all(docs, default_flow_style=flow, allow_unicode=True)
+    except yaml.YAMLError:
+        return
+    check_stages(text, stage)
+    try:
+        resolve_stages(docs, stage)
+    except LazyMergeError as exc:
+        one_line(exc)
+
+
 @pytest.mark.parametrize("text", [
     "merge_method: !!python/object/apply:os.system ['touch PWNED']\n",
     "merge_method: ties\nmodels: !!python/object/new:subprocess.Popen [['touch', 'PWNED']]\n",
@@ -280,5 +327,7 @@ def test_constructing_yaml_never_runs(text: str, tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RecipeError):
         parse_recipe(text)
+    with pytest.raises(RecipeError):
+        resolve_stages("merge_method: linear\nname: s\nmodels: [./m]\n---\n" + text)
     assert not (tmp_path / "PWNED").exists()
     assert os.listdir(tmp_path) == []
