@@ -15,7 +15,6 @@ from typing import Any, Callable
 import click
 
 from ._version import __version__
-from .convert import convert_config_cmd
 from .errors import LazyMergeError
 
 SIZE_HELP = "e.g. 2GiB, 1500MB, 8G (binary), or 'unlimited'"
@@ -260,7 +259,28 @@ def fisher_cmd(model: Path, data: Path, out: Path, max_samples: int, seq_len: in
                f"{report.out}")
 
 
-main.add_command(convert_config_cmd)
+@main.command("convert-config")
+@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the recipe to this file (default: print it).")
+@_friendly
+def convert_config_cmd(input: Path, out: Path | None) -> None:
+    """Convert a simple merge config INPUT (JSON or YAML: strategy weighted | task_arithmetic | slerp |
+    sequential, a list of {path, weight}, an optional base) into a lazymerge recipe.
+
+    \b
+    strategy: weighted         -> merge_method: linear
+    strategy: task_arithmetic  -> merge_method: task_arithmetic (op: subtract or a negative weight subtracts)
+    strategy: slerp            -> merge_method: slerp (t, or the second model's weight)
+    strategy: sequential       -> a multi-stage recipe, one stage per added model
+    """
+    from .convert import convert_file
+
+    text = convert_file(input, out)
+    if text is None:
+        click.echo(f"wrote {out}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

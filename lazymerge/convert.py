@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-import click
 import yaml
 
-from .errors import LazyMergeError, OutputError, RecipeError
+from .errors import OutputError, RecipeError
 from .dtypes import RECIPE_NAMES
 from .planner.keys import closest
 from .planner.recipe import load_yaml
@@ -274,33 +272,17 @@ def read_config(path: Path) -> Any:
     return load_yaml(text, str(path))
 
 
-@click.command("convert-config")
-@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the recipe to this file (default: print it).")
-def convert_config_cmd(input: Path, out: Path | None) -> None:
-    """Convert a simple merge config INPUT (JSON or YAML: strategy weighted | task_arithmetic | slerp |
-    sequential, a list of {path, weight}, an optional base) into a lazymerge recipe.
-
-    \b
-    strategy: weighted         -> merge_method: linear
-    strategy: task_arithmetic  -> merge_method: task_arithmetic (op: subtract or a negative weight subtracts)
-    strategy: slerp            -> merge_method: slerp (t, or the second model's weight)
-    strategy: sequential       -> a multi-stage recipe, one stage per added model
-    """
+def convert_file(input: Path, out: Path | None) -> str | None:
+    """Convert the config file `input`; write the recipe to `out` and return None, or return its text when `out`
+    is None. One-line `LazyMergeError`s for every problem (the CLI's `convert-config` prints them)."""
+    text = f"# converted from {input.name} by lazymerge convert-config\n" + dump(
+        convert_config(read_config(input), str(input)))
+    if out is None:
+        return text
+    if out.resolve() == input.resolve():
+        raise OutputError(f"{out}: is the input config; choose another output file")
     try:
-        text = f"# converted from {input.name} by lazymerge convert-config\n" + dump(
-            convert_config(read_config(input), str(input)))
-        if out is None:
-            click.echo(text, nl=False)
-            return
-        if out.resolve() == input.resolve():
-            raise OutputError(f"{out}: is the input config; choose another output file")
-        try:
-            out.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from None
-        click.echo(f"wrote {out}", err=True)
-    except LazyMergeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from None
+    return None

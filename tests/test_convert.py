@@ -14,7 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import read_all, read_all_f32
-from lazymerge.convert import convert_config, convert_config_cmd, dump
+from lazymerge.cli import convert_config_cmd
+from lazymerge.convert import convert_config, dump
 from lazymerge.errors import RecipeError
 
 
