@@ -29,24 +29,31 @@ class ScheduleStats:
     over_budget_tasks: int = 0
 
 
-def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[Any], tuple[bool, ...]], Any], *,
-            budget: int | None, workers: int = 2, on_done: Callable[[Any, Any], None] | None = None,
-            cancel: threading.Event | None = None) -> ScheduleStats:
-    """Execute `tasks` (each with `.inputs`, `.nbytes`, `.scratch`), keyed by `keys`, listed in a topological order
-    that is also their priority. `run(task, input_values, own)` computes one task (`own[k]`: input k is donated); `on_done(task, result)` is called on
-    the scheduling thread after each task (progress). Raises the first task error, or MergeAborted on cancel."""
+def _links(keys: Sequence[str], tasks: Sequence[Any]
+           ) -> tuple[dict[str, int], list[int], list[list[int]], list[int]]:
+    """(position of each key, unfinished inputs per task, consumers per task, consumers not yet run per task)."""
     index = {k: i for i, k in enumerate(keys)}
     n = len(keys)
-    waiting = [0] * n                      # unfinished inputs per task
+    waiting = [0] * n
     consumers: list[list[int]] = [[] for _ in range(n)]
-    refs = [0] * n                         # consumers that haven't run yet
+    refs = [0] * n
     for i, t in enumerate(tasks):
         for src in t.inputs:
             s = index[src]
             consumers[s].append(i)
             refs[s] += 1
         waiting[i] = len(t.inputs)
+    return index, waiting, consumers, refs
 
+
+def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[Any], tuple[bool, ...]], Any], *,
+            budget: int | None, workers: int = 2, on_done: Callable[[Any, Any], None] | None = None,
+            cancel: threading.Event | None = None) -> ScheduleStats:
+    """Execute `tasks` (each with `.inputs`, `.nbytes`, `.scratch`), keyed by `keys`, listed in a topological order
+    that is also their priority. `run(task, input_values, own)` computes one task (`own[k]`: input k is donated);
+    `on_done(task, result)` is called on the scheduling thread after each task (progress). Raises the first task error, or MergeAborted on cancel."""
+    index, waiting, consumers, refs = _links(keys, tasks)
+    n = len(keys)
     ready = [i for i in range(n) if waiting[i] == 0]
     heapq.heapify(ready)
     results: dict[int, Any] = {}

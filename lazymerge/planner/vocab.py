@@ -46,25 +46,19 @@ method then sees aligned rows, as for any other tensor. How the pieces are wired
 """
 from __future__ import annotations
 
-import copy
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..errors import CheckpointError, RecipeError
 from ..engine.vocab_rows import Fill, VocabRows, row_runs
+from ..errors import CheckpointError, RecipeError
 from ..io.adapters import parse_model_ref
-from .params import layer_index
 from .keys import check_keys, closest
+from .params import layer_index
+from .tokenizer import (TOKENIZER_FILES, Vocab, loads, output_files, parse_tokenizer, plain_added,
+                        tokenizer_files)
 
-# Files that make up a tokenizer: when a VocabPlan writes its own (`files`), the lead model's copies of these are
-# not copied as aux files.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-)
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 TOKEN_KEYS = ("source", "force")
 # Name fragments of tensors whose first dimension is the vocabulary (Llama/Mistral/Qwen, GPT-2, GPT-NeoX, BERT,
@@ -135,138 +129,6 @@ class VocabPlan:
         read = sum(e - s for s, e in row_runs(row_map))
         read += sum(e - s for _, s, e in {entry for f in vocab_fill for entry in f})
         return VocabRows(tuple(row_map), vocab_fill, self.row_shapes[name], read)
-
-
-# -- tokenizer.json handling (plain JSON) ------------------------------------------------------------------
-
-
-@dataclass
-class _Vocab:
-    """A model's vocabulary as its tokenizer.json defines it, restricted to ids below its embedding rows."""
-
-    tokens: dict[str, int]                 # token -> id (model vocab, then added tokens), id order
-    added: dict[str, dict]                 # content -> its added_tokens entry
-    rows: int
-    doc: dict | None                       # the parsed tokenizer.json (None: assumed, see `assumed`)
-    label: str                             # where it came from, for messages
-    files: dict[str, bytes] = field(default_factory=dict)   # the tokenizer's files, as stored
-    dropped: int = 0                       # tokens with id >= rows, ignored
-    assumed: bool = False
-
-    @property
-    def ids(self) -> set[int]:
-        return set(self.tokens.values())
-
-
-def _loads(data: bytes, label: str) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{label}: not valid JSON ({exc})") from None
-
-
-def tokenizer_files(ck: Any) -> dict[str, bytes]:
-    """The tokenizer files of an input: its aux files that are tokenizer files, overridden by `vocab_files` (bytes
-    a source may carry instead, e.g. an earlier stage whose tokenizer was merged)."""
-    files = {Path(p).name: Path(p).read_bytes() for p in ck.aux_files() if Path(p).name in TOKENIZER_FILES}
-    files.update(getattr(ck, "vocab_files", None) or {})
-    return files
-
-
-def _parse_tokenizer(files: dict[str, bytes], label: str, rows: int | None) -> _Vocab:
-    doc = _loads(files["tokenizer.json"], label)
-    model = doc.get("model") if isinstance(doc, dict) else None
-    vocab = model.get("vocab") if isinstance(model, dict) else None
-    pairs: list[tuple[str, int]] = []
-    if isinstance(vocab, dict):
-        for tok, i in vocab.items():
-            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                raise CheckpointError(f"{label}: model.vocab[{tok!r}] is not a non-negative integer id")
-            pairs.append((str(tok), i))
-    elif isinstance(vocab, list):           # Unigram: [[piece, score], ...], id = position
-        for i, item in enumerate(vocab):
-            if not isinstance(item, (list, tuple)) or not item or not isinstance(item[0], str):
-                raise CheckpointError(f"{label}: model.vocab[{i}] is not a [piece, score] pair")
-            pairs.append((item[0], i))
-    else:
-        kind = model.get("type") if isinstance(model, dict) else None
-        raise CheckpointError(f"{label}: no model.vocab (model type {kind!r}); cannot align vocabularies")
-    added: dict[str, dict] = {}
-    for j, entry in enumerate(doc.get("added_tokens") or []):
-        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str) \
-                or isinstance(entry.get("id"), bool) or not isinstance(entry.get("id"), int) or entry["id"] < 0:
-            raise CheckpointError(f"{label}: added_tokens[{j}] needs a string 'content' and an integer 'id'")
-        pairs.append((entry["content"], entry["id"]))
-        added.setdefault(entry["content"], entry)
-    tokens: dict[str, int] = {}
-    for tok, i in pairs:
-        tokens[tok] = i                      # an added token overrides the model's id, as tokenizers does
-    limit = rows if rows is not None else max(tokens.values(), default=-1) + 1
-    kept = {t: i for t, i in sorted(tokens.items(), key=lambda kv: (kv[1], kv[0])) if i < limit}
-    return _Vocab(kept, {c: e for c, e in added.items() if c in kept}, limit, doc, label, files,
-                  dropped=len(tokens) - len(kept))
-
-
-def _strip(doc: dict, rows: int) -> dict:
-    """tokenizer.json without the tokens whose ids are beyond the model's rows (and BPE merges that use them)."""
-    doc = copy.deepcopy(doc)
-    model = doc["model"]
-    gone: set[str] = set()
-    if isinstance(model.get("vocab"), dict):
-        gone = {t for t, i in model["vocab"].items() if i >= rows}
-        model["vocab"] = {t: i for t, i in model["vocab"].items() if i < rows}
-    elif isinstance(model.get("vocab"), list):
-        model["vocab"] = model["vocab"][:rows]
-    doc["added_tokens"] = [e for e in doc.get("added_tokens") or [] if e["id"] < rows]
-    if gone and isinstance(model.get("merges"), list):
-        def keep(m: Any) -> bool:
-            parts = m.split(" ") if isinstance(m, str) else list(m)
-            return not any(p in gone for p in parts) and "".join(parts) not in gone
-        model["merges"] = [m for m in model["merges"] if keep(m)]
-    return doc
-
-
-def _dumps(data: Any) -> bytes:
-    return (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-
-
-def _output_files(v: _Vocab, new: list[tuple[str, int, dict]]) -> dict[str, bytes]:
-    """The tokenizer files of `v` with `new` tokens (content, id, settings) appended as added tokens, in
-    tokenizer.json, tokenizer_config.json's added_tokens_decoder and added_tokens.json; tokens beyond the model's
-    rows removed. Unchanged files are returned byte for byte."""
-    files = dict(v.files)
-    if not new and not v.dropped:
-        return files
-    out = _strip(v.doc, v.rows) if v.dropped else copy.deepcopy(v.doc)
-    out.setdefault("added_tokens", [])
-    for content, i, entry in new:
-        out["added_tokens"].append({"id": i, "content": content, **{k: x for k, x in entry.items()
-                                                                  if k not in ("id", "content")}})
-    files["tokenizer.json"] = _dumps(out)
-    if "tokenizer_config.json" in files:
-        cfg = _loads(files["tokenizer_config.json"], f"{v.label} (tokenizer_config.json)")
-        dec = cfg.get("added_tokens_decoder") if isinstance(cfg, dict) else None
-        if isinstance(dec, dict):
-            dec = {k: x for k, x in dec.items() if not (k.isdigit() and int(k) >= v.rows)}
-            for content, i, entry in new:
-                dec[str(i)] = {"content": content, "lstrip": entry.get("lstrip", False),
-                               "normalized": entry.get("normalized", True), "rstrip": entry.get("rstrip", False),
-                               "single_word": entry.get("single_word", False), "special": entry.get("special", False)}
-            cfg["added_tokens_decoder"] = dec
-            files["tokenizer_config.json"] = _dumps(cfg)
-    if "added_tokens.json" in files:
-        at = _loads(files["added_tokens.json"], f"{v.label} (added_tokens.json)")
-        if isinstance(at, dict):
-            at = {k: x for k, x in at.items() if not (isinstance(x, int) and x >= v.rows)}
-            at.update({content: i for content, i, _ in new})
-            files["added_tokens.json"] = _dumps(at)
-    return files
-
-
-def _plain_added(content: str) -> dict:
-    """What `tokenizer.add_tokens("...")` records: a normal (non-special) added token."""
-    return {"content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": True,
-            "special": False}
 
 
 # -- planning ----------------------------------------------------------------------------------------------
@@ -396,7 +258,7 @@ class _TokenRule:
     force: bool = False
 
 
-def _parse_tokens(tokens: Mapping[str, Any], where: str, model_keys: list[str], vocabs: dict[str, _Vocab],
+def _parse_tokens(tokens: Mapping[str, Any], where: str, model_keys: list[str], vocabs: dict[str, Vocab],
                   sources: Mapping[str, Any]) -> dict[str, _TokenRule]:
     rules: dict[str, _TokenRule] = {}
     for tok, spec in tokens.items():
@@ -455,8 +317,8 @@ def _parse_tokens(tokens: Mapping[str, Any], where: str, model_keys: list[str], 
     return rules
 
 
-def _out_tokenizer(src: str, src_at: str, where: str, lead_key: str, vocabs: dict[str, _Vocab],
-                   sources: Mapping[str, Any], model_keys: list[str]) -> tuple[str, _Vocab]:
+def _out_tokenizer(src: str, src_at: str, where: str, lead_key: str, vocabs: dict[str, Vocab],
+                   sources: Mapping[str, Any], model_keys: list[str]) -> tuple[str, Vocab]:
     """(key, vocabulary) of the tokenizer the output starts from: the lead's for base/union, else a model's."""
     if src in ("base", "union"):
         return lead_key, vocabs[lead_key]
@@ -473,9 +335,9 @@ def _out_tokenizer(src: str, src_at: str, where: str, lead_key: str, vocabs: dic
     files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
     if "tokenizer.json" not in files:
         raise RecipeError(f"{where}: {src_at}: {d / 'tokenizer.json'} does not exist")
-    cfg = _loads((d / "config.json").read_bytes(), str(d / "config.json")) if (d / "config.json").is_file() else {}
+    cfg = loads((d / "config.json").read_bytes(), str(d / "config.json")) if (d / "config.json").is_file() else {}
     size = cfg.get("vocab_size") if isinstance(cfg, dict) else None
-    return str(d.resolve()), _parse_tokenizer(files, str(d / "tokenizer.json"),
+    return str(d.resolve()), parse_tokenizer(files, str(d / "tokenizer.json"),
                                               size if isinstance(size, int) and not isinstance(size, bool) else None)
 
 
@@ -517,29 +379,64 @@ def plan_vocab(recipe_raw: Mapping[str, Any], recipe_source: str, sources: Mappi
         model_keys = _recipe_model_keys(recipe_raw, sources, src_keys)
     model_keys = [lead_key] + [k for k in model_keys if k != lead_key and k in src_keys]
     warnings: list[str] = []
+    vocabs = _model_vocabs(model_keys, sources, rows, lead_key, f"{where}: {src_at}", warnings)
+    out_key, out_v = _out_tokenizer(src, src_at, where, lead_key, vocabs, sources, model_keys)
+    rules = _parse_tokens(token_specs, where, model_keys, vocabs, sources)
+    tokens, new = _output_tokens(src, out_v, model_keys, vocabs, rules, warnings)
+    out_vocab = max(max(tokens.values(), default=-1) + 1, out_v.rows)   # never fewer rows than the source model
+    if pad and out_vocab % pad:
+        out_vocab += pad - out_vocab % pad
+    row_maps, fill = _row_maps(out_vocab, tokens, rules, model_keys, vocabs, rows, base_key, warnings)
+    vp = VocabPlan(out_vocab=out_vocab, tensors=set(names), row_maps=row_maps, fallback=fallback, files={},
+                   warnings=warnings, fill=fill, row_shapes=row_shapes,
+                   source=src if src in ("base", "union") else out_key, rows=dict(rows))
+    for k in src_keys:      # inputs that are not models (a Fisher matrix): as the model that names them
+        if k not in vocabs:
+            owner = _owner(recipe_raw, k, sources, src_keys)
+            vp.follow(k, owner if owner in vocabs else lead_key, rows[k])
 
-    # -- every model's vocabulary ------------------------------------------------------------------------
-    vocabs: dict[str, _Vocab] = {}
+    needs = any(not vp.identity(k) or rows[k] != out_vocab for k in src_keys)
+    if needs:
+        referenced = {e[0] for fk in vp.fill.values() for fl in fk.values() for e in fl}
+        for k in src_keys:
+            if _is_virtual(sources[k]) and (not vp.identity(k) or k in referenced):
+                raise RecipeError(f"{where}: {src_at}: the vocabulary of stage '{getattr(sources[k], 'name', k)}' "
+                                  "differs from the output's; align vocabularies inside that stage instead")
+    else:
+        vp.tensors, vp.row_maps, vp.fill = set(), {}, {}
+    vp.files = output_files(out_v, new)
+    return vp
+
+
+def _model_vocabs(model_keys: list[str], sources: Mapping[str, Any], rows: dict[str, int], lead_key: str,
+                  at: str, warnings: list[str]) -> dict[str, Vocab]:
+    """Every model's vocabulary from its tokenizer.json; a model without one is assumed to have the lead's."""
+    vocabs: dict[str, Vocab] = {}
     for k in model_keys:
         files = tokenizer_files(sources[k])
         label = f"{sources[k].path}/tokenizer.json"
         if "tokenizer.json" in files:
-            vocabs[k] = _parse_tokenizer(files, label, rows[k])
+            vocabs[k] = parse_tokenizer(files, label, rows[k])
         elif k == lead_key:
-            raise RecipeError(f"{where}: {src_at}: {label} does not exist; aligning vocabularies needs a "
+            raise RecipeError(f"{at}: {label} does not exist; aligning vocabularies needs a "
                               "tokenizer.json (sentencepiece-only tokenizers are not supported)")
         else:         # mergekit: "Unable to load tokenizer ... Assuming same as the base"
             lv = vocabs[lead_key]
-            vocabs[k] = _Vocab({t: i for t, i in lv.tokens.items() if i < rows[k]}, {}, rows[k], None, label,
+            vocabs[k] = Vocab({t: i for t, i in lv.tokens.items() if i < rows[k]}, {}, rows[k], None, label,
                                assumed=True)
             warnings.append(f"{label} does not exist; assuming {sources[k].path} has the vocabulary of "
                             f"{sources[lead_key].path}")
         if vocabs[k].dropped:
             warnings.append(f"{label}: {vocabs[k].dropped} token(s) have ids >= the model's {rows[k]} embedding "
                             "rows; ignored")
+    return vocabs
 
-    # -- the output vocabulary: the source tokenizer, then (union) the others' tokens, then `tokens:` ----
-    out_key, out_v = _out_tokenizer(src, src_at, where, lead_key, vocabs, sources, model_keys)
+
+def _output_tokens(src: str, out_v: Vocab, model_keys: list[str], vocabs: dict[str, Vocab],
+                   rules: dict[str, _TokenRule], warnings: list[str]
+                   ) -> tuple[dict[str, int], list[tuple[str, int, dict]]]:
+    """The output vocabulary (token -> id) and its new tokens (content, id, added_tokens settings): the source
+    tokenizer's, then (union) the other models' regular tokens, then their added tokens, then `tokens:`."""
     tokens: dict[str, int] = dict(out_v.tokens)
     new: list[tuple[str, int, dict]] = []
     next_id = max(tokens.values(), default=-1) + 1
@@ -555,7 +452,7 @@ def plan_vocab(recipe_raw: Mapping[str, Any], recipe_source: str, sources: Mappi
             v = vocabs[k]
             for t in v.tokens:
                 if t not in tokens and t not in v.added:
-                    append(t, _plain_added(t))
+                    append(t, plain_added(t))
         seen: dict[str, dict] = {}
         for k in model_keys:                   # ... then added tokens, keeping the first settings
             for c, e in vocabs[k].added.items():
@@ -568,15 +465,18 @@ def plan_vocab(recipe_raw: Mapping[str, Any], recipe_source: str, sources: Mappi
                 seen[c] = settings
                 if c not in tokens:
                     append(c, settings)
-    rules = _parse_tokens(token_specs, where, model_keys, vocabs, sources)
     for t in rules:
         if t not in tokens:
-            append(t, _plain_added(t))
-    out_vocab = max(next_id, out_v.rows)       # never fewer rows than the tokenizer source model has
-    if pad and out_vocab % pad:
-        out_vocab += pad - out_vocab % pad
+            append(t, plain_added(t))
+    return tokens, new
 
-    # -- row maps and fills --------------------------------------------------------------------------------
+
+def _row_maps(out_vocab: int, tokens: dict[str, int], rules: dict[str, _TokenRule], model_keys: list[str],
+              vocabs: dict[str, Vocab], rows: dict[str, int], base_key: str | None, warnings: list[str]
+              ) -> tuple[dict[str, tuple[int, ...]], dict[str, dict[int, Fill]]]:
+    """Per model, the source row of every output row (-1: filled), and the fills: a row of no token takes the
+    model's own unused row or its mean row; a token the model lacks (or a forced one) its `tokens:` rule, else the
+    base's row, else the mean of the rows of the models that have it."""
     by_id: dict[int, str] = {}
     for t, i in tokens.items():
         by_id.setdefault(i, t)
@@ -625,25 +525,7 @@ def plan_vocab(recipe_raw: Mapping[str, Any], recipe_source: str, sources: Mappi
         row_maps[k] = tuple(m)
         if f:
             fill[k] = f
-    vp = VocabPlan(out_vocab=out_vocab, tensors=set(names), row_maps=row_maps, fallback=fallback, files={},
-                   warnings=warnings, fill=fill, row_shapes=row_shapes,
-                   source=src if src in ("base", "union") else out_key, rows=dict(rows))
-    for k in src_keys:      # inputs that are not models (a Fisher matrix): as the model that names them
-        if k not in vocabs:
-            owner = _owner(recipe_raw, k, sources, src_keys)
-            vp.follow(k, owner if owner in vocabs else lead_key, rows[k])
-
-    needs = any(not vp.identity(k) or rows[k] != out_vocab for k in src_keys)
-    if needs:
-        referenced = {e[0] for fk in vp.fill.values() for fl in fk.values() for e in fl}
-        for k in src_keys:
-            if _is_virtual(sources[k]) and (not vp.identity(k) or k in referenced):
-                raise RecipeError(f"{where}: {src_at}: the vocabulary of stage '{getattr(sources[k], 'name', k)}' "
-                                  "differs from the output's; align vocabularies inside that stage instead")
-    else:
-        vp.tensors, vp.row_maps, vp.fill = set(), {}, {}
-    vp.files = _output_files(out_v, new)
-    return vp
+    return row_maps, fill
 
 
 def non_tokenizer(paths: Iterable[Path]) -> list[Path]:
