@@ -10,7 +10,8 @@ import torch
 from ._version import __version__
 from .engine.report import Progress, Report
 from .engine.run import run_plan
-from .planner.plan import Plan, compile_plan
+from .planner.compile import compile_plan
+from .planner.plan import Plan
 from .planner.recipe import Recipe, dump_recipe
 
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe

@@ -105,7 +105,7 @@ class StageOutput:
     names, shapes and dtypes (its output dtypes) for planning, and each tensor's job for `TensorBuilder`."""
 
     name: str
-    jobs: dict[str, Any]                          # output tensor name -> planner.plan.TensorJob
+    jobs: dict[str, Any]                          # output tensor name -> planner.stage_compiler.TensorJob
     config: dict[str, Any] | None
     aux: list[Path]
     tensors: dict[str, TensorInfo] = field(default_factory=dict)

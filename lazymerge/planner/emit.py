@@ -1,0 +1,58 @@
+"""Emit the output stage's task graph: every tensor job block by block, written, in row blocks sized to the budget.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..dtypes import FLOAT_CODES, torch_name
+from ..io.writer import OutTensor, plan_layout
+from .graph import TaskList, TensorBuilder
+from .methods import emit_tensor
+from .plan import Plan
+from .stage_compiler import StagePlan, TensorJob
+
+def _blocks(rows: int, block_rows: int) -> list[tuple[int, int]]:
+    return [(a, min(a + block_rows, rows)) for a in range(0, rows, block_rows)]
+
+
+def emit_plan(st: StagePlan, sources: dict[str, Any], budget: int | None, shard_bytes: int, seed: int,
+              max_block_rows: int | None) -> Plan:
+    """The output stage's task graph: every job emitted block by block and written, with row blocks sized so
+    that one tensor's working set fits its share of the budget."""
+    share = budget // 2 if budget else None
+    tasks = TaskList()
+    outputs: list[OutTensor] = []
+    blocks_of: dict[str, int] = {}
+    for job in st.jobs:
+        shape = job.shape
+        rows = shape[0] if len(shape) >= 2 else 1
+
+        def build(block_rows: int, job: TensorJob = job, shape: tuple[int, ...] = shape,
+                  rows: int = rows) -> TensorBuilder:
+            tb = TensorBuilder(job.name, shape, _blocks(rows, block_rows), job.refs, job.base, job.out_dtype, seed,
+                               vocab=job.vocab)
+            emit_tensor(tb, job.emit(tb))
+            return tb
+
+        block_rows = min(rows, max_block_rows) if max_block_rows else rows
+        tb = build(block_rows)
+        if share is not None and len(tb.blocks) == 1 and rows > 1:
+            peak = tb.out.peak_bytes()
+            if peak > share:
+                tb = build(max(1, math.floor(rows * share / peak)))
+        tasks.extend(tb.out)
+        blocks_of[job.name] = len(tb.blocks)
+        outputs.append(OutTensor(job.name, shape, job.out_dtype))
+
+    config = dict(st.config) if st.config else None
+    out_codes = {o.dtype for o in outputs if o.dtype in FLOAT_CODES}
+    if config is not None and len(out_codes) == 1:
+        config["torch_dtype"] = torch_name(out_codes.pop())
+    return Plan(recipe=st.recipe, method=st.method, tasks=tasks, sources=sources, outputs=outputs,
+                layout=plan_layout(outputs, shard_bytes), budget=budget, seed=seed, config=config,
+                aux_files=st.aux_files, blocks=blocks_of,
+                warnings=list(st.vocab.warnings) if st.vocab else [],
+                extra_files=dict(st.vocab.files) if st.vocab else {})
+
+
