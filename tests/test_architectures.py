@@ -191,14 +191,16 @@ def test_frankenmerge_renumbers_layers(arch: str, tmp_path: Path) -> None:
     n_layer_names = sum(1 for nm in out if nm.startswith(prefix))
     assert n_layer_names == 7 * len(rests)
     for name in ta:
-        if not name.startswith(prefix):        # every non-layer tensor from the first slice: a
+        if not name.startswith(prefix):        # first and last slices are both a: every non-layer tensor is a's
             assert torch.equal(out[name], ta[name]), name
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["n_layer" if arch == "gpt2" else "num_hidden_layers"] == 7
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
-def test_non_layer_weights_come_from_first_slice(arch: str, tmp_path: Path) -> None:
+def test_pre_weights_from_first_slice_post_weights_from_last(arch: str, tmp_path: Path) -> None:
+    """mergekit's plan_module: embeddings over the first slice's sources, final norm / head / pooler over the
+    last slice's."""
     a = _p(make_family(tmp_path / "a", arch, layers=2, n_ft=0, seed=1))["base"]
     b = _p(make_family(tmp_path / "b", arch, layers=2, n_ft=0, seed=2))["base"]
     recipe = {"merge_method": "passthrough", "slices": [
@@ -211,10 +213,11 @@ def test_non_layer_weights_come_from_first_slice(arch: str, tmp_path: Path) -> N
     pre = {"llama": ["model.embed_tokens.weight"], "gpt2": ["transformer.wte.weight", "transformer.wpe.weight"],
            "bert": ["bert.embeddings.word_embeddings.weight"]}[arch]
     for n in post:
-        assert torch.equal(out[n], ta[n]), n
-        assert not torch.equal(out[n], tb_[n]), n
+        assert torch.equal(out[n], tb_[n]), n
+        assert not torch.equal(out[n], ta[n]), n
     for n in pre:
         assert torch.equal(out[n], ta[n]), n
+        assert not torch.equal(out[n], tb_[n]), n
 
 
 def test_tied_model_merged_with_untied(tmp_path: Path) -> None:
@@ -256,6 +259,6 @@ def test_gpt2_without_prefix_and_slerp_gradient(tmp_path: Path) -> None:
     for name in base:
         if name.startswith("h."):
             t = ref.gradient_value(grad, int(name.split(".")[1]), 3)
-        else:                                  # embeddings sit at the start of the gradient, ln_f at its end
-            t = grad[-1] if name.startswith("ln_f") else grad[0]
+        else:                                  # every non-layer tensor (wte, ln_f) reads the gradient at 0
+            t = grad[0]
         torch.testing.assert_close(out[name], ref.slerp(base[name], ft1[name], t), rtol=0, atol=1e-6, msg=name)

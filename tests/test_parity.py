@@ -4,6 +4,7 @@ A case whose method lazymerge does not implement FAILS here (it is not skipped):
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,16 @@ def test_parity(case, tmp_path):
 # the oracle: tests/reference.py must itself agree with mergekit on every case whose method it implements
 # (this validates the reference used by test_methods.py, independently of lazymerge)
 # ----------------------------------------------------------------------------------------------------------------
+def _gradient_at(v, t: float) -> float:
+    """A scalar, or a gradient (numbers spread evenly over [0, 1], linearly interpolated) at position t: written
+    here from mergekit's documented rule, independently of lazymerge's parser. Non-layer tensors sit at t = 0."""
+    if not isinstance(v, list):
+        return v
+    pos = t * (len(v) - 1)
+    i = min(int(pos), len(v) - 2)
+    return v[i] + (v[i + 1] - v[i]) * (pos - i) if len(v) > 1 else v[0]
+
+
 def _reference_fn(recipe: dict, models: dict):
     import reference as ref
 
@@ -68,20 +79,30 @@ def _reference_fn(recipe: dict, models: dict):
     if method != "slerp":
         entries = [e for e in entries if e["model"] != recipe.get("base_model")]
     xs = [models[e["model"]] for e in entries]
-    w = [param(e, "weight", 1.0) for e in entries]
-    dens = [param(e, "density", 1.0) for e in entries]
-    gam = [param(e, "gamma", 0.01) for e in entries]
+    n_layers = 1 + max(int(m.group(1)) for nm in next(iter(models.values()))
+                       if (m := re.search(r"layers\.(\d+)\.", nm)))
+
+    class _Per(list):
+        """Per-model values of one parameter; a gradient is evaluated for a tensor name when used."""
+
+        def at(self, name):
+            m = re.search(r"layers\.(\d+)\.", name)
+            t = int(m.group(1)) / (n_layers - 1) if m and n_layers > 1 else (1.0 if m else 0.0)
+            return [_gradient_at(v, t) for v in self]
+
+    w, dens, gam = (_Per(param(e, k, d) for e in entries) for k, d in
+                    (("weight", 1.0), ("density", 1.0), ("gamma", 0.01)))
     if method == "linear":
-        return lambda n: ref.linear([x[n] for x in xs], w, normalize=glob.get("normalize", True))
+        return lambda n: ref.linear([x[n] for x in xs], w.at(n), normalize=glob.get("normalize", True))
     if method == "task_arithmetic":
-        return lambda n: ref.task_arithmetic(base[n], [x[n] for x in xs], w, lambda_=glob.get("lambda", 1.0),
+        return lambda n: ref.task_arithmetic(base[n], [x[n] for x in xs], w.at(n), lambda_=glob.get("lambda", 1.0),
                                              normalize=glob.get("normalize", False))
     if method == "ties":
-        return lambda n: ref.ties(base[n], [x[n] for x in xs], w, dens, normalize=glob.get("normalize", True),
+        return lambda n: ref.ties(base[n], [x[n] for x in xs], w.at(n), dens.at(n), normalize=glob.get("normalize", True),
                                   lambda_=glob.get("lambda", 1.0))
     if method in ("breadcrumbs", "breadcrumbs_ties"):
         f = getattr(ref, method)
-        return lambda n: f(base[n], [x[n] for x in xs], w, dens, gam, normalize=glob.get("normalize", False),
+        return lambda n: f(base[n], [x[n] for x in xs], w.at(n), dens.at(n), gam.at(n), normalize=glob.get("normalize", False),
                            lambda_=glob.get("lambda", 1.0))
     if method == "slerp":
         other = [x for e, x in zip(entries, xs) if e["model"] != recipe["base_model"]]

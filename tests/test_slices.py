@@ -4,7 +4,7 @@
 - a slice with several sources is merged with the recipe's method over those layers;
 - gradients span each slice's own layers (t = k / (n - 1), 1 for a one-layer slice);
 - parameters resolve source-in-slice > slice > model > global, filters per tensor;
-- non-layer tensors merge over the first slice's sources: embeddings at t = 0, final norm / lm_head at t = 1.
+- embeddings merge over the first slice's sources, final norm / lm_head over the last slice's, both at t = 0.
 """
 from __future__ import annotations
 
@@ -105,8 +105,8 @@ def test_slerp_filter_gradients_per_slice(fam, tmp_path: Path) -> None:
 
     def t_of(name: str) -> float:
         lk = _layer(name)
-        if lk is None:              # non-layer tensors: first slice, embeddings at 0, norm / head at 1
-            pos, second = (1.0, False) if name in ("model.norm.weight", "lm_head.weight") else (0.0, False)
+        if lk is None:              # non-layer tensors at 0: embeddings from the first slice, norm / head the last
+            pos, second = (0.0, name in ("model.norm.weight", "lm_head.weight"))
         elif lk[0] < 4:
             pos, second = lk[0] / 3, False
         else:
@@ -144,10 +144,9 @@ def test_parameter_precedence_source_slice_model_global(fam, tmp_path: Path) -> 
 
     def weights(name: str) -> tuple[float, float]:
         lk = _layer(name)
-        if lk is None:      # non-layer tensors: the first slice (embeddings at t = 0, norm / head at t = 1)
-            return 0.7, 0.2
-        else:
-            k = lk[0]
+        if lk is None:      # embeddings: the first slice; norm / head: the last slice; both at t = 0
+            return (interp([0.3, 0.9], 0.0), 0.4) if name in ("model.norm.weight", "lm_head.weight") else (0.7, 0.2)
+        k = lk[0]
         if k < 2:                                       # slice 0: source > slice
             return 0.7, 0.2
         if k < 5:                                       # slice 1: a slice filter list (mlp only), at (k-2)/2
@@ -178,7 +177,9 @@ def test_frankenmerge_loads_in_transformers(models_fp32, tmp_path: Path) -> None
         assert torch.equal(out[f"{PREFIX}1.{rest}"], a[f"{PREFIX}1.{rest}"])
         assert torch.equal(out[f"{PREFIX}2.{rest}"], b[f"{PREFIX}1.{rest}"] * 0.5)
     assert torch.equal(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
-    assert torch.equal(out["lm_head.weight"], a["lm_head.weight"])   # the first slice's source, like the embeddings
+    # the embeddings from the first slice's source, the head (scale at t = 0) from the last slice's, as mergekit
+    assert torch.equal(out["lm_head.weight"], b["lm_head.weight"] * 0.5)
+    assert torch.equal(out["model.norm.weight"], b["model.norm.weight"] * 0.5)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.num_hidden_layers == 3
     sd = model.state_dict()

@@ -3,8 +3,8 @@
 A value may be a scalar, a gradient (a list of numbers spread evenly over the layers and interpolated
 piecewise-linearly), or a list of `{filter: SUBSTRING, value: V}` entries where the first matching filter wins and
 an entry without a filter (or with filter `*`) is the default. Filter values may themselves be gradients.
-Non-layer tensors sit at the ends of the gradient: those before the layers (embeddings) at 0, those after (final
-norm, lm_head) at 1, as mergekit does. With slices, a gradient spans each slice's own layers (mergekit's
+Non-layer tensors, before the layers (embeddings) or after them (final norm, lm_head), read every gradient at its
+start, t = 0, as mergekit 0.1.5 does (`weight: [0.2, 0.8]` gives lm_head 0.2). With slices, a gradient spans each slice's own layers (mergekit's
 `plan_slice`: t = k / (n - 1) for layer k of an n-layer slice, 1 for a one-layer slice).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def layer_split(name: str) -> tuple[str, int, str] | None:
 
 def is_post(name: str) -> bool:
     """A non-layer tensor that sits after the layers (final norm, lm_head, classifier heads): mergekit's
-    "post weights", which take gradient position 1 and, with slices, come from the first slice, as the embeddings do."""
+    "post weights", which with slices are merged over the last slice's sources (the embeddings over the first's)."""
     return any(h in name for h in _POST_HINTS) and "layers." not in name
 
 
@@ -52,7 +52,7 @@ class TensorPosition:
     @classmethod
     def of(cls, name: str, layer: int | None, num_layers: int) -> "TensorPosition":
         if layer is None:
-            return cls(name, 1.0 if is_post(name) else 0.0)
+            return cls(name, 0.0)          # pre and post tensors alike: mergekit's ConfigReader(t=0)
         return cls(name, layer_t(layer, num_layers))
 
 

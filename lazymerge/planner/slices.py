@@ -6,10 +6,11 @@ mergekit turns a `models:` recipe into one slice covering every layer (its `norm
 - output layers are numbered consecutively across slices; layer k of a slice reads layer `a + k` of each source
   (its `layer_range: [a, b]`), and every source of a slice must span the same number of layers;
 - gradients are positioned within each slice: t = k / (n - 1) for layer k of an n-layer slice (1 when n == 1);
-- non-layer tensors (embeddings, final norm, lm_head) are merged over the *first* slice's sources (those before
-  the layers at t = 0, those after at t = 1), with that slice's parameters: in a frankenmerge they come from
-  the first source (or the base model). mergekit takes the head from the *last* slice's sources instead; we keep
-  one rule for all non-layer tensors, so a frankenmerge's embedding and lm_head always come from the same model;
+- non-layer tensors: the *pre* ones (embeddings) are merged over the *first* slice's sources with that slice's
+  parameters, the *post* ones (final norm, lm_head) over the *last* slice's sources with its parameters, and
+  both read every gradient at t = 0 (mergekit's `plan_module`). A frankenmerge `A [0, 24] + B [8, 32]` thus
+  starts with A's embeddings and ends with B's head, the model its last layers were trained with; the tensor
+  names come from the lead model (a tied head is found through its embedding);
 - parameters resolve source-in-slice > slice > global (`ConfigReader.parameter`); per-model parameters match
   filters against the source's own tensor name, method-wide ones against the output name. lazymerge also accepts
   a `models:` list next to `slices:` as per-model defaults (between slice and global), which mergekit rejects.
@@ -220,7 +221,7 @@ def slice_specs(slices: list[OutputSlice], groups: list[Group], index_of: Any, l
         offset += n
     for nm in lead_names.other:
         if is_post(nm):
-            specs.append(TensorSpec(nm, 1.0, groups[0], [nm] * len(groups[0].keys)))
+            specs.append(TensorSpec(nm, 0.0, groups[-1], [nm] * len(groups[-1].keys)))
     return specs, origins
 
 

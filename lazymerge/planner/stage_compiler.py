@@ -14,7 +14,7 @@ from ..io.adapters import open_model, parse_model_ref
 from ..io.checkpoint import Checkpoint
 from .graph import SourceRef, TensorBuilder
 from .methods import BlockFn, Method, Param, Resolved
-from .params import TensorPosition, layer_index, lookup_where
+from .params import TensorPosition, is_post, layer_index, lookup_where
 from .recipe import Recipe
 from .slices import (Group, LayerIndex, TensorSpec, check_layer_ranges, config_num_layers, embedding_name,
                      is_head, slice_specs, sliced_config, ties_embeddings)
@@ -27,8 +27,7 @@ _NUM_RE = re.compile(r"(\d+)")
 def _natural_key(name: str) -> tuple:
     """Embeddings first, then layers in numeric order, then the head: shards group whole layers."""
     layer = layer_index(name)
-    pos = TensorPosition.of(name, layer, 1)
-    group = 1 if layer is not None else (2 if pos.t == 1.0 else 0)
+    group = 1 if layer is not None else (2 if is_post(name) else 0)
     return (group, layer if layer is not None else -1,
             tuple(int(p) if p.isdigit() else p for p in _NUM_RE.split(name)))
 
