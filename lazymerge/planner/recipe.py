@@ -22,6 +22,17 @@ TOP_KEYS = (
     "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
 )
 MODEL_KEYS = ("model", "parameters")
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+
+
+@dataclass(frozen=True)
+class TokenizerSetting:
+    """What a recipe says about the output's tokenizer: `tokenizer_source: X`, or a `tokenizer:` block."""
+
+    source: str | None = None         # "base", "union" or a model (path, "model:path", a stage); None: not set
+    tokens: dict[str, Any] = field(default_factory=dict)   # per-token rules, as written (planner/vocab.py)
+    pad_to_multiple_of: int | None = None
+    key: str = "tokenizer_source"     # where `source` was given, for messages
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,7 @@ class Recipe:
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None          # safetensors code, e.g. "BF16"
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer: TokenizerSetting = field(default_factory=TokenizerSetting)
     slices: "list[OutputSlice] | None" = None
     source: str = "<recipe>"          # where the recipe came from, for error messages
     raw: dict[str, Any] = field(default_factory=dict)
@@ -160,6 +171,31 @@ def parse_recipe(recipe: "str | Path | Mapping[str, Any] | Recipe") -> Recipe:
     return recipe_from_data(data, source)
 
 
+def tokenizer_setting(raw: Mapping[str, Any], where: str) -> TokenizerSetting:
+    """The one parser of `tokenizer_source: X` and of the `tokenizer:` block (source, tokens, pad_to_multiple_of);
+    their meaning is planner/vocab.py's."""
+    ts, tb = raw.get("tokenizer_source"), raw.get("tokenizer")
+    if ts is not None and tb is not None:
+        raise RecipeError(f"{where}: tokenizer: give either 'tokenizer_source' or a 'tokenizer' block, not both")
+    if tb is None:
+        if ts is not None and (not isinstance(ts, str) or not ts):
+            raise RecipeError(f"{where}: tokenizer_source: must be 'base', 'union' or a model path")
+        return TokenizerSetting(ts, {}, None, "tokenizer_source")
+    if not isinstance(tb, Mapping):
+        raise RecipeError(f"{where}: tokenizer: must be a mapping with keys {', '.join(TOKENIZER_KEYS)}")
+    check_keys(f"{where}: tokenizer", tb, TOKENIZER_KEYS)
+    src = tb.get("source", "union")
+    if not isinstance(src, str) or not src:
+        raise RecipeError(f"{where}: tokenizer.source: must be 'base', 'union' or a model path")
+    tokens = tb.get("tokens") or {}
+    if not isinstance(tokens, Mapping):
+        raise RecipeError(f"{where}: tokenizer.tokens: must be a mapping of token: {{source: ..., force: ...}}")
+    pad = tb.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise RecipeError(f"{where}: tokenizer.pad_to_multiple_of: must be a positive integer, not {pad!r}")
+    return TokenizerSetting(src, dict(tokens), pad, "tokenizer.source")
+
+
 def recipe_from_data(data: Any, source: str) -> Recipe:
     """One recipe (one document of a multi-stage recipe) from its parsed YAML."""
     if not isinstance(data, Mapping):
@@ -183,9 +219,7 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
         raise RecipeError(f"{source}: base_model: must be a path to a checkpoint directory")
-    tok = data.get("tokenizer_source")
-    if tok is not None and not isinstance(tok, str):
-        raise RecipeError(f"{source}: tokenizer_source: must be 'base', 'union' or a model path")
+    tokenizer = tokenizer_setting(data, source)
     return Recipe(
         merge_method=method,
         models=models,
@@ -193,7 +227,7 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
         parameters=mapping(data.get("parameters"), f"{source}: parameters"),
         dtype=_dtype(data.get("dtype"), "dtype", source),
         out_dtype=_dtype(data.get("out_dtype"), "out_dtype", source),
-        tokenizer_source=tok,
+        tokenizer=tokenizer,
         slices=slices,
         source=source,
         raw=dict(data),

@@ -11,7 +11,6 @@ from typing import Any
 from ..dtypes import FLOAT_CODES
 from ..errors import CheckpointError, RecipeError
 from ..io.adapters import open_model, parse_model_ref
-from ..io.checkpoint import Checkpoint
 from .graph import SourceRef, TensorBuilder
 from .methods import BlockFn, Method, Param, Resolved
 from .params import TensorPosition, is_post, layer_index, lookup_where
@@ -229,10 +228,9 @@ class StageCompiler:
                                 lead_key)
         jobs = [self.job(sp, lead) for sp in specs]
         vp = self.vocab
-        if vp is not None and vp.files:
-            aux = non_tokenizer(lead.aux_files())
-        else:
-            aux = _tokenizer_files(r, {**self.sources, **self.stages}, lead_key)
+        # a tokenizer setting always gives a VocabPlan with the output's tokenizer files (planner/vocab.py); without
+        # one, or when only the embedding rows are cut, the lead's tokenizer is the output's
+        aux = non_tokenizer(lead.aux_files()) if vp is not None and vp.files else lead.aux_files()
         if vp is not None and config is not None:
             config["vocab_size"] = vp.out_vocab
         return StagePlan(r, self.method, jobs, config, aux, list(self.src_keys), base_key, lead_key, vp)
@@ -325,18 +323,3 @@ class StageCompiler:
             vp.follow(key, refs[c].model, int(info.shape[0]) if info.shape else 1)
         refs.append(self._ref(key, name, info, (info.shape[0] if len(info.shape) >= 2 else 1) if vp else rows))
         return len(refs) - 1
-
-
-def _tokenizer_files(r: Recipe, sources: dict[str, Checkpoint], lead_key: str) -> list[Path]:
-    src = r.tokenizer_source
-    if src in (None, "base"):
-        return sources[lead_key].aux_files()
-    if src == "union":
-        raise RecipeError(f"{r.source}: tokenizer_source: 'union' is not supported yet")
-    key = str(Path(src).expanduser().resolve())
-    if key not in sources:
-        if not Path(src).is_dir():
-            raise RecipeError(f"{r.source}: tokenizer_source: '{src}' is not 'base', 'union' or a model directory")
-        return Checkpoint.open(Path(src)).aux_files()
-    return sources[key].aux_files()
-

@@ -56,10 +56,10 @@ from ..errors import CheckpointError, RecipeError
 from ..io.adapters import parse_model_ref
 from .keys import check_keys, closest
 from .params import layer_index
+from .recipe import tokenizer_setting
 from .tokenizer import (TOKENIZER_FILES, Vocab, loads, output_files, parse_tokenizer, plain_added,
                         tokenizer_files)
 
-TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 TOKEN_KEYS = ("source", "force")
 # Name fragments of tensors whose first dimension is the vocabulary (Llama/Mistral/Qwen, GPT-2, GPT-NeoX, BERT,
 # T5, original Llama checkpoints); a candidate must also have as many rows as the model's embedding.
@@ -226,30 +226,6 @@ def _vocab_tensors(sources: Mapping[str, Any], src_keys: list[str], lead_key: st
     return names, rows
 
 
-def _parse_settings(raw: Mapping[str, Any], where: str) -> tuple[str | None, dict, int | None, str]:
-    """(source, tokens, pad_to_multiple_of, key for messages) from tokenizer_source / tokenizer."""
-    ts, tb = raw.get("tokenizer_source"), raw.get("tokenizer")
-    if ts is not None and tb is not None:
-        raise RecipeError(f"{where}: tokenizer: give either 'tokenizer_source' or a 'tokenizer' block, not both")
-    if tb is None:
-        if ts is not None and (not isinstance(ts, str) or not ts):
-            raise RecipeError(f"{where}: tokenizer_source: must be 'base', 'union' or a model path")
-        return ts, {}, None, "tokenizer_source"
-    if not isinstance(tb, Mapping):
-        raise RecipeError(f"{where}: tokenizer: must be a mapping with keys {', '.join(TOKENIZER_KEYS)}")
-    check_keys(f"{where}: tokenizer", tb, TOKENIZER_KEYS)
-    src = tb.get("source", "union")
-    if not isinstance(src, str) or not src:
-        raise RecipeError(f"{where}: tokenizer.source: must be 'base', 'union' or a model path")
-    tokens = tb.get("tokens") or {}
-    if not isinstance(tokens, Mapping):
-        raise RecipeError(f"{where}: tokenizer.tokens: must be a mapping of token: {{source: ..., force: ...}}")
-    pad = tb.get("pad_to_multiple_of")
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
-        raise RecipeError(f"{where}: tokenizer.pad_to_multiple_of: must be a positive integer, not {pad!r}")
-    return src, dict(tokens), pad, "tokenizer.source"
-
-
 @dataclass(frozen=True)
 class _TokenRule:
     kind: str                 # "default", "model", "model_token", "zero"
@@ -352,7 +328,8 @@ def plan_vocab(recipe_raw: Mapping[str, Any], recipe_source: str, sources: Mappi
     (e.g. Fisher matrices) follow the vocabulary of the model that names them.
     """
     where = recipe_source
-    src, token_specs, pad, src_at = _parse_settings(recipe_raw, where)
+    setting = tokenizer_setting(recipe_raw, where)
+    src, token_specs, pad, src_at = setting.source, setting.tokens, setting.pad_to_multiple_of, setting.key
     names, rows = _vocab_tensors(sources, src_keys, lead_key)
     if not names:
         if src is not None:
