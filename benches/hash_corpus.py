@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import lazymerge  # noqa: E402
 from conftest import build_model_set  # noqa: E402
 
-PARITY = ROOT.parent / "shared" / "parity"
+PARITY = ROOT.parent / "shared" / "parity"         # --parity overrides (e.g. hashing another checkout of the code)
 SKIP_FILES = {"lazymerge_report.json"}
 
 
@@ -158,7 +158,11 @@ def main() -> int:
                     help="work directory (models and outputs; emptied first)")
     ap.add_argument("--compare", type=Path, help="a previous JSON: report every case whose hashes differ")
     ap.add_argument("-k", default=None, help="only cases whose name matches this regular expression")
+    ap.add_argument("--parity", type=Path, default=None, help=f"the parity cases (default: {PARITY})")
     args = ap.parse_args()
+    if args.parity is not None:
+        global PARITY
+        PARITY = args.parity
 
     work = args.work
     shutil.rmtree(work, ignore_errors=True)

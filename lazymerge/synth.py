@@ -17,6 +17,7 @@ import torch
 
 from lazymerge.errors import CheckpointError, OutputError
 from lazymerge.io.checkpoint import Checkpoint
+from lazymerge import shapes
 from lazymerge.dtypes import dtype_code
 from lazymerge.io.writer import CheckpointWriter, OutTensor, ShardLayout, index_json, plan_layout
 from lazymerge.units import parse_size
@@ -80,18 +81,15 @@ def _generator(seed: int, name: str, group: int) -> torch.Generator:
 
 
 def _row_groups(shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    rows = shape[0] if shape else 1
-    row_numel = 1
-    for d in shape[1:]:
-        row_numel *= d
+    rows, row_numel = shapes.rows(shape), shapes.row_numel(shape)
     step = max(1, GROUP_ELEMENTS // max(1, row_numel))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def _block(name: str, shape: tuple[int, ...], rows: tuple[int, int], group: int, seed: int,
            base: Checkpoint | None, noise: float) -> torch.Tensor:
-    block_shape = (rows[1] - rows[0], *shape[1:])
-    randn = torch.randn(block_shape, generator=_generator(seed, name, group))
+    block = shapes.block_shape(shape, *rows)
+    randn = torch.randn(block, generator=_generator(seed, name, group))
     if base is not None:
         return base.read(name, rows, torch.float32) + noise * randn
     if name.endswith("norm.weight"):

@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import shapes
+
 # ----------------------------------------------------------------------------------------------------------------
 # Row layout helpers
 # ----------------------------------------------------------------------------------------------------------------
@@ -36,10 +38,8 @@ def _rows2d(x: Tensor) -> Tensor:
 
 
 def _row_layout(shape: Sequence[int]) -> tuple[int, int]:
-    """(rows, row_numel) of a full tensor, with the same one-row convention as `_rows2d`."""
-    if len(shape) <= 1:
-        return 1, math.prod(shape)
-    return shape[0], math.prod(shape[1:])
+    """(rows, row_numel) of a full tensor (lazymerge.shapes: a 0-d/1-d tensor is one row, as in `_rows2d`)."""
+    return shapes.rows(shape), shapes.row_numel(shape)
 
 
 def _row_sum(m: Tensor) -> Tensor:

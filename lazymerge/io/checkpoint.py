@@ -200,7 +200,7 @@ class Checkpoint:
             if rows is not None:
                 if not 0 <= rows[0] <= rows[1] <= info.rows:
                     raise ValueError(f"{name}: rows {rows} out of range for {info.rows} rows")
-                t = t[rows[0]:rows[1]] if t.dim() else (t if rows[1] - rows[0] == 1 else t.reshape(1)[:0])
+                t = t[rows[0]:rows[1]] if t.dim() >= 2 else (t if rows[1] - rows[0] == 1 else t.reshape(-1)[:0])
             return t.to(device=device, dtype=dtype or t.dtype, copy=True)
         return self._reader(info.file).read(info, rows, dtype, device)
 

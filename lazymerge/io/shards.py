@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lazymerge import shapes
 from lazymerge.dtypes import DTYPES
 from lazymerge.errors import CheckpointError
 
@@ -35,12 +36,12 @@ class ShapedTensor:
 
     @property
     def rows(self) -> int:
-        """Row blocks split dim 0; a 0-d tensor is a single row so that every tensor can be blocked the same way."""
-        return self.shape[0] if self.shape else 1
+        """Row blocks split dim 0; a 0-d or 1-d tensor is a single row (lazymerge.shapes)."""
+        return shapes.rows(self.shape)
 
     @property
     def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
+        return shapes.row_numel(self.shape)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -180,10 +181,7 @@ class ShardReader:
             raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
         if info.start + info.nbytes > len(self._map):
             raise _fail(self.path, f"tensor {info.name!r} lies beyond the end of the file")
-        if info.shape:
-            shape: tuple[int, ...] = (b - a, *info.shape[1:])
-        else:
-            shape = () if b - a == 1 else (0,)
+        shape = shapes.block_shape(info.shape, a, b)
         stored = info.torch_dtype
         out_dtype = stored if dtype is None else dtype
         count = (b - a) * info.row_numel

@@ -331,8 +331,9 @@ class CheckpointWriter:
         if tensor.dtype != out.torch_dtype or tensor.device.type != "cpu":
             raise ValueError(f"{name}: got a {tensor.dtype} tensor on {tensor.device}, "
                              f"the output needs {out.torch_dtype} on cpu")
-        n_rows = tensor.shape[0] if out.shape else 1
-        if (tuple(tensor.shape[1:]) != out.shape[1:] if out.shape else tensor.numel() != 1) \
+        whole = len(out.shape) < 2                   # a 0-d/1-d tensor is one row, written whole (lazymerge.shapes)
+        n_rows = 1 if whole else tensor.shape[0]
+        if (tensor.numel() != out.numel if whole else tuple(tensor.shape[1:]) != out.shape[1:]) \
                 or not 0 <= row_start <= row_start + n_rows <= out.rows:
             raise ValueError(f"{name}: rows starting at {row_start} of shape {tuple(tensor.shape)} do not fit "
                              f"the output shape {out.shape}")

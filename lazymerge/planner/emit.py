@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .. import shapes
 from ..dtypes import FLOAT_CODES, torch_name
 from ..io.writer import OutTensor, plan_layout
 from .graph import TaskList, TensorBuilder
@@ -26,7 +27,7 @@ def emit_plan(st: StagePlan, sources: dict[str, Any], budget: int | None, shard_
     blocks_of: dict[str, int] = {}
     for job in st.jobs:
         shape = job.shape
-        rows = shape[0] if len(shape) >= 2 else 1
+        rows = shapes.rows(shape)
 
         def build(block_rows: int, job: TensorJob = job, shape: tuple[int, ...] = shape,
                   rows: int = rows) -> TensorBuilder:

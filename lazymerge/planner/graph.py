@@ -6,11 +6,13 @@ bytes) for one tensor, block by block. The order in which tasks are emitted is a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import networkx as nx
 
+from .. import shapes
 from ..dtypes import itemsize
 from ..engine import ops
 
@@ -110,11 +112,9 @@ class TensorBuilder:
         self.base = base
         self.out_dtype = out_dtype
         self.seed = seed
-        self.rows = shape[0] if len(shape) >= 2 else 1
-        self.numel = 1
-        for d in shape:
-            self.numel *= d
-        self.row_numel = self.numel // self.rows if self.rows else 0
+        self.rows = shapes.rows(shape)
+        self.numel = math.prod(shape)
+        self.row_numel = shapes.row_numel(shape)
         self.vocab = vocab            # planner.vocab.VocabPlan when this tensor's rows are mapped
         self.out = TaskList()
         self._memo: dict[tuple, str] = {}

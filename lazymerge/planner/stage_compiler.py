@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import shapes
 from ..dtypes import FLOAT_CODES
 from ..errors import CheckpointError, RecipeError
 from ..io.adapters import open_model, parse_model_ref
@@ -248,7 +249,7 @@ class StageCompiler:
         vp = self.vocab if self.vocab is not None and sp.name in self.vocab.tensors else None
         if vp is not None:
             shape = (vp.out_vocab, *shape[1:])
-        rows = shape[0] if len(shape) >= 2 else 1
+        rows = shapes.rows(shape)
         refs = []
         for key, name in zip(g.keys, sp.names):
             hit = self.find(key, name)
@@ -263,7 +264,7 @@ class StageCompiler:
                 # an integer buffer is copied, a float weight merged: the two cannot be mixed
                 raise CheckpointError(f"{ck.path}: tensor '{hit[0]}' has dtype {hit[1].dtype}, but {lead_path} "
                                       f"has {info.dtype}")
-            own_rows = (got[0] if len(got) >= 2 else 1) if vp is not None else rows
+            own_rows = shapes.rows(got) if vp is not None else rows
             refs.append(self._ref(key, hit[0], hit[1], own_rows))
         is_float = info.dtype in FLOAT_CODES
         out_dtype = (self.r.output_dtype or info.dtype) if is_float else info.dtype
@@ -321,5 +322,5 @@ class StageCompiler:
                                   f"has {list(shape)}")
         if vp is not None:
             vp.follow(key, refs[c].model, int(info.shape[0]) if info.shape else 1)
-        refs.append(self._ref(key, name, info, (info.shape[0] if len(info.shape) >= 2 else 1) if vp else rows))
+        refs.append(self._ref(key, name, info, info.rows if vp else rows))
         return len(refs) - 1
