@@ -152,6 +152,7 @@ def _adapter_models(work: Path) -> None:
 
 
 def main() -> int:
+    global PARITY
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lazymerge-hash-corpus"),
@@ -161,7 +162,6 @@ def main() -> int:
     ap.add_argument("--parity", type=Path, default=None, help=f"the parity cases (default: {PARITY})")
     args = ap.parse_args()
     if args.parity is not None:
-        global PARITY
         PARITY = args.parity
 
     work = args.work

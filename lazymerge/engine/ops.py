@@ -44,14 +44,18 @@ class OpSpec:
     name: str
     attrs: type                  # the frozen dataclass of the task's attributes
     run: OpFn
-    scratch: float               # temporaries, in float32 blocks of the task's row block
+    scratch: float | Callable[[Any], float]   # temporaries, in float32 blocks of the task's row block (or a
+                                              # function of the attributes whose docstring says how)
     doc: str                     # one line: what it computes
+
+    def scratch_blocks(self, attrs: Any) -> float:
+        return self.scratch(attrs) if callable(self.scratch) else self.scratch
 
 
 OPS: dict[str, OpSpec] = {}
 
 
-def op(name: str, attrs: type, scratch: float) -> Callable[[OpFn], OpFn]:
+def op(name: str, attrs: type, scratch: float | Callable[[Any], float]) -> Callable[[OpFn], OpFn]:
     """Register `fn` as op `name` with attributes `attrs`."""
 
     def deco(fn: OpFn) -> OpFn:
@@ -74,7 +78,8 @@ def describe() -> str:
     for s in OPS.values():
         fields = ", ".join(f"`{f}`" for f in s.attrs.__dataclass_fields__) or "-"
         doc = s.doc.replace("|", "\\|")
-        lines.append(f"| `{s.name}` | {fields} | {s.scratch:g} | {doc} |")
+        scratch = (s.scratch.__doc__ or "").strip() if callable(s.scratch) else f"{s.scratch:g}"
+        lines.append(f"| `{s.name}` | {fields} | {scratch} | {doc} |")
     return "\n".join(lines)
 
 

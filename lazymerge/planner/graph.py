@@ -136,7 +136,7 @@ class TensorBuilder:
         key = f"{root.name}#{root._n}:{attrs.op}"
         root._n += 1
         root.out.keys.append(key)
-        scratch = int(ops.OPS[attrs.op].scratch * self.f32(block))
+        scratch = int(ops.OPS[attrs.op].scratch_blocks(attrs) * self.f32(block))
         root.out.tasks.append(Task(attrs, tuple(inputs), int(nbytes), root.name, block, scratch))
         return key
 
