@@ -5,7 +5,8 @@ resolved) and fails on
 - an upward edge: io importing the engine or the planner (or anything above them), the engine importing the
   planner;
 - an import circle between modules, wherever the imports sit (a function-level import that only hides a circle
-  is still a circle).
+  is still a circle);
+and on a function over 80 lines whose docstring does not say why.
 """
 from __future__ import annotations
 
@@ -120,3 +121,18 @@ def test_the_walk_sees_a_function_level_upward_import(me, dep):
     """The check itself: an upward import hidden in a function is found."""
     found = imports_of(f"def g():\n    {dep}\n", me)
     assert any(layer(d) > layer(me) for d in found), found
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_long_functions():
+    """One job per function: none over 80 lines unless its docstring says why ("Long because ...")."""
+    long = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and "Long because" not in (ast.get_docstring(node) or ""):
+                    long.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions over 80 lines without a reason in their docstring:\n  " + "\n  ".join(long)
