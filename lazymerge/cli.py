@@ -148,7 +148,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
             data = nx.node_link_data(p.graph, edges="edges")
             for node in data["nodes"]:
                 t = node.pop("task")
-                attrs = {f.name: getattr(t.attrs, f.name) for f in dataclasses.fields(t.attrs)}
+                attrs = dataclasses.asdict(t.attrs)
                 attrs.pop("seed_parts", None)
                 node.update(op=t.op, tensor=t.tensor, block=t.block, nbytes=t.nbytes, attrs=attrs)
             graph_file.write_text(json.dumps(data, default=str))

@@ -67,3 +67,25 @@ def test_every_task_of_a_plan_is_typed(models_fp32):
                 "norm_factor", "elect", "combine", "write"} <= seen
     finally:
         p.close()
+
+
+def test_plan_graph_file_lists_typed_attributes(models_fp32, tmp_path):
+    """`lazymerge plan --graph` writes each node's op and its attributes (the dataclass's fields) as JSON."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from lazymerge.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "dare_ties", "base_model": str(models_fp32["base"]),
+        "models": [{"model": str(models_fp32["ft1"]), "parameters": {"weight": 0.5, "density": 0.5}}]}))
+    res = CliRunner().invoke(main, ["plan", str(recipe), "--graph", str(tmp_path / "g.json")])
+    assert res.exit_code == 0, res.output
+    nodes = json.loads((tmp_path / "g.json").read_text())["nodes"]
+    assert nodes
+    for node in nodes:
+        fields = set(ops.OPS[node["op"]].attrs.__dataclass_fields__) - {"seed_parts"}
+        assert set(node["attrs"]) == fields, node
