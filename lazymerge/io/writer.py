@@ -115,11 +115,51 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def tiled_digest(pieces: list[tuple[int, int, bytes]]) -> str:
+    """A shard's checksum from the sha256 of each piece written to it, whatever order they were written in:
+    sha256 over (offset, length, sha256 of the bytes) of every piece, by offset.
+
+    Computed from the bytes in memory as they are written, so that checksumming an output never reads it back from
+    disk (which cost a second read of the whole output: the writer drops its pages from the cache once durable).
+    A resume recomputes it from the file with the same piece boundaries (kept in the journal)."""
+    h = hashlib.sha256()
+    for off, n, d in sorted(pieces):
+        h.update(off.to_bytes(8, "little") + n.to_bytes(8, "little") + d)
+    return h.hexdigest()
+
+
+def _tiles(pieces: object, size: int) -> bool:
+    """Whether journaled `[offset, length]` pieces cover [0, size) exactly, without overlap."""
+    if not isinstance(pieces, list):
+        return False
+    end = 0
+    for piece in pieces:
+        if not (isinstance(piece, list) and len(piece) == 2 and all(isinstance(v, int) for v in piece)):
+            return False
+        off, n = piece
+        if off != end or n <= 0:
+            return False
+        end = off + n
+    return end == size
+
+
+def _file_digest(path: Path, pieces: list[list[int]]) -> str:
+    """`tiled_digest` of a file on disk, read piece by piece (the resume check)."""
+    out = []
     with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        for off, n in pieces:
+            h = hashlib.sha256()
+            f.seek(off)
+            left = n
+            while left:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+            out.append((off, n, h.digest()))
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return digest
+    return tiled_digest(out)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -164,6 +204,7 @@ class CheckpointWriter:
         self._done: set[int] = set()
         self._verified: set[int] = set()
         self._journal: dict[str, dict] = {}
+        self._pieces: dict[int, list[tuple[int, int, bytes]]] = {i: [] for i in range(len(self.layout))}
         self._state = "new"
         self._has_lock = False
 
@@ -281,10 +322,10 @@ class CheckpointWriter:
             rec = shards.get(s.filename)
             path = self.tmp_dir / s.filename
             if (isinstance(rec, dict) and path.is_file() and path.stat().st_size == s.size == rec.get("size")
-                    and _sha256(path) == rec.get("sha256")):
+                    and _tiles(rec.get("pieces"), s.size) and _file_digest(path, rec["pieces"]) == rec.get("sha256")):
                 self._verified.add(i)
                 self._done.add(i)
-                self._journal[s.filename] = {"size": s.size, "sha256": rec["sha256"]}
+                self._journal[s.filename] = {"size": s.size, "sha256": rec["sha256"], "pieces": rec["pieces"]}
         return True
 
     def _write_journal(self) -> None:
@@ -305,6 +346,7 @@ class CheckpointWriter:
         fd = os.open(self.tmp_dir / shard.filename, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
         self._fds[i] = fd
         self._pwrite(fd, memoryview(shard.header), 0, shard.filename)
+        self._pieces[i] = [(0, len(shard.header), hashlib.sha256(shard.header).digest())]
         try:
             os.ftruncate(fd, shard.size)
         except OSError as exc:
@@ -344,9 +386,13 @@ class CheckpointWriter:
                 raise RuntimeError(f"{name}: more rows written than the tensor has (a block written twice?)")
             self._tensor_reserved[name] = reserved
             fd = self._fds[i]
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._pwrite(fd, memoryview(data), offset + row_start * out.row_nbytes, self.layout[i].filename)
+        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        at = offset + row_start * out.row_nbytes
+        digest = hashlib.sha256(data).digest() if nbytes else b""    # hashlib drops the GIL for big buffers
+        self._pwrite(fd, data, at, self.layout[i].filename)
         with self._lock:
+            if nbytes:
+                self._pieces[i].append((at, nbytes, digest))
             self._shard_written[i] += nbytes
             complete = self._shard_written[i] == self.layout[i].data_nbytes
         if complete:
@@ -382,9 +428,12 @@ class CheckpointWriter:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
-        digest = _sha256(self.tmp_dir / shard.filename)
+        with self._lock:
+            pieces = sorted(self._pieces.pop(i, []))
+        digest = tiled_digest(pieces)
         with self._journal_lock:
-            self._journal[shard.filename] = {"size": shard.size, "sha256": digest}
+            self._journal[shard.filename] = {"size": shard.size, "sha256": digest,
+                                             "pieces": [[off, n] for off, n, _ in pieces]}
         self._write_journal()
 
     # -- finishing ------------------------------------------------------------------------------------------
