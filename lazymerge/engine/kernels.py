@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import shapes
+from . import fused
 
 # ----------------------------------------------------------------------------------------------------------------
 # Row layout helpers
@@ -171,6 +172,8 @@ def _abs_bits(d: Tensor) -> Tensor:
 
 def topk_pass1(d_block: Tensor) -> Tensor:
     """int64 ``[65536]`` histogram of the high 16 bits of ``|d|`` in this block."""
+    if fused.use(d_block):
+        return fused.topk_hist(d_block)
     return torch.bincount(_abs_bits(d_block) >> 16, minlength=_BINS)
 
 
@@ -195,6 +198,8 @@ def topk_pass2(d_block: Tensor, state1: dict) -> Tensor:
     """int64 ``[65536]`` histogram of the low 16 bits of the block's entries that fall in the selected high bin."""
     if state1["all"]:
         return torch.zeros(_BINS, dtype=torch.int64)
+    if fused.use(d_block):
+        return fused.topk_hist(d_block, state1["bin"])
     bits = _abs_bits(d_block)
     low = bits[(bits >> 16) == state1["bin"]] & 0xFFFF
     return torch.bincount(low, minlength=_BINS)
@@ -220,6 +225,15 @@ def topk_reduce2(hists: Sequence[Tensor], state1: dict) -> dict:
         quota.append(q)
         ties -= q
     return {"all": False, "threshold": (state1["bin"] << 16) | low, "quota": quota}
+
+
+def topk_keep(d_block: Tensor, state2: dict, block_index: int, owned: bool = False) -> Tensor:
+    """``d * topk_mask(d, ...)`` (a dropped negative entry becomes -0.0), overwriting ``d`` when ``owned``."""
+    if not state2["all"] and fused.use(d_block):
+        out = d_block if owned else torch.empty_like(d_block)
+        return fused.keep_mul(d_block, state2["threshold"], state2["quota"][block_index], out)
+    keep = topk_mask(d_block, state2, block_index)
+    return d_block.mul_(keep) if owned else d_block * keep
 
 
 def topk_mask(d_block: Tensor, state2: dict, block_index: int) -> Tensor:
@@ -637,6 +651,8 @@ def fisher_merge(xs: Sequence[Tensor], fs: Sequence[Tensor], weights: Sequence[f
 def elect_nonneg(es: Sequence[Tensor], consensus: str = "sum") -> Tensor:
     """TIES sign election as a bool tensor (True where the elected sign is +1; a statistic of exactly 0 elects +1):
     ``sum`` sums the weighted deltas, ``count`` their signs (mergekit ``get_mask``). 1 byte per entry."""
+    if consensus in ("sum", "count") and fused.use(*es):
+        return fused.elect_nonneg(es, consensus)
     if consensus == "sum":
         stat = es[0] + es[1] if len(es) > 1 else es[0].clone()
         for e in es[2:]:

@@ -205,6 +205,9 @@ def _combine(ctx: RunContext, ins: list[Any], a: Combine, own: tuple[bool, ...])
     weights = a.weights
     n = len(weights)
     base, es = ins[0], ins[1:1 + n]
+    if a.elect and K.fused.use(base, *es):       # the whole chain below in one pass (engine/fused.py)
+        out = base if own[0] else torch.empty_like(base)
+        return K.fused.combine_elected(es, weights, ins[1 + n], a.normalize, a.lam, base, out)
     if a.elect:
         d = K.combine_elected(es, weights, ins[1 + n], a.normalize, own[1:1 + n])
     else:
@@ -295,8 +298,7 @@ class TrimMagnitude(Attrs):
 
 @op("trim_magnitude", TrimMagnitude, scratch=2.0)
 def _trim_magnitude(ctx: RunContext, ins: list[Any], a: TrimMagnitude, own: tuple[bool, ...]) -> Tensor:
-    d = ins[0]
-    return _keep(d, K.topk_mask(d, ins[1], a.block), own[0])
+    return K.topk_keep(ins[0], ins[1], a.block, own[0])
 
 
 @dataclass(frozen=True)

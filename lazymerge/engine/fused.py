@@ -1,0 +1,189 @@
+"""Fused CPU kernels (numba) for the hot chains of TIES-family merges: one pass where torch makes several.
+
+Why: on CPU the exact top-k and the sign election are memory-bound chains of element-wise torch ops (abs, view,
+shift, bincount; mask, sign, compare, multiply, add, divide), each a full pass over a block. Each kernel here does
+one chain in a single parallel pass (`parallel=True`) that releases the GIL (`nogil=True`), so the scheduler's
+other workers keep running.
+
+Bit-identity with the torch kernels (`engine.kernels`, the reference) is by construction:
+
+* histograms are integer counts: any order, any chunking gives the same counts;
+* per element, the same float32 operations in the same order as the torch chain (numba compiles float32 arithmetic
+  on float32 values; every constant is a float32; no fastmath), so each element rounds exactly as torch does;
+* signs follow torch.sign ((0 < x) - (x < 0): NaN and ±0 have sign 0), |x| is the bit pattern with the sign bit
+  cleared, as torch.abs.
+
+numba is optional (the `fast` extra): without it, or with LAZYMERGE_FUSED=0, the torch kernels run. tests/
+test_fused.py compares every kernel with its torch chain with torch.equal.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # pragma: no cover - exercised when the extra is installed
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover
+    numba = None
+
+_BINS = 65536
+# below this many elements numba's call overhead beats the saving and torch runs (the env variable lets a test or
+# benches/hash_corpus.py send every block through the fused kernels)
+MIN_NUMEL = int(os.environ.get("LAZYMERGE_FUSED_MIN_NUMEL", 1 << 14))
+
+
+def available() -> bool:
+    """Whether the fused kernels can run (numba importable and not disabled with LAZYMERGE_FUSED=0)."""
+    return numba is not None and os.environ.get("LAZYMERGE_FUSED", "1") != "0"
+
+
+def use(*xs: Tensor) -> bool:
+    """Whether to run the fused kernel on these blocks: CPU float32, contiguous, and big enough to pay off."""
+    return (available() and all(x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+                                for x in xs) and xs[0].numel() >= MIN_NUMEL)
+
+
+def _chunks(n: int) -> int:
+    return max(1, min(numba.get_num_threads() * 4, n >> 14))
+
+
+def _flat(x: Tensor) -> np.ndarray:
+    return x.reshape(-1).numpy()
+
+
+if numba is not None:
+    _ONE = np.float32(1.0)
+    _ZERO = np.float32(0.0)
+    _MINUS = np.float32(-1.0)
+    _ABS = np.int32(0x7FFFFFFF)
+
+    @njit(inline="always")
+    def _sign(x):  # torch.sign: (0 < x) - (x < 0), NaN -> 0
+        if x > _ZERO:
+            return _ONE
+        if x < _ZERO:
+            return _MINUS
+        return _ZERO
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _hist(bits, nchunks, high_bin):
+        """high_bin < 0: histogram of the high 16 bits of |x|; else of the low 16 bits of the entries in that bin."""
+        n = bits.size
+        step = (n + nchunks - 1) // nchunks
+        hs = np.zeros((nchunks, _BINS), np.int64)
+        for c in prange(nchunks):
+            h = hs[c]
+            for i in range(c * step, min(n, (c + 1) * step)):
+                b = bits[i] & _ABS
+                if high_bin < 0:
+                    h[b >> 16] += 1
+                elif (b >> 16) == high_bin:
+                    h[b & 0xFFFF] += 1
+        out = np.zeros(_BINS, np.int64)
+        for c in range(nchunks):
+            out += hs[c]
+        return out
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _cut(bits, t, quota, nchunks):
+        """One past the flat index of the `quota`-th entry whose |x| bits equal `t` (0 when quota is 0)."""
+        n = bits.size
+        if quota <= 0:
+            return 0
+        step = (n + nchunks - 1) // nchunks
+        counts = np.zeros(nchunks, np.int64)
+        for c in prange(nchunks):
+            k = 0
+            for i in range(c * step, min(n, (c + 1) * step)):
+                if (bits[i] & _ABS) == t:
+                    k += 1
+            counts[c] = k
+        seen = 0
+        for c in range(nchunks):
+            if seen + counts[c] >= quota:
+                for i in range(c * step, min(n, (c + 1) * step)):
+                    if (bits[i] & _ABS) == t:
+                        seen += 1
+                        if seen == quota:
+                            return i + 1
+            seen += counts[c]
+        return n
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _keep_mul(d, bits, t, cut, out):
+        """out = d * keep (keep: |d| above the threshold, or equal to it before `cut`), as `d.mul_(bool mask)`."""
+        for i in prange(d.size):
+            b = bits[i] & _ABS
+            out[i] = d[i] * (_ONE if (b > t or (b == t and i < cut)) else _ZERO)
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _elect(es, count, out):
+        """out = (sum of the e_k, or of their signs, in list order) >= 0."""
+        n = len(es)
+        for i in prange(out.size):
+            s = _sign(es[0][i]) if count else es[0][i]
+            for k in range(1, n):
+                s = s + (_sign(es[k][i]) if count else es[k][i])
+            out[i] = s >= _ZERO
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _combine(es, w, nonneg, normalize, lam, scale, base, out):
+        """base + lam * (sum_k agree_k e_k) / (sum_k agree_k w_k), each step the float32 op of the torch chain."""
+        n = len(es)
+        for i in prange(out.size):
+            el = _ONE if nonneg[i] else _MINUS
+            mixed = _ZERO
+            div = _ZERO
+            for k in range(n):
+                x = es[k][i]
+                a = _ONE if _sign(x) == el else _ZERO
+                term = x * a
+                wt = a * w[k]
+                if k == 0:
+                    mixed = term
+                    div = wt
+                else:
+                    mixed = mixed + term
+                    div = div + wt
+            if normalize:
+                if div == _ZERO:
+                    div = _ONE
+                mixed = mixed / div
+            if scale:
+                mixed = mixed * lam
+            out[i] = base[i] + mixed
+
+
+def topk_hist(d: Tensor, high_bin: int = -1) -> Tensor:
+    """`kernels.topk_pass1` (high_bin < 0) or `topk_pass2`'s histogram for bin `high_bin`, in one pass."""
+    bits = _flat(d).view(np.int32)
+    return torch.from_numpy(_hist(bits, _chunks(bits.size), high_bin))
+
+
+def keep_mul(d: Tensor, threshold: int, quota: int, out: Tensor) -> Tensor:
+    """`d * topk_mask(d, ...)` into `out` (may be `d`): the threshold's bit pattern and this block's tie quota."""
+    bits = _flat(d).view(np.int32)
+    cut = _cut(bits, np.int32(threshold), quota, _chunks(bits.size))
+    _keep_mul(_flat(d), bits, np.int32(threshold), cut, _flat(out))
+    return out
+
+
+def elect_nonneg(es: Sequence[Tensor], consensus: str) -> Tensor:
+    """`kernels.elect_nonneg` in one pass."""
+    out = torch.empty(es[0].shape, dtype=torch.bool)
+    _elect(tuple(_flat(e) for e in es), consensus == "count", _flat(out))
+    return out
+
+
+def combine_elected(es: Sequence[Tensor], weights: Sequence[float], nonneg: Tensor, normalize: bool, lam: float,
+                    base: Tensor, out: Tensor) -> Tensor:
+    """`base + lam * kernels.combine_elected(...)` in one pass, into `out` (may be `base`)."""
+    w = np.array(weights, dtype=np.float32)        # torch rounds a Python scalar to the tensor's float32
+    _combine(tuple(_flat(e) for e in es), w, _flat(nonneg.contiguous()), normalize, np.float32(lam), lam != 1.0,
+             _flat(base), _flat(out))
+    return out

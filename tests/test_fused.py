@@ -1,0 +1,85 @@
+"""The fused numba kernels (engine/fused.py) against the torch kernels they replace: torch.equal, bit for bit.
+
+Data with many exact ties (values on a coarse grid), zeros of both signs, both signs, a tie exactly at the top-k
+threshold split across blocks, and divisors that are exactly 0."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lazymerge.engine import fused
+from lazymerge.engine import kernels as K
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="numba not installed (the 'fast' extra)")
+
+N = 3 * 7919       # > MIN_NUMEL, not a multiple of any chunk count
+
+
+def grid(seed: int, n: int = N, levels: int = 9) -> torch.Tensor:
+    """float32 values on a coarse grid (many exact ties), with +0.0, -0.0 and both signs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-levels, levels + 1, (n,), generator=g).to(torch.float32) * 0.37
+    x[torch.randint(0, n, (n // 20,), generator=g)] = -0.0
+    return x
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    def run(fn, *args):
+        monkeypatch.setenv("LAZYMERGE_FUSED", "0")
+        try:
+            return fn(*args)
+        finally:
+            monkeypatch.delenv("LAZYMERGE_FUSED")
+    return run
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_topk_histograms_and_trim(seed: int, torch_only) -> None:
+    d = grid(seed).reshape(3, -1)
+    blocks = [d[:1].clone(), d[1:].clone()]
+    for k in (1, 5, N // 3, N // 2 + 17, N - 1, N):
+        h1 = [K.topk_pass1(b) for b in blocks]
+        assert all(torch.equal(h, torch_only(K.topk_pass1, b)) for h, b in zip(h1, blocks))
+        s1 = K.topk_reduce1(h1, k)
+        h2 = [K.topk_pass2(b, s1) for b in blocks]
+        assert all(torch.equal(h, torch_only(K.topk_pass2, b, s1)) for h, b in zip(h2, blocks))
+        s2 = K.topk_reduce2(h2, s1)
+        kept = 0
+        for j, b in enumerate(blocks):
+            ref = b * K.topk_mask(b, s2, j)
+            got = K.topk_keep(b, s2, j)
+            assert torch.equal(got, ref) and torch.equal(got.signbit(), ref.signbit())
+            owned = b.clone()
+            assert K.topk_keep(owned, s2, j, owned=True).data_ptr() == owned.data_ptr()
+            assert torch.equal(owned.signbit(), ref.signbit()) and torch.equal(owned, ref)
+            kept += int(K.topk_mask(b, s2, j).sum())
+        assert kept == min(k, N)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+def test_elect_and_combine(n: int, consensus: str, torch_only) -> None:
+    es = [grid(10 + i) for i in range(n)]
+    es[0][:50] = 0.0                                  # every model 0 there: a divisor of exactly 0
+    for e in es[1:]:
+        e[:50] = -0.0
+    base = torch.randn(N, generator=torch.Generator().manual_seed(9))
+    nonneg = K.elect_nonneg(es, consensus)
+    assert torch.equal(nonneg, torch_only(K.elect_nonneg, es, consensus))
+    weights = (0.3, 0.7, 1.1)[:n]
+    for normalize in (True, False):
+        for lam in (1.0, 0.7):
+            ref = K.combine_elected([e.clone() for e in es], weights, nonneg, normalize)
+            if lam != 1.0:
+                ref.mul_(lam)
+            ref = ref.add_(base)
+            got = fused.combine_elected(es, weights, nonneg, normalize, lam, base, torch.empty_like(base))
+            assert torch.equal(got, ref)
+
+
+def test_small_blocks_and_switch_stay_on_torch(monkeypatch) -> None:
+    small = torch.ones(10)
+    assert not fused.use(small) and fused.use(torch.ones(N))
+    monkeypatch.setenv("LAZYMERGE_FUSED", "0")
+    assert not fused.use(torch.ones(N))
