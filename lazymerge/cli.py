@@ -166,7 +166,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT, keeping finished shards.")
 @click.option("--strict", is_flag=True, help="Fail (instead of warning) on NaN/Inf in an input tensor.")
-@click.option("--workers", type=int, default=None, help="Tasks run at once (default: 2-4 by CPU count).")
+@click.option("--workers", type=int, default=None, help="Tasks run at once (default: one per usable core, at least 2, fewer when the budget is small; kernel threads share the cores among them).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the report.")
 @_friendly
 def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,

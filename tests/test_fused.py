@@ -76,6 +76,10 @@ def test_elect_and_combine(n: int, consensus: str, torch_only) -> None:
             ref = ref.add_(base)
             got = fused.combine_elected(es, weights, nonneg, normalize, lam, base, torch.empty_like(base))
             assert torch.equal(got, ref)
+            # the election done inside the combine pass (what the `elect` task defers to), in place into base
+            inplace = base.clone()
+            got = fused.combine_elected(es, weights, fused.elect_later(consensus), normalize, lam, inplace, inplace)
+            assert got.data_ptr() == inplace.data_ptr() and torch.equal(got, ref)
 
 
 def test_small_blocks_and_switch_stay_on_torch(monkeypatch) -> None:

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .. import shapes
+from .. import memory, shapes
 from . import fused
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,18 +220,22 @@ def topk_reduce2(hists: Sequence[Tensor], state1: dict) -> dict:
     low = int(torch.nonzero(at_or_above >= need).max())
     ties = need - int(at_or_above[low] - total[low])
     quota = []
-    for eq in stacked[:, low].tolist():
+    equal = stacked[:, low].tolist()
+    for eq in equal:
         q = min(eq, ties)
         quota.append(q)
         ties -= q
-    return {"all": False, "threshold": (state1["bin"] << 16) | low, "quota": quota}
+    # `equal`: how many entries of each block equal the threshold (a block keeping all of them needs no scan)
+    return {"all": False, "threshold": (state1["bin"] << 16) | low, "quota": quota, "equal": equal}
 
 
 def topk_keep(d_block: Tensor, state2: dict, block_index: int, owned: bool = False) -> Tensor:
     """``d * topk_mask(d, ...)`` (a dropped negative entry becomes -0.0), overwriting ``d`` when ``owned``."""
     if not state2["all"] and fused.use(d_block):
-        out = d_block if owned else torch.empty_like(d_block)
-        return fused.keep_mul(d_block, state2["threshold"], state2["quota"][block_index], out)
+        out = d_block if owned else memory.empty_like(d_block)
+        quota = state2["quota"][block_index]
+        return fused.keep_mul(d_block, state2["threshold"], quota, out,
+                              all_equal=quota == state2.get("equal", [None] * (block_index + 1))[block_index])
     keep = topk_mask(d_block, state2, block_index)
     return d_block.mul_(keep) if owned else d_block * keep
 

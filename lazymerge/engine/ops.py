@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from .. import memory
 from ..dtypes import torch_dtype
 from . import kernels as K
 from .context import RunContext
@@ -116,6 +117,18 @@ def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Te
 
 
 @dataclass(frozen=True)
+class Cast(Attrs):
+    """A block read as stored (a raw `load`) as a new float32 block: each phase's copy of an input block read once."""
+
+
+@op("cast", Cast, scratch=0.0)
+def _cast(ctx: RunContext, ins: list[Any], a: Cast, own: tuple[bool, ...]) -> Tensor:
+    if ins[0].device.type != "cpu":
+        return ins[0].to(torch.float32, copy=True)
+    return memory.empty(tuple(ins[0].shape), torch.float32).copy_(ins[0])
+
+
+@dataclass(frozen=True)
 class Write(Attrs):
     """Cast a block to the output dtype and write it at its rows of the output tensor; returns nothing."""
 
@@ -126,7 +139,11 @@ class Write(Attrs):
 
 @op("write", Write, scratch=0.0)
 def _write(ctx: RunContext, ins: list[Any], a: Write, own: tuple[bool, ...]) -> None:
-    y = ins[0].to(device="cpu", dtype=torch_dtype(a.dtype)).contiguous()
+    x = ins[0]
+    if x.device.type == "cpu":
+        y = memory.empty(tuple(x.shape), torch_dtype(a.dtype)).copy_(x)
+    else:
+        y = x.to(device="cpu", dtype=torch_dtype(a.dtype)).contiguous()
     ctx.writer.write_rows(a.name, a.row_start, y)
     ctx.count(written=y.numel() * y.element_size())
     return None
@@ -185,7 +202,9 @@ class Elect(Attrs):
 
 
 @op("elect", Elect, scratch=1.0)
-def _elect(ctx: RunContext, ins: list[Any], a: Elect, own: tuple[bool, ...]) -> Tensor:
+def _elect(ctx: RunContext, ins: list[Any], a: Elect, own: tuple[bool, ...]) -> Any:
+    if a.consensus in ("sum", "count") and K.fused.use(*ins):
+        return K.fused.elect_later(a.consensus)     # the fused combine elects in its own pass
     return K.elect_nonneg(ins, a.consensus)
 
 
@@ -205,8 +224,9 @@ def _combine(ctx: RunContext, ins: list[Any], a: Combine, own: tuple[bool, ...])
     weights = a.weights
     n = len(weights)
     base, es = ins[0], ins[1:1 + n]
-    if a.elect and K.fused.use(base, *es):       # the whole chain below in one pass (engine/fused.py)
-        out = base if own[0] else torch.empty_like(base)
+    if a.elect and (K.fused.use(base, *es) or isinstance(ins[1 + n], K.fused.Deferred)):
+        # the whole chain below (and the election, when deferred) in one pass: engine/fused.py
+        out = base if own[0] else memory.empty_like(base)
         return K.fused.combine_elected(es, weights, ins[1 + n], a.normalize, a.lam, base, out)
     if a.elect:
         d = K.combine_elected(es, weights, ins[1 + n], a.normalize, own[1:1 + n])

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import MergeAborted, OutputError
 from ..io.writer import CheckpointWriter
+from . import fused
 from .context import RunContext
 from .ops import run_task
 from .report import Progress, Report, RssSampler
@@ -50,8 +51,29 @@ def resolve_device(device: "str | torch.device") -> torch.device:
     return dev
 
 
-def default_workers() -> int:
-    return max(2, min(4, os.cpu_count() or 2))
+def usable_cores() -> int:
+    """CPUs this process may run on (`taskset`/cgroup affinity), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+MIN_WORKER_BYTES = 64 << 20     # a worker is only useful if the budget can hold a task of this size for it
+
+
+def choose_threads(budget: int | None, workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """(tasks run at once, threads each task's kernels use), from the cores and the budget; no fixed cap.
+
+    One worker per core keeps every core busy with independent tasks (reads overlap kernels; kernels release the
+    GIL), as long as the budget can give each a task of some size; at least 2, so that a read overlaps a kernel.
+    Kernel threads share the cores among the workers (torch intra-op threads and the fused kernels' threads), so
+    that workers x threads ~ cores instead of cores^2 runnable threads fighting for the same caches."""
+    n = cores or usable_cores()
+    if workers is None:
+        workers = n if budget is None else min(n, budget // MIN_WORKER_BYTES)
+        workers = max(2, workers)
+    return workers, max(1, n // workers)
 
 
 def check_output_dir(out: Path, inputs: list[Path]) -> None:
@@ -133,15 +155,22 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
                 if progress is not None:
                     progress(Progress(state["tensors"], total_tensors, state["bytes"], bytes_total, rss.wall))
 
+            n_workers, threads = choose_threads(plan.budget, workers)
+
             def run(task: Any, args: list[Any], own: tuple[bool, ...]) -> Any:
+                fused.set_threads(threads)           # per thread in numba
                 return run_task(ctx, task.attrs, args, own)
 
+            torch_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
             try:
-                stats = execute(keys, tasks, run, budget=plan.budget, workers=workers or default_workers(),
-                                on_done=on_done, cancel=cancel)
+                stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done,
+                                cancel=cancel)
             except KeyboardInterrupt:
                 raise MergeAborted(f"{out}: interrupted; no output written"
                                    + (" (re-run with --resume to continue)" if resume else "")) from None
+            finally:
+                torch.set_num_threads(torch_threads)
         report = Report(
             method=plan.method.name, out=str(out), seed=plan.seed, device=str(dev), wall_s=rss.wall,
             cpu_s=rss.cpu, peak_rss=rss.peak, peak_live_bytes=stats.peak_live_bytes, budget=plan.budget,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lazymerge import shapes
+from lazymerge import memory, shapes
 from lazymerge.dtypes import DTYPES
 from lazymerge.errors import CheckpointError
 
@@ -189,13 +189,13 @@ class ShardReader:
             return torch.empty(shape, dtype=out_dtype, device=device)
         offset = info.start + a * info.row_nbytes
         nbytes = count * info.itemsize
+        out = memory.empty(count, out_dtype)     # huge pages: see lazymerge/memory.py
         if offset % info.itemsize == 0:
-            view = torch.frombuffer(self._map, dtype=stored, count=count, offset=offset)
-            out = view.to(out_dtype, copy=True)
+            out.copy_(torch.frombuffer(self._map, dtype=stored, count=count, offset=offset))
         else:
             # safetensors does not align data; copy the bytes to an aligned buffer before reinterpreting them.
             raw = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=offset).clone()
-            out = raw.view(stored).to(out_dtype)
+            out.copy_(raw.view(stored))
         self._drop_pages(offset, nbytes)
         out = out.reshape(shape)
         return out if torch.device(device).type == "cpu" else out.to(device)

@@ -8,13 +8,31 @@ from typing import Any
 from .. import shapes
 from ..dtypes import FLOAT_CODES, torch_name
 from ..io.writer import OutTensor, plan_layout
-from .graph import TaskList, TensorBuilder
+from .graph import TaskList, TensorBuilder, share_loads
 from .methods import emit_tensor
 from .plan import Plan
 from .stage_compiler import StagePlan, TensorJob
 
 def _blocks(rows: int, block_rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + block_rows, rows)) for a in range(0, rows, block_rows)]
+
+
+def _read_once(tb: TensorBuilder, share: int | None, build: Any) -> tuple[TaskList, int]:
+    """The tensor's tasks with each input block read once (`share_loads`) when that still fits the share: the
+    stored blocks stay live across phases, so the row blocks are made smaller to leave them room, as long as they
+    take at most half the share. Otherwise the phases read their blocks again (from the page cache, mostly)."""
+    n = len(tb.blocks)
+    if n == 1:
+        return tb.out, n
+    shared, kept = share_loads(tb.out)
+    if not kept or share is None or shared.peak_bytes() <= share:
+        return shared, n
+    if 2 * kept > share:
+        return tb.out, n
+    rows = tb.blocks[0][1] - tb.blocks[0][0]
+    smaller = build(max(1, math.floor(rows * (share - kept) / tb.out.peak_bytes())))
+    shared, _ = share_loads(smaller.out)
+    return (shared, len(smaller.blocks)) if shared.peak_bytes() <= share else (tb.out, n)
 
 
 def emit_plan(st: StagePlan, sources: dict[str, Any], budget: int | None, shard_bytes: int, seed: int,
@@ -42,8 +60,9 @@ def emit_plan(st: StagePlan, sources: dict[str, Any], budget: int | None, shard_
             peak = tb.out.peak_bytes()
             if peak > share:
                 tb = build(max(1, math.floor(rows * share / peak)))
-        tasks.extend(tb.out)
-        blocks_of[job.name] = len(tb.blocks)
+        tl, n_blocks = _read_once(tb, share, build)
+        tasks.extend(tl)
+        blocks_of[job.name] = n_blocks
         outputs.append(OutTensor(job.name, shape, job.out_dtype))
 
     config = dict(st.config) if st.config else None

@@ -87,6 +87,46 @@ class TaskList:
         return peak
 
 
+def share_loads(tl: TaskList) -> tuple[TaskList, int]:
+    """Read every input block once: where several phases of a tensor load the same block (top-k passes, norms,
+    Gram partials before the combination), the first load reads it as stored and every phase casts its own float32
+    copy from it (`cast`), instead of reading the input again. The stored block stays live from the first phase to
+    the last, so the caller keeps this only when the working set still fits. Returns the list and the bytes kept.
+    Keys are unchanged: consumers need no rewiring."""
+    groups: dict[tuple, list[int]] = {}
+    for idx, t in enumerate(tl.tasks):
+        a = t.attrs
+        if isinstance(a, ops.Load) and not a.raw and a.vocab is None:
+            groups.setdefault((a.model, a.name, a.rows), []).append(idx)
+    raw_of: dict[int, str] = {}
+    kept = 0
+    for g in groups.values():
+        if len(g) > 1:
+            raw_key = tl.keys[g[0]] + ":stored"
+            kept += tl.tasks[g[0]].attrs.read_bytes
+            for idx in g:
+                raw_of[idx] = raw_key
+    if not raw_of:
+        return tl, 0
+    out = TaskList()
+    read: set[str] = set()
+    for idx, (k, t) in enumerate(zip(tl.keys, tl.tasks)):
+        raw_key = raw_of.get(idx)
+        if raw_key is None:
+            out.keys.append(k)
+            out.tasks.append(t)
+            continue
+        if raw_key not in read:
+            read.add(raw_key)
+            a = t.attrs
+            out.keys.append(raw_key)
+            out.tasks.append(Task(ops.Load(a.model, a.name, a.rows, a.read_bytes, raw=True), (), a.read_bytes,
+                                  t.tensor, t.block, 0))
+        out.keys.append(k)
+        out.tasks.append(Task(ops.Cast(), (raw_key,), t.nbytes, t.tensor, t.block, 0))
+    return out, kept
+
+
 class TensorBuilder:
     """Emits the tasks of one output tensor. Methods call `load`, `delta` and `emit`; `write` ends a block.
 
