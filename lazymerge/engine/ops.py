@@ -196,7 +196,7 @@ def _weighted_sum(ctx: RunContext, ins: list[Any], a: WeightedSum, own: tuple[bo
 
 @dataclass(frozen=True)
 class Elect(Attrs):
-    """TIES sign election over the weighted task vectors: a bool block, True where the elected sign is +."""
+    """TIES sign election over the weighted task vectors: True where the elected sign is + (fused: in `combine`)."""
 
     consensus: str                       # "sum" or "count"
 
