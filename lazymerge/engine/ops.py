@@ -25,7 +25,7 @@ import torch
 from ..dtypes import torch_dtype
 from . import kernels as K
 from .context import RunContext
-from .vocab_rows import VocabRows, load_block
+from .vocab_rows import VocabRows, load_block, read_token_rows
 
 Tensor = torch.Tensor
 
@@ -103,7 +103,7 @@ def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Te
     ckpt = ctx.sources[a.model]
     if a.vocab is not None:      # a vocab-indexed tensor whose rows are mapped token by token (engine/vocab_rows.py)
         def read(key: str, rows: tuple[int, int]) -> Tensor:
-            return ctx.sources[key].read(a.name, rows=rows, dtype=torch.float32, device=ctx.device)
+            return read_token_rows(ctx.sources[key], a.name, rows, ctx.device)
 
         x = load_block(read, a.model, a.vocab)
     else:
