@@ -17,7 +17,7 @@ import torch
 
 from lazymerge.engine.kernels import lora_rows
 from lazymerge.errors import CheckpointError
-from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.io.checkpoint import Checkpoint, pickle_refusal
 from lazymerge.io.shards import DTYPES, TensorInfo, dtype_code, read_header
 
 CONFIG_NAME = "adapter_config.json"
@@ -172,8 +172,7 @@ def _open_weights(path: Path, allow_pickle: bool) -> Checkpoint:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # the restricted unpickler raises many types; each means the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{file}: cannot load with torch.load(weights_only=True): {first}") from None
+        raise pickle_refusal(file, exc) from None
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{file}: not a flat state dict of tensors")
