@@ -96,6 +96,8 @@ def _select(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool,
 @op("reduce")
 def _reduce(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> Any:
     kind = a["kind"]
+    if kind in PARTIAL_REDUCERS:          # sce / arcee_fusion / ramplus_tl statistics (end of this module)
+        return PARTIAL_REDUCERS[kind](ins, a)
     if kind == "topk1":
         return K.topk_reduce1(ins, a["k"])
     if kind == "topk2":
@@ -237,3 +239,87 @@ def _write(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, 
     ctx.writer.write_rows(a["name"], a["row_start"], y)
     ctx.count(written=y.numel() * y.element_size())
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Newer mergekit methods: sce, nearswap, arcee_fusion, ram / ramplus_tl (planner/methods.py builds their graphs).
+# Small pure ops over engine.kernels; their whole-tensor statistics go through `reduce` (PARTIAL_REDUCERS).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@op("variance")
+def _variance(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    return K.variance_key(ins)
+
+
+@op("count_nonzero")
+def _count_nonzero(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> int:
+    return K.count_nonzero(ins[0])
+
+
+@op("keymask")
+def _keymask(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    """The top-k mask of a block chosen by a key other than the tensor itself (SCE: the variance)."""
+    return K.topk_mask(ins[0], ins[1], a["block"])
+
+
+@op("keep")
+def _keep_op(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    return _keep(ins[0], ins[1], own[0])
+
+
+@op("sce_combine")
+def _sce_combine(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    n = a["n"]
+    return K.sce_combine(ins[0], ins[1:1 + n], ins[2 + n], ins[1 + n])
+
+
+@op("nearswap")
+def _nearswap(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    return K.nearswap(ins[0], ins[1], a["t"])
+
+
+@op("fusion_importance")
+def _fusion_importance(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    return K.fusion_importance(ins[0], ins[1])
+
+
+@op("quantile")
+def _quantile(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    if a["pass_"] == 1:
+        return K.order_pass1(ins[0]).cpu()
+    return K.order_pass2(ins[0], ins[1]).cpu()
+
+
+@op("fusion")
+def _fusion(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    return K.fusion_apply(ins[0], ins[1], ins[2], ins[3])
+
+
+@op("ram_counts")
+def _ram_counts(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    return K.ram_counts(ins, a["epsilon"]).cpu()
+
+
+@op("ram")
+def _ram(ctx: RunContext, ins: list[Any], a: dict[str, Any], own: tuple[bool, ...]) -> torch.Tensor:
+    n = a["n"]
+    return K.ram_merge(ins[0], ins[1:1 + n], a["epsilon"], ins[1 + n] if a["plus"] else None)
+
+
+def _split(ins: list[Any], a: dict[str, Any]) -> list[list[Any]]:
+    """Partials emitted model-major (`a["n"]` groups of equal length)."""
+    per = len(ins) // a["n"]
+    return [list(ins[i * per:(i + 1) * per]) for i in range(a["n"])]
+
+
+# reduce kinds over partials: (inputs, attributes) -> the statistic
+PARTIAL_REDUCERS: dict[str, Callable[[list[Any], dict[str, Any]], Any]] = {
+    # SCE: histograms of every block, then every block's count of non-zero variances
+    "topk1_frac": lambda ins, a: K.topk_reduce1_fraction(ins[:a["split"]], ins[a["split"]:], a["fraction"]),
+    "sce_weights": lambda ins, a: K.sce_weights(_split(ins, a), a["numel"]),
+    "quantile1": lambda ins, a: K.order_reduce1(ins, a["ranks"]),
+    "quantile2": lambda ins, a: K.order_reduce2(ins[1:], ins[0]),
+    "ramplus": lambda ins, a: K.ramplus_lambdas(torch.stack(list(ins)).sum(dim=0), a["r"], a["alpha"],
+                                                a["epsilon"]),
+}

@@ -19,6 +19,10 @@ F32 = 4
 SCRATCH = {"load": 0.0, "write": 0.0, "reduce": 0.0, "delta": 0.0, "rescale": 0.0, "weighted_sum": 1.0,
            "select": 2.0, "trim": 2.0, "elect": 1.0, "combine": 3.0, "norm": 2.0, "gram": 6.0, "lincomb": 4.0,
            "fisher": 4.0}
+# the newer mergekit methods' ops (sce, nearswap, arcee_fusion, ram; see planner/methods.py)
+SCRATCH.update({"variance": 8.0, "count_nonzero": 0.25, "keymask": 2.0, "keep": 0.25, "sce_combine": 4.0,
+                "nearswap": 3.0, "fusion_importance": 6.0, "quantile": 5.0, "fusion": 3.0, "ram_counts": 3.0,
+                "ram": 5.0})
 
 
 @dataclass(frozen=True)

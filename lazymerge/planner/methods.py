@@ -382,3 +382,133 @@ register(Method("fisher", (Param("fisher", Path, required=True), WEIGHT1), _buil
                 min_models=1, doc="Fisher-weighted average: sum_i w_i F_i x_i / sum_i w_i F_i (element-wise)"))
 register(Method("passthrough", (Param("scale", float, default=1.0),), _build_passthrough, base="optional",
                 min_models=1, max_models=1, doc="copy one model's tensors (with slices: frankenmerges)"))
+
+
+# -- newer mergekit methods: sce, nearswap, arcee_fusion, ram, ramplus_tl (docs/methods.md) -------------------
+#
+# Same mechanisms as above: whole-tensor statistics are per-block partials -> one exact `reduce` (SCE's variance
+# top-k is the radix select of `_select` on another key; arcee_fusion's quantiles the same radix passes on signed
+# keys), then the element-wise phase. `_memo_op` keeps an op emitted once per (block, phase), as `tb.delta` does.
+
+
+def _memo_op(tb: TensorBuilder, memo: dict, tag: str, j: int, phase: Any, make: Callable[[], str]) -> str:
+    key = (tag, j, tb._phase(phase))
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
+def _build_sce(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+    base = tb.base
+    assert base is not None
+    frac = P.glob["select_topk"]
+    nb = len(tb.blocks)
+    memo: dict = {}
+
+    def variance(j: int, ph: Any) -> str:
+        return _memo_op(tb, memo, "var", j, ph, lambda: tb.op(
+            "variance", [tb.delta(m, j, ph) for m in models], tb.f32(j), j,
+            int((len(models) + 4) * 2 * tb.f32(j))))     # float64 copies of the deltas, mean and sum
+
+    state = None
+    if frac < 1:
+        vs = [variance(j, ("sce", 1)) for j in range(nb)]
+        h1 = [tb.op("select", (v,), 65536 * 8, j, pass_=1) for j, v in enumerate(vs)]
+        cnt = [tb.op("count_nonzero", (v,), 8, j) for j, v in enumerate(vs)]
+        s1 = tb.op("reduce", (*h1, *cnt), 1024, kind="topk1_frac", fraction=frac, split=nb)
+        h2 = [tb.op("select", (variance(j, ("sce", 2)), s1), 65536 * 8, j, pass_=2) for j in range(nb)]
+        state = tb.op("reduce", (s1, *h2), 1024 + 16 * nb, kind="topk2")
+
+    def selected(j: int, ph: Any) -> list[str]:
+        ds = [tb.delta(m, j, ph) for m in models]
+        if state is None:
+            return ds
+        keep = _memo_op(tb, memo, "mask", j, ph, lambda: tb.op("keymask", (variance(j, ph), state),
+                                                              tb.f32(j) // 4, j, block=j))
+        return [_memo_op(tb, memo, f"keep{i}", j, ph, lambda d=d: tb.op("keep", (d, keep), tb.f32(j), j))
+                for i, d in enumerate(ds)]
+
+    sq: list[list[str]] = [[] for _ in models]
+    for j in range(nb):
+        for i, d in enumerate(selected(j, ("sce", 3))):
+            sq[i].append(tb.op("norm", (d,), tb.block_rows(j) * 8, j, kind="l2"))
+    weights = tb.op("reduce", [p for parts in sq for p in parts], 64, kind="sce_weights", n=len(models),
+                    numel=tb.numel)
+
+    def block(j: int) -> str:
+        ds = selected(j, 0)
+        nonneg = tb.op("elect", ds, tb.f32(j) // 4, j, consensus="sum")
+        return tb.op("sce_combine", (tb.load(base, j), *ds, nonneg, weights), tb.f32(j), j, n=len(models))
+
+    return block
+
+
+def _build_nearswap(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+    base = tb.base
+    assert base is not None
+    return lambda j: tb.op("nearswap", (tb.load(base, j), tb.load(models[0], j)), tb.f32(j), j, t=P.glob["t"])
+
+
+def _build_arcee_fusion(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+    from ..engine.kernels import fusion_quantile_ranks   # pure arithmetic on the tensor's size
+
+    base = tb.base
+    assert base is not None
+    x = models[0]
+    nb = len(tb.blocks)
+    if tb.numel == 0:
+        return lambda j: tb.load(base, j)
+    memo: dict = {}
+
+    def importance(j: int, ph: Any) -> str:
+        return _memo_op(tb, memo, "imp", j, ph, lambda: tb.op(
+            "fusion_importance", (tb.load(x, j, ph), tb.load(base, j, ph)), tb.f32(j), j))
+
+    h1 = [tb.op("quantile", (importance(j, ("fusion", 1)),), 65536 * 8, j, pass_=1) for j in range(nb)]
+    s1 = tb.op("reduce", h1, 1024, kind="quantile1", ranks=fusion_quantile_ranks(tb.numel))
+    h2 = [tb.op("quantile", (importance(j, ("fusion", 2)), s1), 3 * 65536 * 8, j, pass_=2) for j in range(nb)]
+    quantiles = tb.op("reduce", (s1, *h2), 64, kind="quantile2")
+    return lambda j: tb.op("fusion", (tb.load(x, j), tb.load(base, j), importance(j, 0), quantiles), tb.f32(j), j)
+
+
+def _build_ram(plus: bool) -> Build:
+    def build(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+        base = tb.base
+        assert base is not None
+        eps = P.glob["epsilon"]
+        lambdas = None
+        if plus:
+            parts = [tb.op("ram_counts", [tb.delta(m, j, ("ram", 1)) for m in models], 16 * len(models), j,
+                           epsilon=eps) for j in range(len(tb.blocks))]
+            lambdas = tb.op("reduce", parts, 64, kind="ramplus", r=P.glob["r"], alpha=P.glob["alpha"], epsilon=eps)
+
+        def block(j: int) -> str:
+            ins = [tb.load(base, j), *(tb.delta(m, j) for m in models), *([lambdas] if lambdas else [])]
+            return tb.op("ram", ins, tb.f32(j), j, epsilon=eps, n=len(models), plus=plus)
+
+        return block
+
+    return build
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0.0 else "must be > 0"
+
+
+RAM_EPSILON = Param("epsilon", float, default=1e-5, per_model=False, check=_non_negative)
+register(Method("sce", (Param("select_topk", float, default=1.0, per_model=False, check=_unit_closed), INT8_MASK),
+                _build_sce, min_models=1,
+                doc="SCE: select the entries of largest variance across task vectors, weight models by their "
+                    "mean squared delta, elect signs"))
+register(Method("nearswap", (Param("t", float, required=True, per_model=False, check=_non_negative),),
+                _build_nearswap, min_models=1, max_models=1,
+                doc="NearSwap: take the other model's value where it is within t of the base, interpolate elsewhere"))
+register(Method("arcee_fusion", (), _build_arcee_fusion, min_models=1, max_models=1,
+                doc="Arcee Fusion: keep the other model's changes whose importance reaches median + 1.5 IQR"))
+register(Method("ram", (RAM_EPSILON,), _build_ram(False), min_models=1,
+                doc="RAM: add deltas contributed by one model whole, average those contributed by several"))
+register(Method("ramplus_tl", (Param("r", float, default=0.1, per_model=False, check=_non_negative),
+                               Param("alpha", float, default=0.2, per_model=False, check=_non_negative),
+                               Param("epsilon", float, default=1e-5, per_model=False, check=_positive)),
+                _build_ram(True), min_models=1,
+                doc="RAM+ (tensor-local): RAM with each model's unique entries scaled by its share of overlap"))
