@@ -266,3 +266,44 @@ def test_cli_plan_shows_the_new_methods(models_fp32, tmp_path):
     ops = {t.op for t in plan.tasks.tasks}
     plan.close()
     assert {"variance", "select", "keymask", "elect", "sce_combine", "reduce"} <= ops
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# multi-stage and CUDA
+# ----------------------------------------------------------------------------------------------------------------
+def test_multi_stage_blocked_equals_unblocked(models_fp32, tmp_path):
+    """An arcee_fusion stage feeding sce and ramplus_tl: each recomputes its statistics (quantiles, variance
+    top-k, counts) inside the later stage's blocks, and the bytes do not change with the blocking."""
+    import yaml
+
+    m = {k: str(v) for k, v in models_fp32.items()}
+    docs = [
+        {"name": "a", "merge_method": "arcee_fusion", "base_model": m["base"], "models": [{"model": m["ft1"]}],
+         "dtype": "float32"},
+        {"name": "b", "merge_method": "sce", "base_model": m["base"], "dtype": "float32",
+         "models": [{"model": "a"}, {"model": m["ft2"]}, {"model": m["ft3"]}], "parameters": {"select_topk": 0.4}},
+        {"name": "c", "merge_method": "ramplus_tl", "base_model": m["base"], "dtype": "float32",
+         "models": [{"model": "b"}, {"model": "a"}], "parameters": {"epsilon": 0.005}},
+    ]
+    text = yaml.safe_dump_all(docs, sort_keys=False)
+    outs = []
+    for i, kw in enumerate([{"memory": "unlimited"}, {"max_block_rows": 7}]):
+        _lm().merge(text, tmp_path / f"o{i}", **kw)
+        outs.append({f.name: f.read_bytes() for f in sorted((tmp_path / f"o{i}").glob("*.safetensors"))})
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("method,names,glob", [
+    ("sce", ("ft1", "ft2", "ft3"), {"select_topk": 0.3}), ("nearswap", ("ft1",), {"t": 0.006}),
+    ("arcee_fusion", ("ft2",), {}), ("ram", ("ft1", "ft2", "ft3"), {"epsilon": 0.01}),
+    ("ramplus_tl", ("ft1", "ft2", "ft3"), {"epsilon": 0.012, "r": 0.4, "alpha": 0.6}),
+])
+def test_cuda_matches_cpu(models_fp32, tmp_path, method, names, glob):
+    recipe = plain_recipe(_recipe(models_fp32, method, names, "float32", **glob))
+    _lm().merge(recipe, tmp_path / "cpu", device="cpu", max_block_rows=7)
+    _lm().merge(recipe, tmp_path / "gpu", device="cuda", max_block_rows=7)
+    cpu, gpu = read_all(tmp_path / "cpu"), read_all(tmp_path / "gpu")
+    assert cpu.keys() == gpu.keys()
+    for name in cpu:
+        assert (cpu[name] - gpu[name]).abs().max() <= 1e-6, name
