@@ -106,18 +106,22 @@ def test_reference_ram_by_hand():
 # ----------------------------------------------------------------------------------------------------------------
 # lazymerge vs the references
 # ----------------------------------------------------------------------------------------------------------------
+def check(m, method: str, names: tuple[str, ...], dtype: str, fn, tmp_path, **glob):
+    """Merge with lazymerge and compare every tensor with fn(base, [models]) from reference.py."""
+    out = merge_and_read(_recipe(m, method, names, dtype, **glob), tmp_path)
+    b = read_all_f32(m["base"])
+    xs = [read_all_f32(m[k]) for k in names]
+    assert_close(out, lambda n: fn(b[n], [x[n] for x in xs]), b)
+    return out, b, xs
+
+
 def test_sce(prec_models, tmp_path):
     dtype, m = prec_models
-    out = merge_and_read(_recipe(m, "sce", ("ft1", "ft2", "ft3"), dtype, select_topk=0.3), tmp_path)
-    b, x1, x2, x3 = (read_all_f32(m[k]) for k in ("base", "ft1", "ft2", "ft3"))
-    assert_close(out, lambda n: ref.sce(b[n], [x1[n], x2[n], x3[n]], 0.3), b)
+    check(m, "sce", ("ft1", "ft2", "ft3"), dtype, lambda b, xs: ref.sce(b, xs, 0.3), tmp_path, select_topk=0.3)
 
 
 def test_sce_defaults_and_int8_mask(models_fp32, tmp_path):
-    m = models_fp32
-    out = merge_and_read(_recipe(m, "sce", ("ft1", "ft2"), "float32", int8_mask=True), tmp_path)
-    b, x1, x2 = (read_all_f32(m[k]) for k in ("base", "ft1", "ft2"))
-    assert_close(out, lambda n: ref.sce(b[n], [x1[n], x2[n]]), b)
+    check(models_fp32, "sce", ("ft1", "ft2"), "float32", ref.sce, tmp_path, int8_mask=True)
 
 
 @pytest.mark.parametrize("case", ["topk_zero", "one_model"])
@@ -126,18 +130,15 @@ def test_sce_selecting_nothing_gives_the_base(models_fp32, tmp_path, case):
     merge is the base model."""
     m = models_fp32
     names, glob = (("ft1", "ft2"), {"select_topk": 0.0}) if case == "topk_zero" else (("ft1",), {"select_topk": 0.5})
-    out = merge_and_read(_recipe(m, "sce", names, "float32", **glob), tmp_path)
-    b = read_all_f32(m["base"])
-    xs = [read_all_f32(m[k]) for k in names]
-    assert_close(out, lambda n: ref.sce(b[n], [x[n] for x in xs], glob["select_topk"]), b)
+    out, b, _ = check(m, "sce", names, "float32", lambda b, xs: ref.sce(b, xs, glob["select_topk"]), tmp_path,
+                      **glob)
     assert all(torch.equal(out[n], b[n]) for n in b)
 
 
 def test_nearswap(prec_models, tmp_path):
     dtype, m = prec_models
-    out = merge_and_read(_recipe(m, "nearswap", ("ft2",), dtype, t=0.006), tmp_path)
-    b, x = read_all_f32(m["base"]), read_all_f32(m["ft2"])
-    assert_close(out, lambda n: ref.nearswap(b[n], x[n], 0.006), b)
+    out, b, (x,) = check(m, "nearswap", ("ft2",), dtype, lambda b, xs: ref.nearswap(b, xs[0], 0.006), tmp_path,
+                         t=0.006)
     # some entries swapped whole, some interpolated
     d = out["model.layers.0.mlp.up_proj.weight"]
     assert bool((d == x["model.layers.0.mlp.up_proj.weight"]).any())
@@ -159,9 +160,7 @@ def test_nearswap_gradient_t(models_fp32, tmp_path):
 
 def test_arcee_fusion(prec_models, tmp_path):
     dtype, m = prec_models
-    out = merge_and_read(_recipe(m, "arcee_fusion", ("ft3",), dtype), tmp_path)
-    b, x = read_all_f32(m["base"]), read_all_f32(m["ft3"])
-    assert_close(out, lambda n: ref.arcee_fusion(b[n], x[n]), b)
+    out, b, _ = check(m, "arcee_fusion", ("ft3",), dtype, lambda b, xs: ref.arcee_fusion(b, xs[0]), tmp_path)
     w = "model.layers.1.self_attn.q_proj.weight"
     kept = out[w] != b[w]
     assert 0 < float(kept.float().mean()) < 0.5       # only the important changes are kept
@@ -189,27 +188,20 @@ def test_arcee_fusion_of_identical_models_is_the_base(models_fp32, tmp_path):
 
 def test_ram(prec_models, tmp_path):
     dtype, m = prec_models
-    out = merge_and_read(_recipe(m, "ram", ("ft1", "ft2", "ft3"), dtype, epsilon=0.01), tmp_path)
-    b, x1, x2, x3 = (read_all_f32(m[k]) for k in ("base", "ft1", "ft2", "ft3"))
-    assert_close(out, lambda n: ref.ram(b[n], [x1[n], x2[n], x3[n]], 0.01), b)
+    check(m, "ram", ("ft1", "ft2", "ft3"), dtype, lambda b, xs: ref.ram(b, xs, 0.01), tmp_path, epsilon=0.01)
 
 
 def test_ramplus_tl(prec_models, tmp_path):
     dtype, m = prec_models
-    out = merge_and_read(_recipe(m, "ramplus_tl", ("ft1", "ft2", "ft3"), dtype, epsilon=0.012, r=0.4, alpha=0.6),
-                         tmp_path)
-    b, x1, x2, x3 = (read_all_f32(m[k]) for k in ("base", "ft1", "ft2", "ft3"))
-    assert_close(out, lambda n: ref.ramplus_tl(b[n], [x1[n], x2[n], x3[n]], 0.4, 0.6, 0.012), b)
+    _, b, xs = check(m, "ramplus_tl", ("ft1", "ft2", "ft3"), dtype,
+                     lambda b, xs: ref.ramplus_tl(b, xs, 0.4, 0.6, 0.012), tmp_path, epsilon=0.012, r=0.4, alpha=0.6)
     # the factors differ from 1 (else this would only test ram)
     n = "model.layers.0.mlp.gate_proj.weight"
-    assert max(ref.ramplus_lambdas(b[n], [x1[n], x2[n], x3[n]], 0.4, 0.6, 0.012)) > 1.0
+    assert max(ref.ramplus_lambdas(b[n], [x[n] for x in xs], 0.4, 0.6, 0.012)) > 1.0
 
 
 def test_ramplus_tl_defaults_two_models(models_fp32, tmp_path):
-    m = models_fp32
-    out = merge_and_read(_recipe(m, "ramplus_tl", ("ft1", "ft3"), "float32"), tmp_path)
-    b, x1, x3 = (read_all_f32(m[k]) for k in ("base", "ft1", "ft3"))
-    assert_close(out, lambda n: ref.ramplus_tl(b[n], [x1[n], x3[n]]), b)
+    check(models_fp32, "ramplus_tl", ("ft1", "ft3"), "float32", ref.ramplus_tl, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
