@@ -158,6 +158,16 @@ def test_nearswap_gradient_t(models_fp32, tmp_path):
     assert_close(out, expected, b)
 
 
+def test_base_listed_among_the_models(models_fp32, tmp_path):
+    """mergekit's examples list the base under `models` too: it is still the base, not a second model."""
+    m = models_fp32
+    for method, glob in (("nearswap", {"t": 0.004}), ("arcee_fusion", {})):
+        recipe = _recipe(m, method, ("base", "ft1"), "float32", **glob)
+        out = merge_and_read(recipe, tmp_path / method)
+        again = merge_and_read(_recipe(m, method, ("ft1",), "float32", **glob), tmp_path / f"{method}-2")
+        assert all(torch.equal(out[n], again[n]) for n in out)
+
+
 def test_arcee_fusion(prec_models, tmp_path):
     dtype, m = prec_models
     out, b, _ = check(m, "arcee_fusion", ("ft3",), dtype, lambda b, xs: ref.arcee_fusion(b, xs[0]), tmp_path)

@@ -5,7 +5,8 @@ whole-tensor statistics (top-k thresholds, Gram reductions, norm factors) and re
 element-wise tasks of one row block and returns the key of that block's float32 value. The caller decides what
 happens to the value: `emit_tensor` writes it; a later stage of a multi-stage recipe consumes it instead (see
 `graph.TensorBuilder`), which is why a method never writes itself. No method has its own execution path: they
-all compose `load, delta, trim, rescale, elect, combine, gram, reduce, lincomb`. The math lives in
+all compose `load, delta, trim, rescale, elect, combine, gram, reduce, lincomb` (mergekit's newer methods, at the
+end of this module, add a few small ops of their own, with the same two-phase statistics). The math lives in
 `engine.kernels`; the definitions in docs/methods.md (mergekit's defaults).
 """
 from __future__ import annotations
