@@ -104,6 +104,55 @@ def test_reference_ram_by_hand():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the new block-wise statistics, on their own
+# ----------------------------------------------------------------------------------------------------------------
+def _blocks(x: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
+    edges = [0, *cuts, x.shape[0]]
+    return [x[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def test_order_statistics_are_exact_over_blocks():
+    from lazymerge.engine import kernels as K
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 11, generator=g)
+    x[::3] = torch.round(x[::3] * 4) / 4              # many exact ties
+    x[5, :4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")])
+    x[6] = -1e-40                                       # negative subnormals
+    want = torch.sort(x.reshape(-1)).values
+    ranks = [0, 1, 57, 200, 203, x.numel() // 2, x.numel() - 2, x.numel() - 1]
+    for cuts in ([], [1], [5, 6, 30]):
+        parts = _blocks(x, cuts)
+        s1 = K.order_reduce1([K.order_pass1(p) for p in parts], ranks)
+        got = K.order_reduce2([K.order_pass2(p, s1) for p in parts], s1)
+        assert got == [float(want[r]) for r in ranks], cuts
+    with pytest.raises(ValueError):
+        K.order_reduce1([K.order_pass1(x)], [x.numel()])
+
+
+def test_variance_topk_selection_over_blocks():
+    """SCE's selection: the radix top-k on the variance key, k from the non-zero count, in any blocking, is the
+    reference's top-k (ties to the lower flat index); k = 0 keeps nothing."""
+    from lazymerge.engine import kernels as K
+
+    g = torch.Generator().manual_seed(5)
+    ds = [torch.randn(23, 6, generator=g) for _ in range(3)]
+    for d in ds:
+        d[4] = 1.0                                      # a row of zero variance
+        d[7, :3] = torch.tensor([1.0, 2.0, 3.0]) * (1 if d is ds[0] else -1)   # tied variances
+    for frac in (0.0, 0.01, 0.3, 0.9):
+        want = ref.sce_mask(ds, frac)
+        for cuts in ([], [4, 5, 17]):
+            blocks = list(zip(*[_blocks(d, cuts) for d in ds]))
+            keys = [K.variance_key(b) for b in blocks]
+            s1 = K.topk_reduce1_fraction([K.topk_pass1(k) for k in keys], [K.count_nonzero(k) for k in keys],
+                                         frac)
+            s2 = K.topk_reduce2([K.topk_pass2(k, s1) for k in keys], s1)
+            got = torch.cat([K.topk_mask(k, s2, j) for j, k in enumerate(keys)])
+            assert torch.equal(got, want), (frac, cuts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # lazymerge vs the references
 # ----------------------------------------------------------------------------------------------------------------
 def check(m, method: str, names: tuple[str, ...], dtype: str, fn, tmp_path, **glob):
