@@ -318,7 +318,7 @@ PARTIAL_REDUCERS: dict[str, Callable[[list[Any], dict[str, Any]], Any]] = {
     # SCE: histograms of every block, then every block's count of non-zero variances
     "topk1_frac": lambda ins, a: K.topk_reduce1_fraction(ins[:a["split"]], ins[a["split"]:], a["fraction"]),
     "sce_weights": lambda ins, a: K.sce_weights(_split(ins, a), a["numel"]),
-    "quantile1": lambda ins, a: K.order_reduce1(ins, a["ranks"]),
+    "fusion_quantiles1": lambda ins, a: K.order_reduce1(ins, K.fusion_quantile_ranks(a["numel"])),
     "quantile2": lambda ins, a: K.order_reduce2(ins[1:], ins[0]),
     "ramplus": lambda ins, a: K.ramplus_lambdas(torch.stack(list(ins)).sum(dim=0), a["r"], a["alpha"],
                                                 a["epsilon"]),

@@ -451,8 +451,6 @@ def _build_nearswap(tb: TensorBuilder, models: list[int], indices: list[int], P:
 
 
 def _build_arcee_fusion(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
-    from ..engine.kernels import fusion_quantile_ranks   # pure arithmetic on the tensor's size
-
     base = tb.base
     assert base is not None
     x = models[0]
@@ -466,7 +464,7 @@ def _build_arcee_fusion(tb: TensorBuilder, models: list[int], indices: list[int]
             "fusion_importance", (tb.load(x, j, ph), tb.load(base, j, ph)), tb.f32(j), j))
 
     h1 = [tb.op("quantile", (importance(j, ("fusion", 1)),), 65536 * 8, j, pass_=1) for j in range(nb)]
-    s1 = tb.op("reduce", h1, 1024, kind="quantile1", ranks=fusion_quantile_ranks(tb.numel))
+    s1 = tb.op("reduce", h1, 1024, kind="fusion_quantiles1", numel=tb.numel)
     h2 = [tb.op("quantile", (importance(j, ("fusion", 2)), s1), 3 * 65536 * 8, j, pass_=2) for j in range(nb)]
     quantiles = tb.op("reduce", (s1, *h2), 64, kind="quantile2")
     return lambda j: tb.op("fusion", (tb.load(x, j), tb.load(base, j), importance(j, 0), quantiles), tb.f32(j), j)
