@@ -268,12 +268,12 @@ def test_ramplus_tl_defaults_two_models(models_fp32, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,names,glob,words", [
     ("sce", ("ft1", "ft2"), {"select_topk": 1.5}, ("parameters.select_topk", "[0, 1]")),
-    ("sce", ("ft1", "ft2"), {"weight": 1.0}, ("weight", "select_topk")),
+    ("sce", ("ft1", "ft2"), {"select_top_k": 0.3}, ("unknown key 'select_top_k'", "select_topk")),
     ("nearswap", ("ft1",), {}, ("parameters.t", "missing")),
     ("nearswap", ("ft1",), {"t": -0.1}, ("parameters.t", ">= 0")),
     ("nearswap", ("ft1", "ft2"), {"t": 0.1}, ("nearswap", "exactly 1")),
     ("arcee_fusion", ("ft1", "ft2"), {}, ("arcee_fusion", "exactly 1")),
-    ("arcee_fusion", ("ft1",), {"t": 0.5}, ("unknown key 't'", "none is accepted")),
+    ("arcee_fusion", ("ft1",), {"threshold": 0.5}, ("unknown key 'threshold'", "it takes none here")),
     ("ram", ("ft1",), {"epsilon": -1.0}, ("parameters.epsilon", ">= 0")),
     ("ramplus_tl", ("ft1",), {"epsilon": 0.0}, ("parameters.epsilon", "> 0")),
     ("ramplus_tl", ("ft1",), {"alpha": -0.5}, ("parameters.alpha", ">= 0")),
@@ -303,8 +303,15 @@ def test_method_wide_parameters_are_not_per_model(models_fp32):
 
     recipe = _recipe(models_fp32, "ram", ("ft1", "ft2"), "float32")
     recipe["models"][0]["parameters"] = {"epsilon": 0.1}
-    with pytest.raises(RecipeError, match=r"models\[0\]\.parameters.*epsilon.*no per-model parameters"):
+    with pytest.raises(RecipeError, match=r"models\[0\]\.parameters.*epsilon.*it takes none here"):
         _lm().plan(plain_recipe(recipe))
+
+
+def test_another_methods_parameter_is_ignored_with_a_warning(models_fp32):
+    """As mergekit does (and as lazymerge does for every method): `t` means nothing to arcee_fusion."""
+    plan = _lm().plan(plain_recipe(_recipe(models_fp32, "arcee_fusion", ("ft1",), "float32", t=0.5)))
+    plan.close()
+    assert any("'t' has no effect for arcee_fusion" in w for w in plan.warnings), plan.warnings
 
 
 def test_cli_plan_shows_the_new_methods(models_fp32, tmp_path):

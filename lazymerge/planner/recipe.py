@@ -41,8 +41,7 @@ def check_keys(where: str, given: Mapping[str, Any], valid: tuple[str, ...]) -> 
     for key in given:
         if key not in valid:
             raise RecipeError(
-                f"{where}: unknown key '{key}'{closest(str(key), valid)}; "
-                + (f"valid keys: {', '.join(valid)}" if valid else "none is accepted here")
+                f"{where}: unknown key '{key}'{closest(str(key), valid)}; valid keys: {', '.join(valid)}"
             )
 
 
