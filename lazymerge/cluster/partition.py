@@ -62,15 +62,30 @@ def partition_layout(layout: Sequence[ShardLayout], workers: int, *, skip: froze
     target = max(1, per_worker * max(1, workers))
     shard_cost = [sum(cost_of(t) for t, _ in s.tensors) for _, s in todo]
     total = sum(shard_cost)
+    pieces = [1] * len(todo) if len(todo) >= target else _apportion(
+        target, shard_cost, [len(s.tensors) for _, s in todo])
     parts: list[Partition] = []
-    for (i, s), c in zip(todo, shard_cost):
-        pieces = 1 if len(todo) >= target else min(len(s.tensors), max(1, round(target * c / total)))
-        for group in _split(s.tensors, pieces, cost_of):
+    for (i, s), k in zip(todo, pieces):
+        for group in _split(s.tensors, k, cost_of):
             first, last = group[0], group[-1]
             start = len(s.header) + first[1]
             stop = len(s.header) + last[1] + last[0].nbytes
             parts.append(Partition(len(parts), i, s.filename, tuple(t.name for t, _ in group), start, stop))
     return parts
+
+
+def _apportion(target: int, costs: list[int], caps: list[int]) -> list[int]:
+    """Pieces per shard: at least one each, about `target` in all, in proportion to cost (largest remainders
+    get the leftover pieces), never more than a shard has tensors."""
+    total = sum(costs)
+    exact = [target * c / total for c in costs]
+    pieces = [min(cap, max(1, int(e))) for e, cap in zip(exact, caps)]
+    for k in sorted(range(len(costs)), key=lambda k: (-(exact[k] - int(exact[k])), k)) * 2:
+        if sum(pieces) >= target:
+            break
+        if pieces[k] < caps[k]:
+            pieces[k] += 1
+    return pieces
 
 
 def _split(tensors: Sequence[tuple], pieces: int, cost_of) -> list[list[tuple]]:

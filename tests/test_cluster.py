@@ -1,0 +1,376 @@
+"""lazymerge on a Dask cluster: partitions, bit-identity with a local run, worker and client deaths, preflight.
+
+One LocalCluster of 2 worker processes serves the whole module (starting one costs seconds: every worker imports
+torch). The checkpoints are small Llama-shaped models, but big enough (about 4 MiB each) that partitions span
+many 64 KiB pages, so both the pages workers write themselves and the edge pages they hand back are exercised.
+Every cluster output is compared byte for byte (sha256 of every file but the report) with a local run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+distributed = pytest.importorskip("distributed")
+
+import lazymerge  # noqa: E402
+from lazymerge.cli import main  # noqa: E402
+from lazymerge.cluster.partition import PAGE, partition_layout, page_split  # noqa: E402
+from lazymerge.errors import CheckpointError  # noqa: E402
+from lazymerge.io.writer import OutTensor, plan_layout  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+H, I, V, L = 128, 352, 1000, 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# partitioning (pure)
+# ---------------------------------------------------------------------------------------------------------------
+def _layout(sizes: list[int], shard_size: int):
+    return plan_layout([OutTensor(f"t{i}", (n,), "U8") for i, n in enumerate(sizes)], shard_size)
+
+
+@pytest.mark.parametrize("workers,shard_size", [(1, 10**9), (2, 10**9), (4, 300_000), (2, 150_000), (8, 100_000)])
+def test_partitions_cover_every_tensor_once_in_contiguous_runs(workers: int, shard_size: int) -> None:
+    sizes = [70_000 + 13_001 * (i % 7) for i in range(23)]
+    layout = _layout(sizes, shard_size)
+    parts = partition_layout(layout, workers)
+    names = [n for p in parts for n in p.tensors]
+    assert sorted(names) == sorted(f"t{i}" for i in range(len(sizes)))
+    assert len(names) == len(set(names))
+    where = {t.name: (s.filename, len(s.header) + off, t.nbytes) for s in layout for t, off in s.tensors}
+    for p in parts:
+        files = {where[n][0] for n in p.tensors}
+        assert files == {p.filename}
+        offs = sorted(where[n][1:] for n in p.tensors)
+        assert offs[0][0] == p.start and offs[-1][0] + offs[-1][1] == p.stop
+        assert all(a + n == b for (a, n), (b, _) in zip(offs, offs[1:]))       # no gap: one byte range
+    if len(layout) >= 2 * workers:
+        assert len(parts) == len(layout)                        # enough shards: one partition each
+    else:
+        assert len(parts) >= min(len(sizes), 2 * workers)       # else two per worker, where tensors allow
+
+
+def test_partitions_skip_finished_shards_and_are_deterministic() -> None:
+    layout = _layout([100_000] * 9, 250_000)
+    done = {layout[0].filename, layout[2].filename}
+    parts = partition_layout(layout, 2, skip=done)
+    assert {p.filename for p in parts} == {s.filename for s in layout} - done
+    assert parts == partition_layout(layout, 2, skip=done)
+
+
+def test_page_split_gives_no_page_to_two_partitions() -> None:
+    """Any two partitions of one file: the pages one writes directly are touched by no other partition, and
+    direct + edges tile the partition's range exactly."""
+    layout = _layout([5_000, 70_000, 3, 131_072, 65_536, 200_001, 9, 64_000], 10**9)
+    parts = partition_layout(layout, 4)
+    assert len(parts) > 2 and len({p.filename for p in parts}) == 1
+    for p in parts:
+        (a, b), edges = page_split(p.start, p.stop)
+        assert b == a or (a % PAGE == 0 and b % PAGE == 0)
+        covered = sorted([(a, b)] * (b > a) + edges)
+        assert covered[0][0] == p.start and covered[-1][1] == p.stop
+        assert all(x[1] == y[0] for x, y in zip(covered, covered[1:]))
+        assert len(edges) <= 2 and sum(hi - lo for lo, hi in edges) < 2 * PAGE   # at most two pages back
+        for q in parts:
+            if q is not p and b > a:
+                # q's bytes fall in no page that p writes
+                assert q.stop <= a or q.start >= b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------------------
+def _shapes() -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
+    for layer in range(L):
+        p = f"model.layers.{layer}."
+        for n in ("q", "k", "v", "o"):
+            shapes[p + f"self_attn.{n}_proj.weight"] = (H, H)
+        shapes[p + "mlp.gate_proj.weight"] = (I, H)
+        shapes[p + "mlp.up_proj.weight"] = (I, H)
+        shapes[p + "mlp.down_proj.weight"] = (H, I)
+        shapes[p + "input_layernorm.weight"] = (H,)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+    shapes["model.norm.weight"] = (H,)
+    shapes["lm_head.weight"] = (V, H)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    """base, a, b, c: float32 Llama-shaped checkpoints of about 4 MiB (fine-tunes = base + noise)."""
+    root = tmp_path_factory.mktemp("cluster_models")
+    g = torch.Generator().manual_seed(11)
+    base = {k: (torch.randn(s, generator=g) * 0.02 if len(s) > 1 else torch.ones(s)) for k, s in _shapes().items()}
+    out = {}
+    for name, scale in (("base", 0.0), ("a", 0.01), ("b", 0.01), ("c", 0.02)):
+        d = root / name
+        d.mkdir()
+        save_file({k: (v + scale * torch.randn(v.shape, generator=g)).contiguous() for k, v in base.items()},
+                  str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
+            "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "vocab_size": V, "torch_dtype": "float32"}))
+        out[name] = str(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A LocalCluster of 2 worker processes (one thread each), shut down at the end of the module."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as c:
+        c.wait_for_workers(2, timeout=120)
+        yield c
+
+
+def sha256s(out: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(out).iterdir())
+            if f.name != "lazymerge_report.json"}
+
+
+def tmp_of(out: Path) -> Path:
+    return out.parent / f".{out.name}.lazymerge-tmp"
+
+
+def recipes(m: dict[str, str]) -> dict[str, object]:
+    ties = {"merge_method": "ties", "base_model": m["base"],
+            "models": [{"model": m["a"], "parameters": {"weight": 0.6, "density": 0.5}},
+                       {"model": m["b"], "parameters": {"weight": 0.4, "density": 0.5}}]}
+    return {
+        "ties": ties,
+        "dare_ties": {**ties, "merge_method": "dare_ties", "dtype": "bfloat16"},
+        "slerp": {"merge_method": "slerp", "base_model": m["base"], "parameters": {"t": [0.1, 0.7]},
+                  "models": [{"model": m["base"]}, {"model": m["c"]}]},
+        "frankenmerge": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": m["a"], "layer_range": [0, 3]}]},
+            {"sources": [{"model": m["b"], "layer_range": [1, 4]}]}]},
+        "multi_stage": yaml.safe_dump_all([
+            {"name": "sft", "merge_method": "task_arithmetic", "base_model": m["base"],
+             "models": [{"model": m["a"], "parameters": {"weight": 1.0}}]},
+            {"merge_method": "dare_ties", "base_model": m["base"],
+             "models": [{"model": "sft", "parameters": {"weight": 0.7, "density": 0.6}},
+                        {"model": m["b"], "parameters": {"weight": 0.5, "density": 0.5}}]}], sort_keys=False),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bit-identical to a local run
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,shard_size", [
+    ("ties", "5GB"),              # one shard: 4 partitions share the file, meeting at edge pages
+    ("dare_ties", "1MB"), ("slerp", "1MB"), ("frankenmerge", "2MB"), ("multi_stage", "1MB")])
+def test_cluster_output_is_bit_identical_to_local(client, models, tmp_path: Path, method: str,
+                                                  shard_size: str) -> None:
+    recipe = recipes(models)[method]
+    local = tmp_path / "local"
+    lazymerge.merge(recipe, local, shard_size=shard_size, seed=3)
+    out = tmp_path / "cluster"
+    report = lazymerge.merge(recipe, out, shard_size=shard_size, seed=3, memory="1MiB", cluster=client)
+    assert sha256s(out) == sha256s(local)
+    assert report.tensors == json.loads((local / "lazymerge_report.json").read_text())["tensors"]
+    assert report.bytes_written == sum(f.stat().st_size - 8 - int.from_bytes(f.open("rb").read(8), "little")
+                                       for f in local.glob("*.safetensors"))
+    assert not tmp_of(out).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a worker killed mid-partition
+# ---------------------------------------------------------------------------------------------------------------
+class KillOnce(distributed.WorkerPlugin):
+    """Test-only: SIGKILLs its worker process the first time (across workers: `marker`) a lazymerge partition has
+    been executing there long enough to have written to the temporary output, and records what it saw."""
+
+    name = "lazymerge-test-kill-once"
+
+    def __init__(self, marker: str, tmp_dir: str):
+        self.marker, self.tmp_dir = marker, tmp_dir
+
+    def setup(self, worker) -> None:
+        self.worker = worker
+
+    def _allocated(self) -> int:
+        return sum(os.stat(p).st_blocks for p in Path(self.tmp_dir).glob("*.safetensors"))
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish != "executing" or not str(key).startswith("lazymerge-") or os.path.exists(self.marker):
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        before = self._allocated()
+
+        def kill() -> None:
+            deadline = time.monotonic() + 20
+            while self._allocated() == before and time.monotonic() < deadline:
+                time.sleep(0.002)
+            ts = self.worker.state.tasks.get(key)
+            os.write(fd, json.dumps({"key": str(key), "state": ts.state if ts else None,
+                                     "grew": self._allocated() > before}).encode())
+            os.fsync(fd)
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=kill, daemon=True).start()
+
+
+def test_worker_killed_mid_partition_merge_completes_bit_identical(client, models, tmp_path: Path) -> None:
+    recipe = recipes(models)["ties"]
+    local = tmp_path / "local"
+    lazymerge.merge(recipe, local, shard_size="1MB")
+    out = tmp_path / "cluster"
+    marker = tmp_path / "killed.json"
+    pids = set(client.run(os.getpid).values())
+    client.register_plugin(KillOnce(str(marker), str(tmp_of(out))))
+    try:
+        lazymerge.merge(recipe, out, shard_size="1MB", memory="256KiB", workers=1, cluster=client)
+    finally:
+        client.unregister_worker_plugin(KillOnce.name)
+    seen = json.loads(marker.read_text())
+    assert seen["state"] == "executing" and seen["grew"], seen     # killed inside a partition, after writes
+    client.wait_for_workers(2, timeout=120)
+    assert pids - set(client.run(os.getpid).values())               # a worker process really died
+    assert sha256s(out) == sha256s(local)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the client killed, then --resume on the same cluster
+# ---------------------------------------------------------------------------------------------------------------
+def test_client_killed_then_resume_is_bit_identical(client, models, tmp_path: Path) -> None:
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipes(models)["ties"]))
+    opts = ["--shard-size", "400KB", "--memory", "128KiB", "--workers", "1", "-q"]
+    local = tmp_path / "local"
+    lazymerge.merge(recipe_file, local, shard_size="400KB")
+    n_shards = len(list(local.glob("*.safetensors")))
+    out = tmp_path / "cluster"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "lazymerge.cli", "run", str(recipe_file), str(out), *opts,
+                             "--cluster", client.scheduler.address], env=env, stderr=subprocess.PIPE)
+    journal = tmp_of(out) / "journal.json"
+    done: dict = {}
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                done = json.loads(journal.read_text())["shards"]
+            except (OSError, ValueError, KeyError):
+                done = {}
+            if done:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert 0 < len(done) < n_shards and not out.exists()       # killed with some shards journaled, not all
+    result = CliRunner().invoke(main, ["run", str(recipe_file), str(out), *opts, "--resume",
+                                       "--cluster", client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "lazymerge_report.json").read_text())
+    assert report["resumed_tensors"] > 0
+    assert sha256s(out) == sha256s(local)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preflight: a worker that cannot see an input
+# ---------------------------------------------------------------------------------------------------------------
+class HidePath(distributed.WorkerPlugin):
+    """Test-only: on one worker, make a directory invisible (as on a node without that mount) by failing every
+    open() beneath it with ENOENT."""
+
+    name = "lazymerge-test-hide-path"
+
+    def __init__(self, address: str, hidden: str):
+        self.address, self.hidden = address, hidden
+
+    def setup(self, worker) -> None:
+        import builtins
+        import errno
+
+        if worker.address != self.address:
+            return
+        self.saved = (builtins.open, os.open)
+        real_open, real_os_open = self.saved
+        hidden = self.hidden
+
+        def check(path) -> None:
+            if os.path.abspath(os.fspath(path)).startswith(hidden):
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
+
+        def fake_open(file, *a, **k):
+            if isinstance(file, (str, bytes, os.PathLike)):
+                check(file)
+            return real_open(file, *a, **k)
+
+        def fake_os_open(path, *a, **k):
+            check(path)
+            return real_os_open(path, *a, **k)
+
+        builtins.open, os.open = fake_open, fake_os_open
+
+    def teardown(self, worker) -> None:
+        import builtins
+
+        if getattr(self, "saved", None):
+            builtins.open, os.open = self.saved
+
+
+def test_worker_that_cannot_see_an_input_fails_before_any_work(client, models, tmp_path: Path) -> None:
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipes(models)["ties"]))
+    victim = sorted(client.scheduler_info()["workers"])[1]
+    client.register_plugin(HidePath(victim, models["b"]))
+    out = tmp_path / "cluster"
+    try:
+        result = CliRunner().invoke(main, ["run", str(recipe_file), str(out), "-q"],
+                                    env={"DASK_SCHEDULER_ADDRESS": client.scheduler.address})
+    finally:
+        client.unregister_worker_plugin(HidePath.name)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2
+    err = [ln for ln in lines if ln.startswith("error:")]
+    assert len(err) == 1, result.stderr
+    assert victim in err[0] and f"{models['b']}/model.safetensors" in err[0], err[0]
+    assert not out.exists() and not tmp_of(out).exists()
+    submitted = client.run_on_scheduler(
+        lambda dask_scheduler: [str(t[0]) for t in dask_scheduler.transition_log])
+    assert not [k for k in submitted if k.startswith("lazymerge-") and str(out) in k] and \
+        not any(str(t).startswith("lazymerge-") for t in client.run_on_scheduler(
+            lambda dask_scheduler: list(dask_scheduler.tasks)))
+    # through the Python API: the same one-line error, as a CheckpointError
+    client.register_plugin(HidePath(victim, models["b"]))
+    try:
+        with pytest.raises(CheckpointError, match=f"^worker {victim}: .*cannot read"):
+            lazymerge.merge(recipe_file, out, cluster=client)
+    finally:
+        client.unregister_worker_plugin(HidePath.name)
+
+
+def test_cli_prints_dashboard_and_rejects_bad_cluster(client, models, tmp_path: Path) -> None:
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipes(models)["slerp"]))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(recipe_file), str(out), "-q", "--cluster",
+                                       client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    assert "dashboard http" in result.stderr
+    bad = CliRunner().invoke(main, ["run", str(recipe_file), str(tmp_path / "x"), "--cluster", "lokal:2"])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "lokal:2" in bad.stderr
