@@ -281,8 +281,9 @@ def test_client_killed_then_resume_is_bit_identical(client, models, tmp_path: Pa
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     assert 0 < len(done) < n_shards and not out.exists()       # killed with some shards journaled, not all
-    result = CliRunner().invoke(main, ["run", str(recipe_file), str(out), *opts, "--resume",
-                                       "--cluster", client.scheduler.address])
+    # the budget does not change the bytes: the resumed run may go faster than the killed one
+    result = CliRunner().invoke(main, ["run", str(recipe_file), str(out), "--shard-size", "400KB", "-q",
+                                       "--resume", "--cluster", client.scheduler.address])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "lazymerge_report.json").read_text())
     assert report["resumed_tensors"] > 0
