@@ -21,7 +21,6 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 distributed = pytest.importorskip("distributed")
 
@@ -30,9 +29,9 @@ from lazymerge.cli import main  # noqa: E402
 from lazymerge.cluster.partition import PAGE, partition_layout, page_split  # noqa: E402
 from lazymerge.errors import CheckpointError  # noqa: E402
 from lazymerge.io.writer import OutTensor, plan_layout  # noqa: E402
+from lazymerge.synth import ModelShape, make_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-H, I, V, L = 128, 352, 1000, 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,39 +92,19 @@ def test_page_split_gives_no_page_to_two_partitions() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------------------------
-def _shapes() -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
-    for layer in range(L):
-        p = f"model.layers.{layer}."
-        for n in ("q", "k", "v", "o"):
-            shapes[p + f"self_attn.{n}_proj.weight"] = (H, H)
-        shapes[p + "mlp.gate_proj.weight"] = (I, H)
-        shapes[p + "mlp.up_proj.weight"] = (I, H)
-        shapes[p + "mlp.down_proj.weight"] = (H, I)
-        shapes[p + "input_layernorm.weight"] = (H,)
-        shapes[p + "post_attention_layernorm.weight"] = (H,)
-    shapes["model.norm.weight"] = (H,)
-    shapes["lm_head.weight"] = (V, H)
-    return shapes
+SHAPE = ModelShape("cluster-test", hidden=128, intermediate=352, layers=4, heads=4, kv_heads=4, vocab=1000)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    """base, a, b, c: float32 Llama-shaped checkpoints of about 4 MiB (fine-tunes = base + noise)."""
+    """base, a, b, c: float32 Llama-shaped checkpoints of about 4 MiB (a, b, c = base + noise), from
+    lazymerge.synth (real Hugging Face layout: config, tokenizer files)."""
     root = tmp_path_factory.mktemp("cluster_models")
-    g = torch.Generator().manual_seed(11)
-    base = {k: (torch.randn(s, generator=g) * 0.02 if len(s) > 1 else torch.ones(s)) for k, s in _shapes().items()}
-    out = {}
-    for name, scale in (("base", 0.0), ("a", 0.01), ("b", 0.01), ("c", 0.02)):
-        d = root / name
-        d.mkdir()
-        save_file({k: (v + scale * torch.randn(v.shape, generator=g)).contiguous() for k, v in base.items()},
-                  str(d / "model.safetensors"), metadata={"format": "pt"})
-        (d / "config.json").write_text(json.dumps({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
-            "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "vocab_size": V, "torch_dtype": "float32"}))
-        out[name] = str(d)
+    base = make_checkpoint(root / "base", SHAPE, seed=11, dtype=torch.float32)
+    out = {"base": str(base)}
+    for i, (name, noise) in enumerate((("a", 0.01), ("b", 0.01), ("c", 0.02)), 1):
+        out[name] = str(make_checkpoint(root / name, SHAPE, seed=11 + i, dtype=torch.float32, base=base,
+                                        noise=noise))
     return out
 
 

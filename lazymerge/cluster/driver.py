@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..engine.report import Progress, Report
-from ..engine.run import _input_dirs, check_output_dir, input_files, run_fingerprint
+from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, run_fingerprint
 from ..errors import LazyMergeError, MergeAborted, OutputError
 from ..io.writer import CheckpointWriter
 from .partition import partition_layout
@@ -122,9 +122,7 @@ def run_on_cluster(plan: Any, out: "str | Path", cluster: Any, *, recipe: Any, s
                             shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
                             progress=progress, resume=resume, strict=strict, workers=workers, version=version,
                             cancel=cancel)
-            files = dict(extra_files or {})
-            files["lazymerge_report.json"] = report.to_json().encode()
-            writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
+            finalize_output(writer, plan, report, extra_files)
             return report
         except BaseException:
             writer.abort(keep_partial=resume)

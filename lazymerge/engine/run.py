@@ -128,6 +128,14 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
     return stats, ctx
 
 
+def finalize_output(writer: CheckpointWriter, plan: Any, report: Report,
+                    extra_files: dict[str, bytes] | None) -> None:
+    """Add the report, config, tokenizer and extra files and move the finished output into place."""
+    files = dict(extra_files or {})
+    files["lazymerge_report.json"] = report.to_json().encode()
+    writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
+
+
 def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cpu",
              progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
              strict: bool = False, workers: int | None = None, extra_files: dict[str, bytes] | None = None,
@@ -176,9 +184,7 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
             over_budget_tasks=stats.over_budget_tasks, warnings=list(plan.warnings) + ctx.warnings,
             version=version,
         )
-        files = dict(extra_files or {})
-        files["lazymerge_report.json"] = report.to_json().encode()
-        writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
+        finalize_output(writer, plan, report, extra_files)
         return report
     except BaseException:
         # with --resume, finished shards survive a failure so the next run can keep them
