@@ -17,6 +17,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,7 +25,7 @@ import torch
 
 from ..engine.report import Progress, Report
 from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, run_fingerprint
-from ..errors import LazyMergeError, MergeAborted, OutputError
+from ..errors import MergeAborted, OutputError
 from ..io.writer import CheckpointWriter
 from .partition import partition_layout
 from .preflight import check_workers
@@ -32,6 +33,7 @@ from .worker import PartitionJob, PartitionResult, layout_digest, run_partition
 
 ENV_ADDRESS = "DASK_SCHEDULER_ADDRESS"
 CONNECT_TIMEOUT_S = 30
+WORKER_WAIT_S = 120
 
 
 def _distributed() -> Any:
@@ -68,9 +70,19 @@ def open_cluster(spec: str | None = None) -> Iterator[Any]:
     try:
         client = distributed.Client(spec, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
-        raise OutputError(f"cluster: cannot reach the Dask scheduler at {spec}: {exc}") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise OutputError(f"cluster: cannot reach the Dask scheduler at {spec}: {first}") from None
     with client:
         yield client
+
+
+def _wait_for_workers(client: Any) -> None:
+    """A scheduler whose workers are still starting: wait for the first one, not for ever."""
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:
+        raise OutputError(f"cluster: no worker joined the scheduler {client.scheduler.address} within "
+                          f"{WORKER_WAIT_S} s; start some with: dask worker {client.scheduler.address}") from None
 
 
 def _client_of(cluster: Any) -> contextlib.AbstractContextManager:
@@ -135,6 +147,7 @@ def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: tor
            workers: int | None, version: str, cancel: threading.Event | None) -> Report:
     distributed = _distributed()
     t0, cpu0 = time.perf_counter(), time.process_time()
+    _wait_for_workers(client)
     addresses = check_workers(client, input_files(plan), writer.tmp_dir, [s.filename for s in plan.layout])
     skip = writer.completed_shards()
     resumed = len(writer.tensors_done())
@@ -163,9 +176,10 @@ def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: tor
                 res: PartitionResult = fut.result()
             except distributed.KilledWorker:
                 raise OutputError(f"{part.filename}: partition {part.index} killed every worker that ran it; "
-                                  "see the workers' logs (out of memory?)") from None
-            except LazyMergeError:
-                raise
+                                  "see the workers' logs (out of memory? lower --memory)") from None
+            except CancelledError:
+                raise OutputError(f"cluster: partition {part.index} was cancelled (scheduler gone or restarted?)"
+                                  + ("; finished shards are kept for --resume" if resume else "")) from None
             writer.write_external(part.filename, part.nbytes, list(res.edges))
             results.append(res)
             tensors_done += len(part.tensors)

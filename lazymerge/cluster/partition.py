@@ -61,7 +61,6 @@ def partition_layout(layout: Sequence[ShardLayout], workers: int, *, skip: froze
 
     target = max(1, per_worker * max(1, workers))
     shard_cost = [sum(cost_of(t) for t, _ in s.tensors) for _, s in todo]
-    total = sum(shard_cost)
     pieces = [1] * len(todo) if len(todo) >= target else _apportion(
         target, shard_cost, [len(s.tensors) for _, s in todo])
     parts: list[Partition] = []

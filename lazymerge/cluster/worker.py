@@ -10,12 +10,13 @@ partition (its worker died) safe.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -136,7 +137,8 @@ class RangeWriter:
 # -- the plan, once per worker process --------------------------------------------------------------------------
 
 _plan_lock = threading.Lock()
-_cached: dict[str, Any] = {}
+_cached: dict[str, list] = {}          # key -> [plan, partitions using it]; the newest stays for the next one
+_newest: list[str] = [""]
 
 
 def _budget_for(job: PartitionJob) -> int | str | None:
@@ -157,33 +159,48 @@ def _budget_for(job: PartitionJob) -> int | str | None:
     return "unlimited" if budget is None else max(1, budget // threads)
 
 
-def _plan(job: PartitionJob) -> Any:
-    """The run's plan, compiled here from headers (cached for the run; a new run closes the previous one)."""
+def _plan_key(job: PartitionJob) -> str:
+    return repr((job.layout_digest, job.memory, job.tmp_dir, job.max_block_rows, job.stage, job.seed))
+
+
+def _compile(job: PartitionJob) -> Any:
     from ..planner.plan import compile_plan
 
-    key = repr((job.layout_digest, job.memory, job.tmp_dir, job.max_block_rows, job.stage, job.seed))
-    with _plan_lock:
-        if key in _cached:
-            return _cached[key]
-        for old in _cached.values():
-            old.close()
-        _cached.clear()
-        here = os.getcwd()
-        moved = here != job.cwd and os.path.isdir(job.cwd)
+    here = os.getcwd()
+    moved = here != job.cwd and os.path.isdir(job.cwd)
+    if moved:
+        os.chdir(job.cwd)                 # relative model paths mean what they meant on the client
+    try:
+        plan = compile_plan(job.recipe, memory=_budget_for(job), shard_size=job.shard_size, seed=job.seed,
+                            allow_pickle=job.allow_pickle, max_block_rows=job.max_block_rows, stage=job.stage)
+    finally:
         if moved:
-            os.chdir(job.cwd)                 # relative model paths mean what they meant on the client
-        try:
-            plan = compile_plan(job.recipe, memory=_budget_for(job), shard_size=job.shard_size, seed=job.seed,
-                                allow_pickle=job.allow_pickle, max_block_rows=job.max_block_rows, stage=job.stage)
-        finally:
-            if moved:
-                os.chdir(here)
-        if layout_digest(plan.layout) != job.layout_digest:
-            plan.close()
-            raise OutputError("the plan compiled on this worker lays the output out differently from the "
-                              "client's: are the inputs the same files at the same paths on every machine?")
-        _cached[key] = plan
-        return plan
+            os.chdir(here)
+    if layout_digest(plan.layout) != job.layout_digest:
+        plan.close()
+        raise OutputError("the plan compiled on this worker lays the output out differently from the "
+                          "client's: are the inputs the same files at the same paths on every machine?")
+    return plan
+
+
+@contextlib.contextmanager
+def _plan(job: PartitionJob) -> Iterator[Any]:
+    """The run's plan, compiled here from headers once per worker process and run. Plans of other runs are
+    closed (their memory maps released) once no partition uses them."""
+    key = _plan_key(job)
+    with _plan_lock:
+        if key not in _cached:
+            _cached[key] = [_compile(job), 0]
+        _cached[key][1] += 1
+        _newest[0] = key
+        plan = _cached[key][0]
+    try:
+        yield plan
+    finally:
+        with _plan_lock:
+            _cached[key][1] -= 1
+            for k in [k for k, (_, users) in _cached.items() if users == 0 and k != _newest[0]]:
+                _cached.pop(k)[0].close()
 
 
 def worker_name() -> str:
@@ -204,13 +221,13 @@ def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
     name = worker_name()
     try:
         release_freed_memory()
-        plan = _plan(job)
         dev = resolve_device(job.device)
-        keep = set(part.tensors)
-        keys, tasks = select_tasks(plan, keep.__contains__)
-        writer = RangeWriter(Path(job.tmp_dir) / part.filename, plan.layout[part.shard], part)
-        with RssSampler() as rss, writer:
-            stats, ctx = execute_tasks(plan, writer, dev, keys, tasks, strict=job.strict, workers=job.threads)
+        with _plan(job) as plan:
+            keys, tasks = select_tasks(plan, set(part.tensors).__contains__)
+            writer = RangeWriter(Path(job.tmp_dir) / part.filename, plan.layout[part.shard], part)
+            with RssSampler() as rss, writer:
+                stats, ctx = execute_tasks(plan, writer, dev, keys, tasks, strict=job.strict, workers=job.threads)
+            budget, warnings = plan.budget, tuple(list(plan.warnings) + ctx.warnings)
         if writer.written != part.nbytes:
             raise OutputError(f"{part.filename}: partition {part.index} wrote {writer.written} of its "
                               f"{part.nbytes} bytes")
@@ -219,5 +236,5 @@ def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
     return PartitionResult(
         index=part.index, worker=name, edges=writer.edges(), nbytes=part.nbytes, bytes_read=ctx.bytes_read,
         bytes_written=ctx.bytes_written, tasks=stats.tasks_run, peak_live_bytes=stats.peak_live_bytes,
-        over_budget_tasks=stats.over_budget_tasks, budget=plan.budget, peak_rss=rss.peak, wall_s=rss.wall,
-        cpu_s=rss.cpu, warnings=tuple(list(plan.warnings) + ctx.warnings))
+        over_budget_tasks=stats.over_budget_tasks, budget=budget, peak_rss=rss.peak, wall_s=rss.wall,
+        cpu_s=rss.cpu, warnings=warnings)
