@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -168,66 +169,6 @@ def test_cluster_output_is_bit_identical_to_local(client, models, tmp_path: Path
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# a worker killed mid-partition
-# ---------------------------------------------------------------------------------------------------------------
-class KillOnce(distributed.WorkerPlugin):
-    """Test-only: SIGKILLs its worker process the first time (across workers: `marker`) a lazymerge partition has
-    been executing there long enough to have written to the temporary output, and records what it saw."""
-
-    name = "lazymerge-test-kill-once"
-
-    def __init__(self, marker: str, tmp_dir: str):
-        self.marker, self.tmp_dir = marker, tmp_dir
-
-    def setup(self, worker) -> None:
-        self.worker = worker
-
-    def _allocated(self) -> int:
-        return sum(os.stat(p).st_blocks for p in Path(self.tmp_dir).glob("*.safetensors"))
-
-    def transition(self, key, start, finish, **kwargs) -> None:
-        if finish != "executing" or not str(key).startswith("lazymerge-") or os.path.exists(self.marker):
-            return
-        try:
-            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        before = self._allocated()
-
-        def kill() -> None:
-            deadline = time.monotonic() + 20
-            while self._allocated() == before and time.monotonic() < deadline:
-                time.sleep(0.002)
-            ts = self.worker.state.tasks.get(key)
-            os.write(fd, json.dumps({"key": str(key), "state": ts.state if ts else None,
-                                     "grew": self._allocated() > before}).encode())
-            os.fsync(fd)
-            os.close(fd)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        threading.Thread(target=kill, daemon=True).start()
-
-
-def test_worker_killed_mid_partition_merge_completes_bit_identical(client, models, tmp_path: Path) -> None:
-    recipe = recipes(models)["ties"]
-    local = tmp_path / "local"
-    lazymerge.merge(recipe, local, shard_size="1MB")
-    out = tmp_path / "cluster"
-    marker = tmp_path / "killed.json"
-    pids = set(client.run(os.getpid).values())
-    client.register_plugin(KillOnce(str(marker), str(tmp_of(out))))
-    try:
-        lazymerge.merge(recipe, out, shard_size="1MB", memory="256KiB", workers=1, cluster=client)
-    finally:
-        client.unregister_worker_plugin(KillOnce.name)
-    seen = json.loads(marker.read_text())
-    assert seen["state"] == "executing" and seen["grew"], seen     # killed inside a partition, after writes
-    client.wait_for_workers(2, timeout=120)
-    assert pids - set(client.run(os.getpid).values())               # a worker process really died
-    assert sha256s(out) == sha256s(local)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the client killed, then --resume on the same cluster
 # ---------------------------------------------------------------------------------------------------------------
 def test_client_killed_then_resume_is_bit_identical(client, models, tmp_path: Path) -> None:
@@ -354,3 +295,69 @@ def test_cli_prints_dashboard_and_rejects_bad_cluster(client, models, tmp_path: 
     assert "dashboard http" in result.stderr
     bad = CliRunner().invoke(main, ["run", str(recipe_file), str(tmp_path / "x"), "--cluster", "lokal:2"])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "lokal:2" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a worker killed mid-partition (last: its worker restarts in the background)
+# ---------------------------------------------------------------------------------------------------------------
+class KillOnce(distributed.WorkerPlugin):
+    """Test-only: SIGKILLs its worker process the first time (across workers: `marker`) a lazymerge partition has
+    been executing there long enough to have written to the temporary output, and records what it saw."""
+
+    name = "lazymerge-test-kill-once"
+
+    def __init__(self, marker: str, tmp_dir: str):
+        self.marker, self.tmp_dir = marker, tmp_dir
+
+    def setup(self, worker) -> None:
+        self.worker = worker
+
+    def _allocated(self) -> int:
+        return sum(os.stat(p).st_blocks for p in Path(self.tmp_dir).glob("*.safetensors"))
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish != "executing" or not str(key).startswith("lazymerge-") or os.path.exists(self.marker):
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        before = self._allocated()
+
+        def kill() -> None:
+            deadline = time.monotonic() + 20
+            while self._allocated() == before and time.monotonic() < deadline:
+                time.sleep(0.002)
+            ts = self.worker.state.tasks.get(key)
+            os.write(fd, json.dumps({"key": str(key), "state": ts.state if ts else None, "pid": os.getpid(),
+                                     "grew": self._allocated() > before}).encode())
+            os.fsync(fd)
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=kill, daemon=True).start()
+
+
+def test_worker_killed_mid_partition_merge_completes_bit_identical(client, models, tmp_path: Path) -> None:
+    recipe = recipes(models)["ties"]
+    local = tmp_path / "local"
+    lazymerge.merge(recipe, local, shard_size="1MB")
+    out = tmp_path / "cluster"
+    marker = tmp_path / "killed.json"
+    pids = set(client.run(os.getpid).values())
+    client.register_plugin(KillOnce(str(marker), str(tmp_of(out))))
+    try:
+        lazymerge.merge(recipe, out, shard_size="1MB", memory="256KiB", workers=1, cluster=client)
+    finally:
+        client.unregister_worker_plugin(KillOnce.name)
+    seen = json.loads(marker.read_text())
+    assert seen["state"] == "executing" and seen["grew"], seen     # killed inside a partition, after writes
+    assert seen["pid"] in pids and not alive(seen["pid"])          # a worker process of ours really died
+    assert sha256s(out) == sha256s(local)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
