@@ -295,6 +295,10 @@ def test_cli_prints_dashboard_and_rejects_bad_cluster(client, models, tmp_path: 
     assert "dashboard http" in result.stderr
     bad = CliRunner().invoke(main, ["run", str(recipe_file), str(tmp_path / "x"), "--cluster", "lokal:2"])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "lokal:2" in bad.stderr
+    unset = CliRunner().invoke(main, ["run", str(recipe_file), str(tmp_path / "x"), "--cluster", "env"],
+                               env={"DASK_SCHEDULER_ADDRESS": None})
+    assert unset.exit_code == 2 and unset.stderr.count("\n") == 1 and "DASK_SCHEDULER_ADDRESS" in unset.stderr
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
