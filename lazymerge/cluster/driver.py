@@ -103,6 +103,18 @@ def _device(device: "str | torch.device") -> torch.device:
     return dev
 
 
+def _small_files(plan: Any) -> list[Path]:
+    """The other files a worker reads when it compiles the plan: each input's config.json and index, and the
+    tokenizer files (vocabulary alignment reads them)."""
+    files = {Path(f) for f in plan.aux_files}
+    for src in plan.sources.values():
+        root = getattr(src, "path", None)
+        if root is not None and Path(root).is_dir():
+            files |= {Path(root) / n for n in ("config.json", "model.safetensors.index.json")}
+            files |= {Path(f) for f in src.aux_files()} if hasattr(src, "aux_files") else set()
+    return sorted(f for f in files if f.is_file())
+
+
 def _costs(plan: Any) -> dict[str, int]:
     """Bytes each output tensor reads and writes: what a partition costs, for balancing."""
     cost: dict[str, int] = {}
@@ -148,7 +160,8 @@ def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: tor
     distributed = _distributed()
     t0, cpu0 = time.perf_counter(), time.process_time()
     _wait_for_workers(client)
-    addresses = check_workers(client, input_files(plan), writer.tmp_dir, [s.filename for s in plan.layout])
+    addresses = check_workers(client, input_files(plan) + _small_files(plan), writer.tmp_dir,
+                              [s.filename for s in plan.layout])
     skip = writer.completed_shards()
     resumed = len(writer.tensors_done())
     parts = partition_layout(plan.layout, len(addresses), skip=skip, cost=_costs(plan))
