@@ -12,6 +12,7 @@ finished shards; `--resume` against the same cluster recomputes only the shards 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -61,8 +62,10 @@ def open_cluster(spec: str | None = None) -> Iterator[Any]:
         n = int(m.group(1) or (os.cpu_count() or 1))
         if n < 1:
             raise OutputError(f"cluster: '{spec}': a local cluster needs at least 1 worker")
-        with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                      dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+        # silence_logs: the workers' shutdown warnings ("still alive after 4 s, killing") are not the user's
+        # business; errors still show
+        with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                      silence_logs=logging.ERROR) as cluster, distributed.Client(cluster) as client:
             yield client
         return
     if "://" not in spec:
