@@ -29,7 +29,8 @@ import lazymerge  # noqa: E402
 from lazymerge.cli import main  # noqa: E402
 from lazymerge.cluster.partition import PAGE, partition_layout, page_split  # noqa: E402
 from lazymerge.errors import CheckpointError  # noqa: E402
-from lazymerge.io.writer import OutTensor, plan_layout  # noqa: E402
+from lazymerge.cluster.worker import RangeWriter  # noqa: E402
+from lazymerge.io.writer import CheckpointWriter, OutTensor, plan_layout  # noqa: E402
 from lazymerge.synth import ModelShape, make_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +89,53 @@ def test_page_split_gives_no_page_to_two_partitions() -> None:
             if q is not p and b > a:
                 # q's bytes fall in no page that p writes
                 assert q.stop <= a or q.start >= b
+
+
+class RecordingRangeWriter(RangeWriter):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.direct_writes: list[tuple[int, int]] = []
+
+    def _pwrite(self, data, offset):
+        self.direct_writes.append((offset, offset + len(data)))
+        super()._pwrite(data, offset)
+
+
+def test_range_writers_and_client_edges_rebuild_the_local_file(tmp_path: Path) -> None:
+    """Without Dask: partitions of one shard written by RangeWriters in scattered row blocks, their edge bytes
+    stored by the client, give the file CheckpointWriter writes alone; workers pwrite whole pages only."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 7), (1000, 40), (5,), (300, 129), (2, 2), (2048, 32), (77, 1000), (1,)]
+    tensors = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    layout = plan_layout([OutTensor(n, tuple(t.shape), "F32") for n, t in tensors.items()], 10**9)
+
+    def rows(name):
+        t = tensors[name]
+        n = t.shape[0] if t.dim() else 1
+        cuts = sorted({0, n, *torch.randint(0, n, (3,), generator=g).tolist()})
+        return [(a, t[a:b]) for a, b in zip(cuts, cuts[1:])][::-1]      # out of order, uneven blocks
+
+    with CheckpointWriter(tmp_path / "local", layout) as w:
+        for name in tensors:
+            for a, block in rows(name):
+                w.write_rows(name, a, block)
+        w.finalize(config=None, aux_files=[], extra_files={})
+    client = CheckpointWriter(tmp_path / "cluster", layout)
+    client.open()
+    parts = partition_layout(layout, 3)
+    assert len(parts) >= 4
+    for part in parts:
+        rw = RecordingRangeWriter(client.tmp_dir / part.filename, layout[part.shard], part)
+        with rw:
+            for name in part.tensors:
+                for a, block in rows(name):
+                    rw.write_rows(name, a, block)
+        assert rw.written == part.nbytes
+        for lo, hi in rw.direct_writes:
+            assert PAGE * (-(-part.start // PAGE)) <= lo and hi <= part.stop // PAGE * PAGE
+        client.write_external(part.filename, part.nbytes, list(rw.edges()))
+    client.finalize(config=None, aux_files=[], extra_files={})
+    assert sha256s(tmp_path / "cluster") == sha256s(tmp_path / "local")
 
 
 # ---------------------------------------------------------------------------------------------------------------
