@@ -37,16 +37,28 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
           progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
           strict: bool = False, allow_pickle: bool = False, workers: int | None = None,
           max_block_rows: int | None = None, cancel: threading.Event | None = None,
-          stage: str | None = None) -> Report:
+          stage: str | None = None, cluster: Any = None) -> Report:
     """Run a merge into `out` (a Hugging Face checkpoint directory that appears only when complete).
 
     The same recipe, inputs and seed give bit-identical output whatever `memory`, `workers` or block size.
     `progress(Progress)` is called after each task. Returns the Report also saved as OUT/lazymerge_report.json.
+
+    `cluster` runs the merge on Dask (`pip install 'lazymerge[dask]'`): a `distributed.Client`, `"local:N"` (a
+    LocalCluster of N worker processes) or a scheduler address `"tcp://HOST:PORT"`; `memory` is then per
+    worker, and inputs and `out` must be at the same paths on every worker. See `lazymerge.cluster`.
     """
     p = plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
              max_block_rows=max_block_rows, stage=stage)
     try:
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
+        if cluster is not None:           # -- lazymerge.cluster: the same plan, partitioned over Dask workers
+            from .cluster.driver import run_on_cluster
+
+            return run_on_cluster(p, out, cluster, recipe=recipe, stage=stage, memory=memory,
+                                  shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
+                                  device=device, progress=progress, overwrite=overwrite, resume=resume,
+                                  strict=strict, workers=workers, extra_files=extra, version=__version__,
+                                  cancel=cancel)
         return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
     finally:

@@ -166,27 +166,58 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT, keeping finished shards.")
 @click.option("--strict", is_flag=True, help="Fail (instead of warning) on NaN/Inf in an input tensor.")
-@click.option("--workers", type=int, default=None, help="Tasks run at once (default: 2-4 by CPU count).")
+@click.option("--workers", type=int, default=None,
+              help="Tasks run at once (default: 2-4 by CPU count; with --cluster, per partition).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the report.")
+@click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
+              help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (a running scheduler); "
+                   "'none' runs here. Inputs and OUT must be at the same paths on every worker; --memory is then "
+                   "per worker. Needs pip install 'lazymerge[dask]'.")
 @_friendly
 def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
             seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
-            quiet: bool) -> None:
+            quiet: bool, cluster: str | None) -> None:
     """Merge the models in RECIPE into the checkpoint directory OUT.
 
     OUT appears only when the merge is complete. The report is printed and saved to OUT/lazymerge_report.json,
     the recipe to OUT/lazymerge_recipe.yaml.
+
+    \b
+    On a Dask cluster (same output, bit for bit):
+      lazymerge run recipe.yaml ./merged --cluster local:4 --memory 8GiB
+      lazymerge run recipe.yaml /shared/merged --cluster tcp://scheduler:8786
     """
     from .api import merge
 
     bar = _Bar(enabled=not quiet)
     try:
-        report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
-                       progress=bar, overwrite=overwrite, resume=resume, strict=strict,
-                       allow_pickle=allow_pickle, workers=workers, stage=stage)
+        with _cluster_client(cluster) as client:
+            report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
+                           progress=bar, overwrite=overwrite, resume=resume, strict=strict,
+                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client)
     finally:
         bar.close()
     click.echo(report.summary())
+
+
+def _cluster_client(spec: str | None) -> Any:
+    """A Dask client for --cluster (announcing the dashboard), or a null context for a local run."""
+    import contextlib
+
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def connected() -> Any:
+        from .cluster import open_cluster
+
+        with open_cluster(spec) as client:
+            n = len(client.scheduler_info().get("workers", {}))
+            click.echo(f"cluster       {client.scheduler.address} ({n} workers), dashboard "
+                       f"{client.dashboard_link}", err=True)
+            yield client
+
+    return connected()
 
 
 @main.command("demo")

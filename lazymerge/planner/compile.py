@@ -38,13 +38,13 @@ def _check_param_names(r: Recipe, m: Method) -> list[str]:
     for params, where, valid in places:
         for key, value in params.items():
             if key not in valid:
+                valid_text = f"valid keys: {', '.join(valid)}" if valid else "it takes none here"
                 if key in names:
                     raise RecipeError(f"{where}: unknown key '{key}' for {m.name} (a method-wide parameter: put "
-                                      f"it under the top-level or the slice's 'parameters'); valid keys: "
-                                      f"{', '.join(valid)}")
+                                      f"it under the top-level or the slice's 'parameters'); {valid_text}")
                 if key not in known:
                     raise RecipeError(f"{where}: unknown key '{key}' for {m.name}"
-                                      f"{closest(key, valid) or closest(key, known)}; valid keys: {', '.join(valid)}")
+                                      f"{closest(key, valid) or closest(key, known)}; {valid_text}")
                 ignored.setdefault(key, []).append(where.removeprefix(f"{r.source}: "))
                 continue
             param = m.param(key)
