@@ -1,0 +1,1 @@
+"""Running a checkpoint's transformers modules one decoder layer at a time (layer streaming)."""
