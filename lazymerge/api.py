@@ -46,6 +46,10 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
     p = plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
              max_block_rows=max_block_rows, stage=stage)
     try:
+        from .planner.moe import MoEPlan
+
+        if isinstance(p, MoEPlan):   # MoE: the routers are computed before the graph runs
+            p.prepare()
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
         return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)

@@ -65,30 +65,42 @@ def layer_inputs(target: Any, input_ids: list[torch.Tensor], *, memory: Any = No
     sequence, in `dtype`). `target` is a checkpoint directory (or an opened lazymerge source). Each sequence runs
     alone (no padding). Peak memory: one decoder layer's weights (plus the embedding while it is used) and the
     sequences' activations; `memory` is accepted for the shared contract and not needed beyond that."""
+    batches = [(ids.reshape(1, -1), None) for ids in input_ids]
+    for i, states in batched_layer_inputs(target, batches, device=device, dtype=dtype):
+        yield i, [h[0] for h in states]
+
+
+def batched_layer_inputs(target: Any, batches: list[tuple[torch.Tensor, torch.Tensor | None]], *,
+                         device: Any = "cpu", dtype: torch.dtype = torch.float32
+                         ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """`layer_inputs` for padded batches: each `(input_ids [B, L], attention_mask [B, L] or None)` runs as one
+    batch, exactly as the model's forward runs it (positions 0..L-1, padding masked). Yields, per layer, one
+    `[B, L, hidden]` tensor per batch. A batch computes what a caller that batches the same way (mergekit-moe's
+    router pass) computes, bit for bit: a reduced-precision matmul's rounding depends on the batch shape."""
     source, opened = _open(target)
     try:
         model = _skeleton(source, dtype)
         inner = model.model
         with torch.no_grad():
             _materialise(inner.embed_tokens, "model.embed_tokens.", source, device, dtype)
-            states = [inner.embed_tokens(ids.reshape(1, -1).to(device)) for ids in input_ids]
+            states = [inner.embed_tokens(ids.to(device)) for ids, _ in batches]
             inner.embed_tokens.to("meta")
             rotary = inner.rotary_emb.to(device)
             from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
             config = model.config
+            layer_types = getattr(config, "layer_types", None)
             extras = []
-            for h in states:
+            for h, (_, mask) in zip(states, batches):
                 pos = torch.arange(h.shape[1], device=device).unsqueeze(0)
-                kw = {"config": config, "inputs_embeds": h, "attention_mask": None, "cache": None,
-                      "position_ids": pos}
+                kw = {"config": config, "inputs_embeds": h, "cache": None, "position_ids": pos,
+                      "attention_mask": None if mask is None else mask.to(device)}
                 masks = {"full_attention": create_causal_mask(**kw)}
-                if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+                if "sliding_attention" in (layer_types or ()):
                     masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
                 extras.append((pos, masks, rotary(h, pos)))
-            layer_types = getattr(config, "layer_types", None)
             for i, layer in enumerate(inner.layers[: config.num_hidden_layers]):
-                yield i, [h[0] for h in states]
+                yield i, list(states)
                 if i == config.num_hidden_layers - 1:
                     break
                 _materialise(layer, f"model.layers.{i}.", source, device, dtype)

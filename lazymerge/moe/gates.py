@@ -83,11 +83,26 @@ def random_router(mode: str, seed: int, name: str, shape: tuple[int, ...]) -> to
     return torch.rand(shape, generator=gen, dtype=torch.float32) * 2 * scale - scale
 
 
+def padded(tokenizer: Any, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of prompts as mergekit-moe batches them: left-padded with BOS (EOS without one), with a mask."""
+    pad = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad
+    width = max(len(t) for t in ids)
+    batch = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for b, t in enumerate(ids):
+        batch[b, width - len(t):] = t
+        mask[b, width - len(t):] = 1
+    return batch, mask
+
+
 def prompt_gates(mode: str, base: Any, tokenizer_dir: Path, experts: Sequence[Prompts], num_layers: int,
                  embed_name: str = "model.embed_tokens.weight", memory: Any = None) -> torch.Tensor:
     """[layers, experts, hidden] router rows from the experts' prompts (mode `hidden` or `cheap_embed`).
 
-    `base` is an opened lazymerge source (a checkpoint or `base+adapter`)."""
+    `base` is an opened lazymerge source (a checkpoint or `base+adapter`). In `hidden` mode each expert's
+    positive (and negative) prompts run as one left-padded batch, as in mergekit-moe, and the state of the last
+    position is taken: the prompt's last token (padding is on the left)."""
     tok = load_tokenizer(tokenizer_dir)
     sets: list[tuple[int, list[torch.Tensor], int]] = []      # (expert, ids, +1 positive / -1 negative)
     for e, p in enumerate(experts):
@@ -100,17 +115,14 @@ def prompt_gates(mode: str, base: Any, tokenizer_dir: Path, experts: Sequence[Pr
 
         vec = {(e, sign): cheap_embed_vector(rows, ids).expand(num_layers, -1) for e, ids, sign in sets}
     else:
-        flat = [t for _, ids, _ in sets for t in ids]
-        per_layer: list[torch.Tensor] = []
-        from ..evaluate.stream import layer_inputs
+        from ..evaluate.stream import batched_layer_inputs
 
-        for _, states in layer_inputs(base, flat, memory=memory, dtype=torch.bfloat16):
-            per_layer.append(torch.stack([s[-1] for s in states]))          # [sequences, hidden]
-        stacked = torch.stack(per_layer)                                     # [layers, sequences, hidden]
-        vec, start = {}, 0
-        for e, ids, sign in sets:
-            vec[(e, sign)] = last_token_mean(stacked[:, start:start + len(ids)])
-            start += len(ids)
+        per_layer: list[list[torch.Tensor]] = []
+        for _, states in batched_layer_inputs(base, [padded(tok, ids) for _, ids, _ in sets], dtype=torch.bfloat16):
+            per_layer.append([h[:, -1, :] for h in states])               # per set: [prompts, hidden]
+        vec = {}
+        for k, (e, _, sign) in enumerate(sets):
+            vec[(e, sign)] = last_token_mean(torch.stack([layer[k] for layer in per_layer]))
     out = []
     for e in range(len(experts)):
         h = vec[(e, 1)]

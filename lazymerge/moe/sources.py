@@ -63,12 +63,15 @@ class NoiseSource:
     """Gaussian noise N(0, 1) for an expert's weights (mergekit-moe's `noise_scale`), drawn per (seed, expert,
     tensor, row group) like DARE's masks, so a block's noise never depends on blocking or schedule."""
 
-    def __init__(self, seed: int, expert: int, shapes: dict[str, tuple[int, ...]], path: Path):
+    def __init__(self, seed: int, expert: int, path: Path):
         self.path = path
         self.config = None
         self.seed = seed
         self.expert = expert
-        self.tensors = {n: _info(n, s, "F32", path) for n, s in shapes.items()}
+        self.tensors: dict[str, TensorInfo] = {}
+
+    def add(self, name: str, shape: tuple[int, ...]) -> None:
+        self.tensors[name] = _info(name, shape, "F32", self.path)
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
              device: str | torch.device = "cpu") -> torch.Tensor:

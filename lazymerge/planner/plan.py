@@ -467,6 +467,11 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
     """Compile a recipe (one document, or a multi-stage recipe whose output is `stage`, the unnamed document
     or the last one) into a Plan. Raises a LazyMergeError subclass on any problem."""
     chain = resolve_stages(recipe, stage)
+    if chain[-1].merge_method == "moe":   # --- MoE hook: a mixture of experts (planner/moe.py) ---
+        from .moe import compile_moe
+
+        return compile_moe(chain, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
+                           max_block_rows=max_block_rows)
     methods = [_method_of(r) for r in chain]
     budget = resolve_budget(memory)
     try:
