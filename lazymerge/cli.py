@@ -92,6 +92,7 @@ def main() -> None:
     Try it:   lazymerge demo
     Check:    lazymerge plan recipe.yaml
     Merge:    lazymerge run recipe.yaml ./merged --memory 2GiB
+    MoE:      lazymerge run moe.yaml ./moe --memory 1GiB   (a mergekit-moe config)
     """
 
 
@@ -160,7 +161,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))   # an existing file is refused with the other checks
 @_run_options
-@click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA).")
+@click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA; a MoE's random routers and expert noise).")
 @click.option("--device", default="cpu", show_default=True, help="Where kernels run: cpu, cuda, cuda:1 ...")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT, keeping finished shards.")
@@ -172,6 +173,9 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
             seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
             quiet: bool) -> None:
     """Merge the models in RECIPE into the checkpoint directory OUT.
+
+    RECIPE may also be a mergekit-moe config (base_model + experts, or merge_method: moe): OUT is then a Mixtral,
+    Qwen2-MoE or Qwen3-MoE whose experts are the listed models' MLPs, routed by their prompts (gate_mode).
 
     OUT appears only when the merge is complete. The report is printed and saved to OUT/lazymerge_report.json,
     the recipe to OUT/lazymerge_recipe.yaml.

@@ -177,14 +177,20 @@ def test_plan_describes_the_moe(tmp_path: Path, llama: dict) -> None:
 
 
 def _bad(tmp_path: Path, recipe: dict) -> str:
+    """The CLI's one-line failure (in process: click's runner; test_cli_errors.py runs the real entry point)."""
+    from click.testing import CliRunner
+
+    from lazymerge.cli import main
+
     path = tmp_path / "moe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    res = subprocess.run([sys.executable, "-m", "lazymerge.cli", "run", str(path), str(tmp_path / "out")],
-                         capture_output=True, text=True)
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    res = CliRunner().invoke(main, ["run", str(path), str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    err = res.stderr if hasattr(res, "stderr") else res.output
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert not (tmp_path / "out").exists()
-    return res.stderr
+    return err
 
 
 def test_bad_moe_configs_fail_in_one_line_before_any_work(tmp_path: Path, llama: dict) -> None:

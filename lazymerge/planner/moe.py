@@ -317,7 +317,10 @@ class MoEPlan(Plan):
         if m.gate_mode in PROMPT_MODES:
             gate += f" ({m.prompts} prompts"
             gate += f"; router pass peak {human(m.router_peak)})" if m.router_peak else ")"
-        return "\n".join(lines + [gate, super().summary()])
+        inputs = sum(1 for k in self.sources if not k.startswith("moe:"))
+        rest = [f"models        {inputs} checkpoints" if ln.startswith("models ") else ln
+                for ln in super().summary().splitlines()]
+        return "\n".join(lines + [gate] + rest)
 
 
 def _dtype_of_config(cfg: dict[str, Any] | None) -> str | None:
