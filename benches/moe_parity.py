@@ -45,6 +45,11 @@ CASES = {
             dict(source_model="ft1", positive_prompts=P_CODE, negative_prompts=P_NEG),
             dict(source_model="ft2", positive_prompts=P_STORY),
             dict(source_model="ft3", positive_prompts=P_MATH)])),
+    "mixtral_hidden_padded": dict(kind="llama", config=dict(   # prompts of different lengths: left padding
+        gate_mode="hidden", dtype="bfloat16", experts_per_token=2, experts=[
+            dict(source_model="ft1", positive_prompts=["def return", "for while print lambda list dict"],
+                 negative_prompts=["hello", "cat dog run jump"]),
+            dict(source_model="ft2", positive_prompts=["once upon time the king and queen", "story"])])),
     "qwen2_moe_hidden": dict(kind="qwen2", config=dict(
         gate_mode="hidden", dtype="bfloat16", experts_per_token=1, experts=[
             dict(source_model="ft1", positive_prompts=P_CODE),
@@ -112,9 +117,12 @@ def unfuse(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tenso
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mergekit-moe", default="/tmp/mk/bin/mergekit-moe")
-    args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    ap.add_argument("cases", nargs="*", help="only these cases (default: all)")
+    args = ap.parse_args()
     for name, case in CASES.items():
+        if args.cases and name not in args.cases:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             paths = make_inputs(root / "models", case["kind"])
