@@ -51,3 +51,19 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
     finally:
         p.close()
+
+
+def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory: int | str | None = None,
+             seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4,
+             device: str | torch.device = "cpu", seed: int = 0, progress: Callable[[Any], None] | None = None):
+    """Perplexity of a checkpoint directory or of a recipe's merge (computed layer by layer, never written) on
+    `data`, holding one decoder layer's weights at a time within `memory`. Returns an `EvalReport`.
+
+    The data is tokenized with the target's tokenizer: each document with its defaults, documents joined with
+    EOS, cut to `max_tokens`, then to full windows of `seq_len` (default min(512, the model's positions)).
+    Needs transformers and accelerate (pip install 'lazymerge[eval]').
+    """
+    from .evaluate.runner import evaluate as run_eval
+
+    return run_eval(target, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                    device=device, seed=seed, progress=progress)

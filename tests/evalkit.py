@@ -112,3 +112,21 @@ def reference_windows(model_dir: Path, docs: list[str], seq_len: int, max_tokens
         stream += tok(d)["input_ids"]
     stream = stream[:max_tokens]
     return [stream[a:a + seq_len] for a in range(0, len(stream) - seq_len + 1, seq_len)]
+
+
+def make_finetune(base_dir: Path, out_dir: Path, *, seed: int, std: float = 0.05) -> Path:
+    """base + N(0, std) on every float tensor; config and tokenizer copied."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for f in base_dir.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = load_file(str(f))
+            save_file({k: (v.float() + torch.randn(v.shape, generator=g) * std).to(v.dtype).contiguous()
+                       for k, v in tensors.items()}, str(out_dir / f.name), metadata={"format": "pt"})
+        elif f.is_file():
+            shutil.copyfile(f, out_dir / f.name)
+    return out_dir
