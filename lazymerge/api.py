@@ -67,3 +67,22 @@ def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory
 
     return run_eval(target, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
                     device=device, seed=seed, progress=progress)
+
+
+def compare_inputs(recipe: RecipeLike, data: "str | Path", **kwargs: Any) -> list:
+    """`evaluate` for each input model of `recipe` and for its merge, on the same windows: a list of
+    EvalReports, inputs first, the merge last. Keyword arguments as for `evaluate`."""
+    from .evaluate.runner import compare_inputs as run_compare
+
+    return run_compare(recipe, data, **kwargs)
+
+
+def generate(target: Union[RecipeLike, str, Path], prompt: str, *, max_new_tokens: int = 20,
+             memory: int | str | None = None, device: str | torch.device = "cpu", seed: int = 0,
+             progress: Callable[[Any], None] | None = None) -> str:
+    """Greedy continuation of `prompt` by a checkpoint or a recipe's merge: the whole model when it fits
+    `memory`, else streamed layer by layer for every new token (slow, within the budget)."""
+    from .evaluate.generate import generate as run_generate
+
+    return run_generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
+                        progress=progress)

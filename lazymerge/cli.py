@@ -258,6 +258,116 @@ def fisher_cmd(model: Path, data: Path, out: Path, max_samples: int, seq_len: in
                f"{report.out}")
 
 
+class _EvalBar:
+    """A click progress bar over evaluation steps (layers x batches, then the head)."""
+
+    def __init__(self, enabled: bool, label: str = "evaluating"):
+        self.enabled, self.label = enabled, label
+        self.bar: Any = None
+        self.last = 0
+        self.info = ""
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None or p.done < self.last:
+            self.close()
+            self.bar = click.progressbar(length=max(p.total, 1), label=self.label, show_eta=True,
+                                         file=sys.stderr, item_show_func=lambda _: self.info)
+            self.bar.__enter__()
+            self.last = 0
+        self.info = p.stage
+        self.bar.update(p.done - self.last, p.stage)
+        self.last = p.done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--data", "-d", "data", type=click.Path(path_type=Path), default=None,
+                     help="Evaluation text: a .txt file (one document), a .jsonl with a 'text' field per line, or "
+                          "a directory saved by datasets' save_to_disk."),
+        click.option("--seq-len", type=click.IntRange(min=2), default=None,
+                     help="Tokens per window (default: min(512, the model's max positions))."),
+        click.option("--max-tokens", type=click.IntRange(min=2), default=4096, show_default=True,
+                     help="Use the first N tokens of the data (documents joined with EOS)."),
+        click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Windows per forward call."),
+        click.option("--memory", "-m", default=None, metavar="SIZE",
+                     help=f"Budget for weights and merge work ({SIZE_HELP}); activations come on top "
+                          "(see README). Default: 60% of available RAM."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ..."),
+        click.option("--seed", default=0, show_default=True, help="Merge seed (DARE, DELLA) for a recipe."),
+    ]
+    for o in reversed(options):
+        fn = o(fn)
+    return fn
+
+
+@main.command("eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@_eval_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--compare-inputs", is_flag=True, help="Recipe TARGET: also evaluate each input model; one table.")
+@click.option("--prompt", default=None, help="Print a greedy continuation of TEXT (a sanity check).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Tokens to generate for --prompt.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly
+def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int, memory: str | None,
+             device: str, seed: int, as_json: bool, compare_inputs: bool, prompt: str | None,
+             max_new_tokens: int, quiet: bool) -> None:
+    """Perplexity of TARGET on --data, without ever holding the whole model.
+
+    TARGET is a checkpoint directory or a merge recipe. A recipe is merged one decoder layer at a time, in
+    memory, and never written; the result equals evaluating the written merge. Each decoder layer's weights are
+    loaded (or merged), every window goes through it, and they are freed before the next layer.
+
+    \b
+    lazymerge eval ./merged --data wiki.txt --memory 512MiB
+    lazymerge eval recipe.yaml --data eval.jsonl --compare-inputs
+    lazymerge eval ./merged --prompt "The capital of France is" --max-new-tokens 10
+    """
+    import json
+
+    from .api import evaluate, generate
+
+    if prompt is not None:
+        text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
+                        progress=_EvalBar(enabled=not quiet, label="generating"))
+        click.echo(json.dumps({"prompt": prompt, "completion": text}) if as_json else prompt + text)
+        if data is None:
+            return
+    if data is None:
+        raise click.UsageError("--data is required (or --prompt)")
+    kwargs = dict(memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, seed=seed)
+    if compare_inputs:
+        from .api import compare_inputs as compare
+
+        bar = _EvalBar(enabled=not quiet)
+        try:
+            reports = compare(target, data, progress=bar, **kwargs)
+        finally:
+            bar.close()
+        if as_json:
+            click.echo(json.dumps([json.loads(r.to_json()) for r in reports], indent=2))
+        else:
+            from .evaluate.report import comparison_table
+
+            click.echo(comparison_table(reports))
+        return
+    bar = _EvalBar(enabled=not quiet)
+    try:
+        report = evaluate(target, data, progress=bar, **kwargs)
+    finally:
+        bar.close()
+    click.echo(report.to_json() if as_json else report.summary())
+
+
 main.add_command(convert_config_cmd)
 
 

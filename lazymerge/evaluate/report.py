@@ -64,3 +64,16 @@ class EvalReport:
         if self.over_budget_units:
             lines.append(f"over budget   {self.over_budget_units} unit(s) larger than the budget ran alone")
         return "\n".join(lines)
+
+
+def comparison_table(reports: "list[EvalReport]") -> str:
+    """One row per evaluated model (inputs first, the merge last): perplexity, its interval, NLL."""
+    width = max(12, *(len(r.target) for r in reports))
+    lines = [f"{'model':<{width}}  {'perplexity':>12}  {'95% CI':>23}  {'nll/token':>10}"]
+    for r in reports:
+        lines.append(f"{r.target:<{width}}  {r.perplexity:>12.4f}  {r.ppl_low:>10.4f} .. {r.ppl_high:<10.4f}  "
+                     f"{r.nll:>10.6f}")
+    if reports:
+        lines.append(f"({reports[0].tokens} predicted tokens in {reports[0].windows} windows of "
+                     f"{reports[0].seq_len}, the same for every model)")
+    return "\n".join(lines)

@@ -82,6 +82,14 @@ def evaluate(target: Any, data: "str | Path", *, memory: int | str | None = None
 
     `windows` ([W, seq_len] token ids) skips tokenization (search evaluates many candidates on the same data).
     """
+    return _evaluate(target, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                     device=device, seed=seed, progress=progress, windows=windows)[0]
+
+
+def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_len: int | None, max_tokens: int,
+              batch: int, device: "str | torch.device", seed: int,
+              progress: Callable[[EvalProgress], None] | None,
+              windows: torch.Tensor | None = None) -> tuple[EvalReport, torch.Tensor]:
     with RssSampler() as rss:
         start_rss = rss.peak
         stream = open_stream(target, memory=memory, device=device, seed=seed)
@@ -108,4 +116,33 @@ def evaluate(target: Any, data: "str | Path", *, memory: int | str | None = None
         activation_bytes=activation_bytes(stream.sk.config, windows.shape[0], seq_len, batch),
         largest_unit=stream.stats.largest_unit,
         over_budget_units=stream.stats.layers_over_budget + stream.source.over_budget, device=str(stream.device),
-        window_nll=window_nll.tolist())
+        window_nll=window_nll.tolist()), windows
+
+
+def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None = None, seq_len: int | None = None,
+                   max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH,
+                   device: "str | torch.device" = "cpu", seed: int = 0,
+                   progress: Callable[[EvalProgress], None] | None = None) -> list[EvalReport]:
+    """The merge of `recipe` and each of its input models, evaluated on the same windows (tokenized with the
+    merge's tokenizer): one report each, inputs first, the merge last."""
+    from ..api import plan as compile_plan
+    from .weights import is_recipe
+
+    if not is_recipe(recipe):
+        from ..errors import RecipeError
+
+        raise RecipeError(f"{recipe}: --compare-inputs needs a recipe, not a checkpoint directory")
+    p = compile_plan(recipe, memory="unlimited")
+    try:
+        inputs = []
+        for key, src in p.sources.items():
+            adapter = getattr(src, "adapter", None)
+            inputs.append({"merge_method": "passthrough", "models": [{"model": key}]} if adapter is not None
+                          else Path(src.path))
+    finally:
+        p.close()
+    merged, windows = _evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                                device=device, seed=seed, progress=progress)
+    reports = [evaluate(t, data, memory=memory, batch=batch, device=device, seed=seed, progress=progress,
+                        windows=windows) for t in inputs]
+    return reports + [merged]

@@ -74,7 +74,7 @@ class LayerStream:
         raise CheckpointError(f"{self.source.label}: no tensor '{param}' "
                               f"(needed by {type(self.sk.model).__name__})")
 
-    def _bytes(self, params: list[str]) -> int:
+    def weight_bytes(self, params: list[str]) -> int:
         item = torch.tensor([], dtype=self.dtype).element_size()
         total = 0
         for p in params:
@@ -156,7 +156,7 @@ class LayerStream:
     def run_layer(self, i: int, batches: list[Batch], on_batch: Callable[[], None] | None = None) -> None:
         """Replace each batch's hidden states by layer i's output, holding only layer i's weights."""
         params = self.sk.layer_params[i]
-        self._account(self._bytes(params))
+        self._account(self.weight_bytes(params))
         names = [self.tensor_name(p) for p in params]
         values = self.source.load(sorted(set(names)))
         materialize(self.sk.model, {p: values[n] for p, n in zip(params, names)}, self.dtype, self.device)
