@@ -86,3 +86,20 @@ def generate(target: Union[RecipeLike, str, Path], prompt: str, *, max_new_token
 
     return run_generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
                         progress=progress)
+
+
+def search(recipe: RecipeLike, data: "str | Path", space: list, *, trials: int = 20,
+           study: "str | Path | None" = None, sampler: str = "tpe", seed: int = 0, memory: int | str | None = None,
+           seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
+           best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
+           on_trial: Callable[[Any], None] | None = None, progress: Callable[[Any], None] | None = None):
+    """Search recipe values (`space`: ["models[0].parameters.weight=0..1", ...]) for the lowest perplexity of
+    the merge on `data`, each candidate evaluated layer by layer and never written. `study`: an SQLite file that
+    keeps every completed trial, so an interrupted search continues where it stopped. Returns a SearchReport;
+    writes the best recipe to `best_file` and merges it into `out` when given. Needs optuna
+    (pip install 'lazymerge[search]')."""
+    from .evaluate.search import search as run_search
+
+    return run_search(recipe, data, space, trials=trials, study=study, sampler=sampler, seed=seed, memory=memory,
+                      seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, best_file=best_file,
+                      out=out, on_trial=on_trial, progress=progress)

@@ -368,6 +368,70 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
     click.echo(report.to_json() if as_json else report.summary())
 
 
+@main.command("search")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_eval_options
+@click.option("--space", "-s", "space", multiple=True, metavar="PATH=LOW..HIGH",
+              help="A recipe value to search, by its place: models[0].parameters.density=0.2..0.9, "
+                   "parameters.t=0..1, parameters.t[1]=0..1 (a gradient's entry); ':log' for a log range. "
+                   "Repeat for several.")
+@click.option("--space-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A search YAML: space: {PATH: [LOW, HIGH]}, and optionally trials, sampler, seed.")
+@click.option("--trials", "-n", type=click.IntRange(min=1), default=None,
+              help="Completed trials to reach (default 20, or the search file's).")
+@click.option("--study", type=click.Path(dir_okay=False, path_type=Path), default=Path("search.db"),
+              show_default=True, help="SQLite file keeping the trials: the same command again continues it.")
+@click.option("--sampler", type=click.Choice(["tpe", "cmaes", "random"]), default=None,
+              help="optuna sampler (default tpe), seeded by --seed.")
+@click.option("--best", "best_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("best.yaml"),
+              show_default=True, help="Where to write the best recipe.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Merge the best recipe into OUT.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly
+def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
+               memory: str | None, device: str, seed: int, space: tuple[str, ...], space_file: Path | None,
+               trials: int | None, study: Path, sampler: str | None, best_file: Path, out: Path | None,
+               quiet: bool) -> None:
+    """Search RECIPE's parameters for the merge with the lowest perplexity on --data.
+
+    Each trial puts sampled values into the recipe and evaluates that merge layer by layer, never writing it
+    (as `lazymerge eval` does), within --memory. Trials are kept in --study: after Ctrl-C or a crash, run the
+    same command again to continue; completed trials are never lost.
+
+    \b
+    lazymerge search recipe.yaml --data eval.jsonl --space models[0].parameters.weight=0..1 --trials 12
+    lazymerge search recipe.yaml --data eval.txt -s parameters.t[0]=0..1 -s parameters.t[1]=0..1 --out ./best
+    """
+    from .api import search
+    from .evaluate.search import parse_space, read_space_file
+
+    if data is None:
+        raise click.UsageError("--data is required")
+    dims = [parse_space(s) for s in space]
+    extra: dict[str, Any] = {}
+    if space_file is not None:
+        file_dims, extra = read_space_file(space_file)
+        dims += file_dims
+    bar = _EvalBar(enabled=not quiet)
+
+    def on_trial(t: Any) -> None:
+        bar.close()
+        if not quiet:
+            vals = ", ".join(f"{k}={v:.4f}" for k, v in t.params.items())
+            ppl = f"{t.perplexity:.4f}" if t.perplexity is not None else "-"
+            click.echo(f"trial {t.number:>3}  perplexity {ppl}  {vals}", err=True)
+
+    try:
+        report = search(recipe, data, dims, trials=trials or int(extra.get("trials", 20)), study=study,
+                        sampler=sampler or str(extra.get("sampler", "tpe")),
+                        seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
+                        max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
+                        on_trial=on_trial, progress=bar)
+    finally:
+        bar.close()
+    click.echo(report.summary())
+
+
 main.add_command(convert_config_cmd)
 
 

@@ -101,6 +101,11 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
                     seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
                 windows = load_windows(data, tok, seq_len=seq_len, max_tokens=max_tokens)
             seq_len = windows.shape[1]
+            limit = getattr(stream.sk.config.get_text_config(), "max_position_embeddings", None)
+            if limit and seq_len > limit:
+                from .data import DataError
+
+                raise DataError(f"seq-len: {seq_len} is longer than the model's {limit} positions")
             window_nll = score_windows(stream, windows, batch=batch, progress=progress)
         finally:
             stream.close()
