@@ -7,6 +7,7 @@ import math
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 WORDS = ("the cat dog sat on mat ran far away home tree bird sang loud soft red blue green small big old new "
@@ -18,17 +19,23 @@ def corpus(n_docs: int = 24, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "." for _ in range(n_docs)]
 
 
-def make_tokenizer(directory: Path, *, bos: bool = True, vocab_size: int = 120):
-    """A byte-level BPE tokenizer trained here on the corpus; adds <s> before each document when `bos`."""
+def make_tokenizer(directory: Path, *, bos: bool = True, vocab_size: int = 120, word_level: bool = False):
+    """A byte-level BPE tokenizer trained here on the corpus (or, `word_level`, one id per word of WORDS, so that
+    decoding then encoding gives back the same ids); adds <s> before each document when `bos`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(200, seed=99), trainer=trainer)
+    if word_level:
+        vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    else:
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(corpus(200, seed=99), trainer=trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -57,13 +64,13 @@ def config_for(arch: str, vocab: int):
 
 
 def make_model(directory: Path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               std: float = 0.2) -> Path:
+               std: float = 0.2, word_level: bool = False) -> Path:
     """A randomly initialised tiny model of `arch` saved with save_pretrained, plus its tokenizer. Weights are
     drawn with a large std so that layers matter (an untrained model's outputs are otherwise near uniform)."""
     import transformers as T
 
     directory.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(directory, bos=arch != "gpt2")
+    tok = make_tokenizer(directory, bos=arch != "gpt2", word_level=word_level)
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(config_for(arch, len(tok)))
     with torch.no_grad():
@@ -130,3 +137,28 @@ def make_finetune(base_dir: Path, out_dir: Path, *, seed: int, std: float = 0.05
         elif f.is_file():
             shutil.copyfile(f, out_dir / f.name)
     return out_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is 10x faster than two fighting for it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sample_text(model_dir: Path, n_docs: int, length: int, seed: int = 0) -> list[str]:
+    """Documents sampled from a (word-level) model: plain ancestral sampling, special tokens excluded."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok = T.AutoTokenizer.from_pretrained(str(model_dir))
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((n_docs, 1), tok.bos_token_id)
+    with torch.no_grad():
+        for _ in range(length):
+            logits = model(input_ids=ids).logits[:, -1]
+            logits[:, :4] = -float("inf")                 # <pad> <s> </s> <unk>
+            ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1, generator=g)], 1)
+    return [tok.decode(row[1:]) for row in ids]

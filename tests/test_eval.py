@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from evalkit import corpus, make_finetune, make_model, reference_eval, reference_windows, write_texts  # noqa: E402
+from evalkit import (corpus, make_finetune, make_model, one_thread, reference_eval,  # noqa: E402,F401
+                     reference_windows, write_texts)
 
 import lazymerge  # noqa: E402
 

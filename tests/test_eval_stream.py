@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from evalkit import make_model  # noqa: E402
+from evalkit import make_model, one_thread  # noqa: E402,F401
 
 from lazymerge.evaluate.stream import layer_inputs  # noqa: E402
 

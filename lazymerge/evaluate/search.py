@@ -20,7 +20,7 @@ from ..errors import LazyMergeError, RecipeError
 from ..planner.methods import METHODS
 from ..planner.recipe import load_yaml, read_documents
 
-_TOKEN = re.compile(r"\.?([A-Za-z_][\w-]*)|\[(\d+)\]")
+_TOKEN = re.compile(r"(\.?)([A-Za-z_][\w-]*)|\[(\d+)\]")
 STUDY_NAME = "lazymerge-search"
 
 
@@ -80,9 +80,9 @@ def parse_path(path: str) -> list["str | int"]:
     steps: list[str | int] = []
     pos = 0
     for m in _TOKEN.finditer(path):
-        if m.start() != pos or (pos == 0 and path.startswith(".")):
-            break
-        steps.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        if m.start() != pos or (m.group(2) is not None and bool(m.group(1)) != bool(steps)):
+            break                                   # a gap, or a key without its dot (or a leading dot)
+        steps.append(m.group(2) if m.group(2) is not None else int(m.group(3)))
         pos = m.end()
     if pos != len(path) or not steps:
         raise RecipeError(f"search space: '{path}' is not a recipe path (like models[0].parameters.weight or "
