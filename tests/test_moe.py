@@ -156,6 +156,17 @@ def test_lora_expert_and_a_stage_expert(tmp_path: Path, llama: dict) -> None:
     lazymerge.merge(text, tmp_path / "moe", memory="unlimited")
     lazymerge.merge(yaml.safe_dump(stage), tmp_path / "avg", memory="unlimited")
     out, avg = read_all(tmp_path / "moe"), read_all(tmp_path / "avg")
+    # a LoRA base in hidden mode: routers from the merged-and-unloaded model, streamed layer by layer
+    lora_base = f"{llama['base']}+{tmp_path / 'adapter'}"
+    unloaded = {"merge_method": "passthrough", "models": [{"model": lora_base}]}
+    lazymerge.merge(unloaded, tmp_path / "unloaded", memory="unlimited")
+    for name, base_ref in (("h_lora", lora_base), ("h_dir", str(tmp_path / "unloaded"))):
+        rec = _moe(Path(base_ref), [llama["ft1"], llama["ft2"]], "hidden", experts_per_token=1)
+        lazymerge.merge(rec, tmp_path / name, memory="unlimited")
+    g_lora, g_dir = read_all(tmp_path / "h_lora"), read_all(tmp_path / "h_dir")
+    gate = "model.layers.1.block_sparse_moe.gate.weight"
+    assert torch.allclose(g_lora[gate], g_dir[gate], atol=1e-6) and not torch.equal(
+        g_lora[gate], read_all(tmp_path / "moe")[gate])
     for i in range(2):
         for w, prm in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
             got = out[f"model.layers.{i}.block_sparse_moe.experts.0.{w}.weight"]

@@ -1,1 +1,0 @@
-"""Running a checkpoint's transformers modules one decoder layer at a time (layer streaming)."""

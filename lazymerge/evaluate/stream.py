@@ -1,117 +1,233 @@
-"""Layer-streaming forward: a model's hidden states, layer by layer, with one decoder layer's weights in memory.
+"""The layer-streaming forward pass: every sequence through one decoder layer, then the next.
 
-The model is transformers' own class, built as a meta-device skeleton (accelerate) from the checkpoint's
-config.json; each decoder layer's parameters are read from the checkpoint (memory-mapped safetensors, or a
-`base+adapter` source), used for every sequence, and dropped before the next layer is read. So a MoE router in
-`hidden` mode, or an evaluation, runs a model larger than RAM allows at once, and computes exactly what the model's
-own forward computes (the same modules, masks and rotary embeddings, as `LlamaModel.forward` does).
+A whole-model forward holds every layer's weights; here the weights of one decoder layer are materialised, all
+batches of sequences go through it, and its weights go back to the meta device before the next layer's are
+read (or merged). What stays in memory between layers is the hidden states of all sequences (the activations),
+never the model.
 
-This is a minimal implementation of the contract shared with the evaluation work (issue 11):
-`layer_inputs(target, input_ids, *, memory=None, device="cpu", dtype=torch.float32)`.
+The code around the decoder layers (embeddings, position embeddings, rotary tables, attention masks, the final
+norm) is the model's own: for each batch the stack's `forward` is called once with every decoder layer replaced
+by a stand-in that records the arguments the model passes it, then returns its input. That yields the embedded
+inputs and each layer's exact call arguments, whatever the architecture. After the last layer the same trick
+(the last stand-in returning the real final hidden states) runs the model's own final norm.
+
+`layer_inputs` is the public piece other features (MoE routing from hidden states) build on.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
 
 from ..errors import CheckpointError
+from .skeleton import Skeleton, build_skeleton, materialize, release, set_rows
+from .weights import WeightSource, open_target
+
+EMBED_BLOCK_BYTES = 64 << 20           # rows of the embedding read at a time when no budget is given
 
 
-def _open(target: Any) -> tuple[Any, bool]:
-    """(source, opened_here): a checkpoint directory is opened; an opened source (Checkpoint, base+adapter) is used."""
-    if hasattr(target, "read") and hasattr(target, "tensors"):
-        return target, False
-    from ..io.adapters import open_model
+class _Stand(nn.Module):
+    """Takes a decoder layer's place while the model's own code around the layers runs."""
 
-    return open_model(target), True
+    def __init__(self, index: int, calls: dict[int, tuple[tuple, dict]], replay: torch.Tensor | None = None):
+        super().__init__()
+        self.index, self.calls, self.replay = index, calls, replay
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls[self.index] = (hidden_states, args, kwargs)
+        return hidden_states if self.replay is None else self.replay
 
 
-def _skeleton(source: Any, dtype: torch.dtype) -> Any:
-    """transformers' model class for the source's config, on the meta device (no memory for weights)."""
+@dataclass
+class Batch:
+    """One batch of sequences between layers: hidden states and what each layer is called with."""
+
+    hidden: torch.Tensor                                       # [B, S, H]
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)   # per layer: (args, kwargs) after hidden
+
+
+@dataclass
+class StreamStats:
+    layers_over_budget: int = 0
+    largest_unit: int = 0              # bytes of the largest set of weights held at once
+
+
+class LayerStream:
+    """A target (checkpoint or recipe) ready to stream: its skeleton and weight source."""
+
+    def __init__(self, source: WeightSource, *, budget: int | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        self.source, self.budget, self.device, self.dtype = source, budget, device, dtype
+        self.sk: Skeleton = build_skeleton(source.config_dir, dtype)
+        self.stats = StreamStats()
+        self._static_loaded = False
+
+    # -- names -------------------------------------------------------------------------------------------
+    def tensor_name(self, param: str) -> str:
+        """The source tensor behind a parameter: a missing head is the tied input embedding."""
+        if param in self.source.names:
+            return param
+        if param == self.sk.head_name and self.sk.embed_name in self.source.names:
+            return self.sk.embed_name
+        raise CheckpointError(f"{self.source.label}: no tensor '{param}' "
+                              f"(needed by {type(self.sk.model).__name__})")
+
+    def weight_bytes(self, params: list[str]) -> int:
+        item = torch.tensor([], dtype=self.dtype).element_size()
+        total = 0
+        for p in params:
+            n = 1
+            for d in self.source.shapes[self.tensor_name(p)]:
+                n *= d
+            total += n * item
+        return total
+
+    def _account(self, nbytes: int) -> None:
+        self.stats.largest_unit = max(self.stats.largest_unit, nbytes)
+        if self.budget is not None and nbytes > self.budget:
+            self.stats.layers_over_budget += 1
+
+    def row_block(self, name: str, extra_row_bytes: int = 0) -> int:
+        """Rows of a [rows, cols] tensor to hold at once (plus `extra_row_bytes` of work per row) in the budget."""
+        cols = 1
+        for d in self.source.shapes[name][1:]:
+            cols *= d
+        per_row = cols * 4 + extra_row_bytes
+        cap = self.budget if self.budget is not None else EMBED_BLOCK_BYTES * 4
+        return max(1, min(self.source.shapes[name][0], cap // 2 // max(1, per_row)))
+
+    # -- stages ------------------------------------------------------------------------------------------
+    def _load_static(self) -> None:
+        if not self._static_loaded:
+            params = self.sk.static_params
+            values = self.source.load([self.tensor_name(p) for p in params])
+            materialize(self.sk.model, {p: values[self.tensor_name(p)] for p in params}, self.dtype, self.device)
+            self._static_loaded = True
+
+    def _embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of the given (sorted, unique) token ids, read block by block."""
+        name = self.tensor_name(self.sk.embed_name)
+        rows = torch.empty((len(ids), *self.source.shapes[name][1:]), dtype=self.dtype)
+
+        def take(start: int, block: torch.Tensor) -> None:
+            sel = (ids >= start) & (ids < start + block.shape[0])
+            if sel.any():
+                rows[sel] = block[ids[sel] - start].to(self.dtype)
+
+        self.source.for_row_blocks(name, self.row_block(name), take)
+        return rows
+
+    def _run_stack(self, ids: torch.Tensor, stands: list[_Stand], mask: torch.Tensor | None = None) -> Any:
+        original = list(self.sk.layers)
+        try:
+            for i, s in enumerate(stands):
+                self.sk.layers[i] = s
+            with torch.no_grad():
+                extra = {} if mask is None else {"attention_mask": mask.to(self.device)}
+                return self.sk.base(input_ids=ids.to(self.device), use_cache=False, **extra)
+        finally:
+            for i, layer in enumerate(original):
+                self.sk.layers[i] = layer
+
+    def embed(self, batches: list[torch.LongTensor],
+              masks: list[torch.Tensor | None] | None = None) -> list[Batch]:
+        """Embedded inputs and each layer's call arguments, per batch ([B, S] token ids each; `masks`: each
+        batch's attention mask for padded batches, given to the model's forward as a caller would)."""
+        self._load_static()
+        vocab = self.source.shapes[self.tensor_name(self.sk.embed_name)][0]
+        all_ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
+        if len(all_ids) and (int(all_ids[0]) < 0 or int(all_ids[-1]) >= vocab):
+            raise CheckpointError(f"{self.source.label}: token id {int(all_ids[-1])} is outside the embedding "
+                                  f"({vocab} rows): the tokenizer does not match the model")
+        rows = self._embedding_rows(all_ids)
+        self._account(rows.numel() * rows.element_size())
+        set_rows(self.sk.embed, rows.to(self.device))
+        out = []
+        try:
+            for k, ids in enumerate(batches):
+                calls: dict[int, tuple] = {}
+                stands = [_Stand(i, calls) for i in range(self.sk.num_layers)]
+                self._run_stack(torch.searchsorted(all_ids, ids), stands, None if masks is None else masks[k])
+                hidden = calls[0][0]
+                out.append(Batch(hidden, [(calls[i][1], calls[i][2]) for i in range(self.sk.num_layers)]))
+        finally:
+            set_rows(self.sk.embed, torch.empty((0,), device="meta"))
+        return out
+
+    def run_layer(self, i: int, batches: list[Batch], on_batch: Callable[[], None] | None = None) -> None:
+        """Replace each batch's hidden states by layer i's output, holding only layer i's weights."""
+        params = self.sk.layer_params[i]
+        self._account(self.weight_bytes(params))
+        names = [self.tensor_name(p) for p in params]
+        values = self.source.load(sorted(set(names)))
+        materialize(self.sk.model, {p: values[n] for p, n in zip(params, names)}, self.dtype, self.device)
+        del values
+        layer = self.sk.layers[i]
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    args, kwargs = b.calls[i]
+                    y = layer(b.hidden, *args, **kwargs)
+                    b.hidden = y[0] if isinstance(y, tuple) else y
+                    if on_batch is not None:
+                        on_batch()
+        finally:
+            release(self.sk.model, params)
+
+    def finish(self, batches: list[Batch]) -> list[torch.Tensor]:
+        """The model's own code after the last layer (final norm) applied to each batch's hidden states."""
+        n = self.sk.num_layers
+        out = []
+        set_rows(self.sk.embed, torch.zeros((1, self.sk.config.get_text_config().hidden_size),
+                                            dtype=self.dtype, device=self.device))
+        try:
+            for b in batches:
+                calls: dict[int, tuple] = {}
+                stands = [_Stand(i, calls, b.hidden if i == n - 1 else None) for i in range(n)]
+                ids = torch.zeros(b.hidden.shape[:2], dtype=torch.long)
+                res = self._run_stack(ids, stands)
+                out.append(res.last_hidden_state if hasattr(res, "last_hidden_state") else res[0])
+                b.hidden = None
+        finally:
+            set_rows(self.sk.embed, torch.empty((0,), device="meta"))
+        return out
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def open_stream(target: Any, *, memory: Any = None, device: "str | torch.device" = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int = 0, workers: int = 2) -> LayerStream:
+    from ..engine.run import resolve_device
+    from ..planner.plan import resolve_budget
+
+    budget = resolve_budget(memory)
+    dev = resolve_device(device)
+    source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers)
     try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError as exc:   # pragma: no cover - transformers is an optional dependency
-        raise CheckpointError(f"layer streaming needs transformers ({exc}); pip install 'lazymerge[moe]'") from None
-    if not source.config:
-        raise CheckpointError(f"{source.path}: config.json is missing; cannot build the model to run it")
-    cfg = dict(source.config)
-    model_type = cfg.pop("model_type", None)
-    try:
-        config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{source.path}: config.json: model_type {model_type!r} is not a transformers "
-                              f"model ({str(exc).splitlines()[0]})") from None
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+        return LayerStream(source, budget=budget, device=dev, dtype=dtype)
+    except BaseException:
+        source.close()
+        raise
 
 
-def _materialise(module: torch.nn.Module, prefix: str, source: Any, device: Any, dtype: torch.dtype) -> None:
-    from accelerate.utils import set_module_tensor_to_device
-
-    for pname, _ in list(module.named_parameters()):
-        full = f"{prefix}{pname}"
-        if full not in source.tensors:
-            raise CheckpointError(f"{source.path}: tensor '{full}' is missing")
-        set_module_tensor_to_device(module, pname, device, value=source.read(full, dtype=dtype))
-
-
-def layer_inputs(target: Any, input_ids: list[torch.Tensor], *, memory: Any = None, device: Any = "cpu",
+def layer_inputs(target: Any, input_ids: list[torch.LongTensor], *, memory: Any = None,
+                 device: "str | torch.device" = "cpu",
                  dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """For each decoder layer i: (i, the hidden states at that layer's input, one `[seq_len, hidden]` tensor per
-    sequence, in `dtype`). `target` is a checkpoint directory (or an opened lazymerge source). Each sequence runs
-    alone (no padding). Peak memory: one decoder layer's weights (plus the embedding while it is used) and the
-    sequences' activations; `memory` is accepted for the shared contract and not needed beyond that."""
-    batches = [(ids.reshape(1, -1), None) for ids in input_ids]
-    for i, states in batched_layer_inputs(target, batches, device=device, dtype=dtype):
-        yield i, [h[0] for h in states]
+    """For each decoder layer i in order, the hidden states at that layer's input: one `[seq_len, hidden]` tensor
+    per input sequence (1-D token id tensors, any lengths), in `dtype`.
 
-
-def batched_layer_inputs(target: Any, batches: list[tuple[torch.Tensor, torch.Tensor | None]], *,
-                         device: Any = "cpu", dtype: torch.dtype = torch.float32
-                         ) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """`layer_inputs` for padded batches: each `(input_ids [B, L], attention_mask [B, L] or None)` runs as one
-    batch, exactly as the model's forward runs it (positions 0..L-1, padding masked). Yields, per layer, one
-    `[B, L, hidden]` tensor per batch. A batch computes what a caller that batches the same way (mergekit-moe's
-    router pass) computes, bit for bit: a reduced-precision matmul's rounding depends on the batch shape."""
-    source, opened = _open(target)
+    Computed layer by layer with one layer's weights in memory (`memory`: the budget, as for merges). `target`
+    is a checkpoint directory or a recipe (merged on the fly, never written). The tensors yielded for layer i are
+    not modified afterwards; drop them to free them.
+    """
+    stream = open_stream(target, memory=memory, device=device, dtype=dtype)
     try:
-        model = _skeleton(source, dtype)
-        inner = model.model
-        with torch.no_grad():
-            _materialise(inner.embed_tokens, "model.embed_tokens.", source, device, dtype)
-            states = [inner.embed_tokens(ids.to(device)) for ids, _ in batches]
-            inner.embed_tokens.to("meta")
-            rotary = inner.rotary_emb.to(device)
-            from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-            config = model.config
-            layer_types = getattr(config, "layer_types", None)
-            extras = []
-            for h, (_, mask) in zip(states, batches):
-                pos = torch.arange(h.shape[1], device=device).unsqueeze(0)
-                kw = {"config": config, "inputs_embeds": h, "cache": None, "position_ids": pos,
-                      "attention_mask": None if mask is None else mask.to(device)}
-                masks = {"full_attention": create_causal_mask(**kw)}
-                if "sliding_attention" in (layer_types or ()):
-                    masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
-                extras.append((pos, masks, rotary(h, pos)))
-            for i, layer in enumerate(inner.layers[: config.num_hidden_layers]):
-                yield i, list(states)
-                if i == config.num_hidden_layers - 1:
-                    break
-                _materialise(layer, f"model.layers.{i}.", source, device, dtype)
-                kind = layer_types[i] if layer_types else "full_attention"
-                new = []
-                for h, (pos, masks, pe) in zip(states, extras):
-                    out = layer(h, attention_mask=masks[kind], position_embeddings=pe, position_ids=pos,
-                                use_cache=False)
-                    new.append(out[0] if isinstance(out, tuple) else out)
-                states = new
-                layer.to("meta")
+        batches = stream.embed([ids.reshape(1, -1).long() for ids in input_ids])
+        for i in range(stream.sk.num_layers):
+            yield i, [b.hidden[0] for b in batches]
+            stream.run_layer(i, batches)
     finally:
-        if opened:
-            source.close()
+        stream.close()

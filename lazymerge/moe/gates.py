@@ -6,7 +6,8 @@ Every mode gives, per layer, one unit vector per expert (a row of the router mat
   L2-normalised; the same vector for every layer. Float32.
 - `hidden`: the base model's hidden state at each layer's input for each prompt's last token, averaged over the
   prompts; run in bfloat16 like mergekit (so published configs give the same routers); one vector per layer.
-  The base runs one decoder layer at a time (`lazymerge.evaluate.stream.layer_inputs`), never whole.
+  The base runs one decoder layer at a time (`lazymerge.evaluate.stream`), never whole; each expert's prompt set
+  is one left-padded batch, as in mergekit (bfloat16 rounding depends on the batch shape).
 - With `negative_prompts`, the negatives' vector is subtracted from the positives' before the final
   normalisation (cheap_embed normalises both first, as mergekit does).
 - `random` (N(0, 1)) and `uniform_random` (U(-1/sqrt(hidden), 1/sqrt(hidden)), nn.Linear's init): drawn from a
@@ -96,11 +97,13 @@ def padded(tokenizer: Any, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch
     return batch, mask
 
 
-def prompt_gates(mode: str, base: Any, tokenizer_dir: Path, experts: Sequence[Prompts], num_layers: int,
-                 embed_name: str = "model.embed_tokens.weight", memory: Any = None) -> torch.Tensor:
+def prompt_gates(mode: str, base: Any, target: Any, tokenizer_dir: Path, experts: Sequence[Prompts],
+                 num_layers: int, embed_name: str = "model.embed_tokens.weight", memory: Any = None) -> torch.Tensor:
     """[layers, experts, hidden] router rows from the experts' prompts (mode `hidden` or `cheap_embed`).
 
-    `base` is an opened lazymerge source (a checkpoint or `base+adapter`). In `hidden` mode each expert's
+    `base` is the base model as an opened lazymerge source (cheap_embed reads embedding rows from it), `target`
+    the same model as `lazymerge.evaluate.stream` takes it (a checkpoint directory, or a recipe for base+adapter),
+    which `hidden` runs one decoder layer at a time. In `hidden` mode each expert's
     positive (and negative) prompts run as one left-padded batch, as in mergekit-moe, and the state of the last
     position is taken: the prompt's last token (padding is on the left)."""
     tok = load_tokenizer(tokenizer_dir)
@@ -115,11 +118,19 @@ def prompt_gates(mode: str, base: Any, tokenizer_dir: Path, experts: Sequence[Pr
 
         vec = {(e, sign): cheap_embed_vector(rows, ids).expand(num_layers, -1) for e, ids, sign in sets}
     else:
-        from ..evaluate.stream import batched_layer_inputs
+        from ..evaluate.stream import open_stream
 
-        per_layer: list[list[torch.Tensor]] = []
-        for _, states in batched_layer_inputs(base, [padded(tok, ids) for _, ids, _ in sets], dtype=torch.bfloat16):
-            per_layer.append([h[:, -1, :] for h in states])               # per set: [prompts, hidden]
+        stream = open_stream(target, memory=memory, dtype=torch.bfloat16)
+        try:
+            batches = [padded(tok, ids) for _, ids, _ in sets]
+            states = stream.embed([b for b, _ in batches], [m for _, m in batches])
+            per_layer: list[list[torch.Tensor]] = []
+            for i in range(num_layers):
+                per_layer.append([b.hidden[:, -1, :] for b in states])     # per set: [prompts, hidden]
+                if i < num_layers - 1:
+                    stream.run_layer(i, states)
+        finally:
+            stream.close()
         vec = {}
         for k, (e, _, sign) in enumerate(sets):
             vec[(e, sign)] = last_token_mean(torch.stack([layer[k] for layer in per_layer]))

@@ -480,7 +480,7 @@ class _MoECompiler:
         router_code = out_code or (embed.dtype if embed is not None else "F32")
         shapes = {nm: (n, hidden) for nm in router_names}
         shapes.update({nm: (len(cfg.shared_experts), hidden) for nm in shared_gate})
-        routers = RouterSource(shapes, router_code, self._router_fn(base, router_names, shared_gate, layers),
+        routers = RouterSource(shapes, router_code, self._router_fn(base_key, base, router_names, shared_gate, layers),
                                Path(f"<routers of {base.path}>"))
         comp.sources[ROUTER_KEY] = routers
         for nm, shape in shapes.items():
@@ -495,8 +495,12 @@ class _MoECompiler:
         st = StagePlan(self.r, MOE_METHOD, jobs, config, aux, list(comp.src_keys), base_key, base_key)  # type: ignore[arg-type]
         return st, info, routers, warnings
 
-    def _router_fn(self, base: Any, names: list[str], shared: list[str], layers: int) -> Callable[[], dict]:
+    def _router_fn(self, base_key: str, base: Any, names: list[str], shared: list[str],
+                   layers: int) -> Callable[[], dict]:
         cfg, seed, budget = self.cfg, self.seed, self.budget
+        # what the layer-streaming forward runs: the directory, or base+adapter as a merge-and-unload recipe
+        target: Any = base_key if "+" not in base_key or Path(base_key).is_dir() else \
+            {"merge_method": "passthrough", "models": [{"model": base_key}]}
 
         def compute() -> dict:
             n = len(cfg.experts)
@@ -506,8 +510,9 @@ class _MoECompiler:
                                                                         base.config["hidden_size"]))
                             for nm in shared})
                 return out
-            vecs = prompt_gates(cfg.gate_mode, base, Path(base.path),
-                                [e.prompts for e in cfg.experts + cfg.shared_experts], layers, memory=budget)
+            vecs = prompt_gates(cfg.gate_mode, base, target, Path(base.path),
+                                [e.prompts for e in cfg.experts + cfg.shared_experts], layers,
+                                memory=budget if budget is not None else "unlimited")
             out = {nm: vecs[i, :n] for i, nm in enumerate(names)}
             out.update({nm: vecs[i, n:] for i, nm in enumerate(shared)})
             return out
