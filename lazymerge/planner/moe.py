@@ -32,12 +32,11 @@ from typing import Any, Callable, Mapping
 
 from ..errors import CheckpointError, RecipeError
 from ..io.checkpoint import Checkpoint
-from ..io.writer import parse_size
 from ..moe.gates import GATE_MODES, PROMPT_MODES, Prompts, prompt_gates, random_router
 from ..moe.sources import NoiseSource, RouterSource
 from .graph import SourceRef, TensorBuilder
 from .methods import BlockFn, Method
-from .plan import FLOAT_CODES, Plan, StagePlan, _emit, _method_of, _natural_key, _StageCompiler, resolve_budget
+from .plan import FLOAT_CODES, Plan, StagePlan, _emit, _natural_key, _StageCompiler
 from .recipe import DTYPES, ModelEntry, Recipe, check_keys, closest
 
 MOE_KEYS = ("merge_method", "name", "base_model", "experts", "gate_mode", "dtype", "experts_per_token",
@@ -328,44 +327,20 @@ def _dtype_of_config(cfg: dict[str, Any] | None) -> str | None:
     return DTYPES.get(str(name).lower()) if name else None
 
 
-def compile_moe(chain: list[Recipe], *, memory: Any = None, shard_size: Any = "5GB", seed: int = 0,
-                allow_pickle: bool = False, max_block_rows: int | None = None) -> Any:
-    """Compile a MoE recipe (the last of `chain`; earlier entries are the stages it uses) into a Plan."""
-    from .stages import StageOutput, stage_key
-
-    r = chain[-1]
+def compile_moe(r: Recipe, sources: dict[str, Any], stages: dict[str, Any], *, budget: int | None,
+                shard_bytes: int, seed: int = 0, allow_pickle: bool = False,
+                max_block_rows: int | None = None) -> MoEPlan:
+    """Compile the MoE recipe `r` into a Plan, against the checkpoints opened so far and the earlier stages'
+    outputs (`plan.compile_plan` compiles those and closes the sources on failure)."""
     cfg = parse_moe(r.raw, r.source)
-    for s in chain[:-1]:
-        if s.merge_method == "moe":
-            raise RecipeError(f"{s.source}: a MoE can only be the output stage, not the input of another stage")
-    methods = [_method_of(s) for s in chain[:-1]]
-    budget = resolve_budget(memory)
-    try:
-        shard_bytes = parse_size(shard_size)
-    except ValueError as exc:
-        raise RecipeError(f"shard_size: {exc}") from None
-    sources: dict[str, Any] = {}
-    try:
-        stages: dict[str, StageOutput] = {}
-        for s, method in zip(chain[:-1], methods):
-            st = _StageCompiler(s, method, sources, stages, allow_pickle).compile()
-            stages[stage_key(str(s.name))] = StageOutput(str(s.name), {j.name: j for j in st.jobs}, st.config,
-                                                         st.aux_files)
-        plan = _MoECompiler(cfg, r, _StageCompiler(r, MOE_METHOD, sources, stages, allow_pickle), budget,
-                            seed).compile()
-        stage_plan, info, routers, warnings = plan
-        p = _emit(stage_plan, sources, budget, shard_bytes, seed, max_block_rows)
-        out = MoEPlan(**{f.name: getattr(p, f.name) for f in fields(p)}, moe=info, routers=routers)
-        out.warnings.extend(warnings)
-        if out.config is not None:
-            code = next(iter({o.dtype for o in out.outputs if o.dtype in FLOAT_CODES}), None)
-            if "dtype" in out.config and "torch_dtype" in out.config and code is not None:
-                out.config["dtype"] = out.config["torch_dtype"]
-        return out
-    except BaseException:
-        for c in sources.values():
-            c.close()
-        raise
+    comp = _StageCompiler(r, MOE_METHOD, sources, stages, allow_pickle)
+    stage_plan, info, routers, warnings = _MoECompiler(cfg, r, comp, budget, seed).compile()
+    p = _emit(stage_plan, sources, budget, shard_bytes, seed, max_block_rows)
+    out = MoEPlan(**{f.name: getattr(p, f.name) for f in fields(p)}, moe=info, routers=routers)
+    out.warnings.extend(warnings)
+    if out.config is not None and "dtype" in out.config and "torch_dtype" in out.config:
+        out.config["dtype"] = out.config["torch_dtype"]      # transformers 5 reads `dtype`
+    return out
 
 
 class _MoECompiler:

@@ -467,12 +467,8 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
     """Compile a recipe (one document, or a multi-stage recipe whose output is `stage`, the unnamed document
     or the last one) into a Plan. Raises a LazyMergeError subclass on any problem."""
     chain = resolve_stages(recipe, stage)
-    if chain[-1].merge_method == "moe":   # --- MoE hook: a mixture of experts (planner/moe.py) ---
-        from .moe import compile_moe
-
-        return compile_moe(chain, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                           max_block_rows=max_block_rows)
-    methods = [_method_of(r) for r in chain]
+    moe = chain[-1].merge_method == "moe"      # MoE hook: the output may be a mixture of experts (planner/moe.py)
+    methods = [_method_of(r) for r in (chain[:-1] if moe else chain)]
     budget = resolve_budget(memory)
     try:
         shard_bytes = parse_size(shard_size)
@@ -482,10 +478,15 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
     sources: dict[str, Any] = {}
     try:
         stages: dict[str, StageOutput] = {}
-        for r, method in zip(chain[:-1], methods[:-1]):
+        for r, method in zip(chain[:-1], methods):
             st = _StageCompiler(r, method, sources, stages, allow_pickle).compile()
             stages[stage_key(str(r.name))] = StageOutput(str(r.name), {j.name: j for j in st.jobs}, st.config,
                                                          st.aux_files)
+        if moe:   # --- MoE hook ---
+            from .moe import compile_moe
+
+            return compile_moe(chain[-1], sources, stages, budget=budget, shard_bytes=shard_bytes, seed=seed,
+                               allow_pickle=allow_pickle, max_block_rows=max_block_rows)
         final = _StageCompiler(chain[-1], methods[-1], sources, stages, allow_pickle).compile()
         return _emit(final, sources, budget, shard_bytes, seed, max_block_rows)
     except BaseException:
