@@ -231,6 +231,9 @@ def test_bad_moe_configs_fail_in_one_line_before_any_work(tmp_path: Path, llama:
         (bare / f).write_bytes((llama["base"] / f).read_bytes())
     assert "no tokenizer files" in _bad(tmp_path, {**ok, "base_model": str(bare), "gate_mode": "hidden"})
     assert "Qwen3 MoE takes qwen3 models" in _bad(tmp_path, {**ok, "architecture": "qwen3"})
+    q2 = make_model(tmp_path / "qwen2", "qwen2", 4)
+    no_shared = _moe(q2, [q2, q2], "random")
+    assert "Qwen MoE takes llama/mistral/qwen2 models and exactly one shared expert" in _bad(tmp_path, no_shared)
     assert "unknown key 'expert'" in _bad(tmp_path, {**ok, "expert": []})
     lazymerge.plan({**ok, "base_model": str(bare), "gate_mode": "random"}).close()
 

@@ -422,8 +422,8 @@ class _MoECompiler:
             is_float = info.dtype in FLOAT_CODES
             refs = [comp._ref(key, found[0], info, rows)]
             noise = expert.noise_scale if expert is not None and is_float else None
-            residual = (expert.residual_scale if expert is not None and is_float and in_name.endswith("down_proj.weight")
-                        else None)
+            is_down = in_name.endswith("down_proj.weight")
+            residual = expert.residual_scale if expert is not None and is_float and is_down else None
             if noise:
                 nkey = f"moe:noise:{e_index}"
                 if nkey not in comp.sources:
@@ -455,8 +455,8 @@ class _MoECompiler:
         router_code = out_code or (embed.dtype if embed is not None else "F32")
         shapes = {nm: (n, hidden) for nm in router_names}
         shapes.update({nm: (len(cfg.shared_experts), hidden) for nm in shared_gate})
-        routers = RouterSource(shapes, router_code, self._router_fn(base_key, base, router_names, shared_gate, layers),
-                               Path(f"<routers of {base.path}>"))
+        compute = self._router_fn(base_key, base, router_names, shared_gate, layers)
+        routers = RouterSource(shapes, router_code, compute, Path(f"<routers of {base.path}>"))
         comp.sources[ROUTER_KEY] = routers
         for nm, shape in shapes.items():
             jobs.append(CopyJob(nm, shape, router_code, [SourceRef(ROUTER_KEY, nm, 0)]))
@@ -464,10 +464,12 @@ class _MoECompiler:
         qkv_bias = "model.layers.0.self_attn.q_proj.bias" in base.tensors
         config = arch.config(bcfg, n, cfg.experts_per_token, qkv_bias, str(base.path))
         aux = base.aux_files()
-        info = MoEInfo(arch, str(model_type), tuple(str(comp.get(k).path) for k in keys[:n]),
-                       tuple(str(comp.get(k).path) for k in keys[n:]), cfg.experts_per_token, cfg.gate_mode,
+        info = MoEInfo(arch, str(model_type), tuple(e.model for e in cfg.experts),
+                       tuple(e.model for e in cfg.shared_experts), cfg.experts_per_token, cfg.gate_mode,
                        n_prompts, self._router_peak(base, layers))
-        st = StagePlan(self.r, MOE_METHOD, jobs, config, aux, list(comp.src_keys), base_key, base_key)  # type: ignore[arg-type]
+        # CopyJob has the interface of TensorJob that plan._emit uses
+        st = StagePlan(self.r, MOE_METHOD, jobs, config, aux, list(comp.src_keys),  # type: ignore[arg-type]
+                       base_key, base_key)
         return st, info, routers, warnings
 
     def _router_fn(self, base_key: str, base: Any, names: list[str], shared: list[str],
