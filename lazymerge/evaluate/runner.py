@@ -91,8 +91,9 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
               progress: Callable[[EvalProgress], None] | None,
               windows: torch.Tensor | None = None) -> tuple[EvalReport, torch.Tensor]:
     with RssSampler() as rss:
-        start_rss = rss.peak
         stream = open_stream(target, memory=memory, device=device, seed=seed)
+        # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
+        start_rss = rss.peak = rss.proc.memory_info().rss
         try:
             if windows is None:
                 tok = load_tokenizer(stream.source.config_dir, stream.source.label)

@@ -85,8 +85,10 @@ class LayerStream:
         return total
 
     def _account(self, nbytes: int) -> None:
+        """A unit of weights held at once; over budget when larger than the share of the budget weights get
+        (all of it for a checkpoint; half for a recipe, whose merge works in the other half)."""
         self.stats.largest_unit = max(self.stats.largest_unit, nbytes)
-        if self.budget is not None and nbytes > self.budget:
+        if self.budget is not None and nbytes > self.budget * self.source.weight_share:
             self.stats.layers_over_budget += 1
 
     def row_block(self, name: str, extra_row_bytes: int = 0) -> int:
@@ -159,8 +161,7 @@ class LayerStream:
         self._account(self.weight_bytes(params))
         names = [self.tensor_name(p) for p in params]
         values = self.source.load(sorted(set(names)))
-        materialize(self.sk.model, {p: values[n] for p, n in zip(params, names)}, self.dtype, self.device)
-        del values
+        materialize(self.sk.model, {p: values.pop(n) for p, n in zip(params, names)}, self.dtype, self.device)
         layer = self.sk.layers[i]
         try:
             with torch.no_grad():
@@ -197,9 +198,10 @@ class LayerStream:
 
 def open_stream(target: Any, *, memory: Any = None, device: "str | torch.device" = "cpu",
                 dtype: torch.dtype = torch.float32, seed: int = 0, workers: int = 2) -> LayerStream:
-    from ..engine.run import resolve_device
+    from ..engine.run import release_freed_memory, resolve_device
     from ..planner.plan import resolve_budget
 
+    release_freed_memory()                  # freed weights go back to the OS: RSS follows what is live
     budget = resolve_budget(memory)
     dev = resolve_device(device)
     source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers)
