@@ -97,7 +97,8 @@ class LayerStream:
         for d in self.source.shapes[name][1:]:
             cols *= d
         per_row = cols * 4 + extra_row_bytes
-        cap = self.budget if self.budget is not None else EMBED_BLOCK_BYTES * 4
+        # half of the weights' share: the block in its stored dtype and its float32 copy, or its logits
+        cap = int(self.budget * self.source.weight_share) if self.budget is not None else EMBED_BLOCK_BYTES * 4
         return max(1, min(self.source.shapes[name][0], cap // 2 // max(1, per_row)))
 
     # -- stages ------------------------------------------------------------------------------------------
