@@ -97,9 +97,11 @@ class LayerStream:
         for d in self.source.shapes[name][1:]:
             cols *= d
         per_row = cols * 4 + extra_row_bytes
-        # half of the weights' share: the block in its stored dtype and its float32 copy, or its logits
-        cap = int(self.budget * self.source.weight_share) if self.budget is not None else EMBED_BLOCK_BYTES * 4
-        return max(1, min(self.source.shapes[name][0], cap // 2 // max(1, per_row)))
+        # a quarter of the budget, for a checkpoint and a recipe alike: the head's blocks fix the order in which
+        # the log-sum-exp adds, so the same --memory must give the same blocks for a merge and its recipe (a
+        # recipe's merge works in another quarter; the block's stored copy and temporaries fit in the rest)
+        cap = self.budget if self.budget is not None else EMBED_BLOCK_BYTES * 4
+        return max(1, min(self.source.shapes[name][0], cap // 4 // max(1, per_row)))
 
     # -- stages ------------------------------------------------------------------------------------------
     def _load_static(self) -> None:
