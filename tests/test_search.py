@@ -46,13 +46,29 @@ def test_search_finds_the_model_the_data_came_from(search_set, tmp_path):
     assert e1.nll < e2.nll
     report = lazymerge.search(s["recipe"], s["data"], ["models[0].parameters.weight=0..1"], trials=12, seed=0,
                               study=tmp_path / "s.db", memory="32KiB", seq_len=SEQ, max_tokens=MAX,
-                              best_file=tmp_path / "best.yaml")
+                              best_file=tmp_path / "best.yaml", out=tmp_path / "merged")
     assert len([t for t in report.trials if t.state == "COMPLETE"]) == 12
     assert report.best_params["models[0].parameters.weight"] > 0.7
     # the best recipe file holds the best value, and evaluating it gives the reported perplexity
     best = lazymerge.evaluate(tmp_path / "best.yaml", s["data"], memory="32KiB", seq_len=SEQ, max_tokens=MAX)
     assert best.perplexity == report.best_perplexity
     assert report.best_perplexity == min(t.perplexity for t in report.trials)
+    # --out: the best recipe merged and written; the same numbers from the written checkpoint
+    written = lazymerge.evaluate(tmp_path / "merged", s["data"], memory="32KiB", seq_len=SEQ, max_tokens=MAX)
+    assert written.perplexity == report.best_perplexity
+
+
+def test_space_file(tmp_path):
+    from lazymerge.evaluate.search import SpaceDim, read_space_file
+
+    f = tmp_path / "search.yaml"
+    f.write_text("space:\n  models[0].parameters.weight: [0, 1]\n  parameters.t[1]: [0.2, 0.8]\ntrials: 7\n")
+    dims, extra = read_space_file(f)
+    assert dims == [SpaceDim("models[0].parameters.weight", 0.0, 1.0), SpaceDim("parameters.t[1]", 0.2, 0.8)]
+    assert extra == {"trials": 7}
+    f.write_text("space: {parameters.t: [0, 1]}\ntrails: 3\n")
+    with pytest.raises(RecipeError, match="unknown key 'trails'"):
+        read_space_file(f)
 
 
 def _completed(db: Path) -> list[tuple]:
