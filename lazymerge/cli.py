@@ -403,8 +403,8 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
     same command again to continue; completed trials are never lost.
 
     \b
-    lazymerge search recipe.yaml --data eval.jsonl --space models[0].parameters.weight=0..1 --trials 12
-    lazymerge search recipe.yaml --data eval.txt -s parameters.t[0]=0..1 -s parameters.t[1]=0..1 --out ./best
+    lazymerge search recipe.yaml --data eval.jsonl --space 'models[0].parameters.weight=0..1' --trials 12
+    lazymerge search recipe.yaml --data eval.txt -s 'parameters.t[0]=0..1' -s 'parameters.t[1]=0..1' --out ./best
     """
     from .api import search
     from .evaluate.search import parse_space, read_space_file

@@ -64,11 +64,13 @@ RECIPES = {
 def test_recipe_equals_written_merge_exactly(eval_root, data, llama_set, name, tmp_path):
     recipe = RECIPES[name](llama_set)
     out = tmp_path / "merged"
-    lazymerge.merge(recipe, out, memory="4KiB")               # row blocks: a different blocking than eval's
-    written = lazymerge.evaluate(out, data, memory="16KiB", seq_len=SEQ, max_tokens=MAX, batch=3)
-    lazy = lazymerge.evaluate(recipe, data, memory="16KiB", seq_len=SEQ, max_tokens=MAX, batch=3)
-    assert lazy.window_nll == written.window_nll               # bit for bit, window by window
-    assert lazy.perplexity == written.perplexity
+    lazymerge.merge(recipe, out, memory="unlimited")          # whole tensors; eval merges in row blocks
+    # 16 KiB: layers over budget, the merge in row blocks; 512 KiB: whole tensors, the head in 20-row blocks
+    for memory in ("16KiB", "512KiB"):
+        written = lazymerge.evaluate(out, data, memory=memory, seq_len=SEQ, max_tokens=MAX, batch=3)
+        lazy = lazymerge.evaluate(recipe, data, memory=memory, seq_len=SEQ, max_tokens=MAX, batch=3)
+        assert lazy.window_nll == written.window_nll           # bit for bit, window by window
+        assert lazy.perplexity == written.perplexity
     # and the merge is not a no-op: it differs from its inputs
     base = lazymerge.evaluate(llama_set["base"], data, memory="16KiB", seq_len=SEQ, max_tokens=MAX, batch=3)
     assert base.total_nll != lazy.total_nll

@@ -47,8 +47,6 @@ def _whole(stream: LayerStream, ids: torch.Tensor, max_new_tokens: int, eos: int
     values = stream.source.load(sorted(set(names.values())))
     materialize(sk.model, {p: values[n] for p, n in names.items()}, stream.dtype, stream.device)
     del values
-    if sk.head_name != sk.embed_name and names[sk.head_name] == sk.embed_name:
-        sk.model.tie_weights()
     with torch.no_grad():
         out = sk.model.generate(ids[None].to(stream.device), max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=eos, pad_token_id=eos if eos is not None else 0)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..engine.report import RssSampler
-from .data import load_tokenizer, load_windows
+from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
 from .report import EvalReport, bootstrap_ppl
 from .stream import LayerStream, open_stream
@@ -91,21 +91,20 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
               progress: Callable[[EvalProgress], None] | None,
               windows: torch.Tensor | None = None) -> tuple[EvalReport, torch.Tensor]:
     with RssSampler() as rss:
-        start_rss = rss.peak
         stream = open_stream(target, memory=memory, device=device, seed=seed)
+        # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
+        start_rss = rss.peak = rss.proc.memory_info().rss
         try:
+            limit = getattr(stream.sk.config.get_text_config(), "max_position_embeddings", None)
+            if windows is not None:
+                seq_len = windows.shape[1]
+            elif seq_len is None:
+                seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+            if limit and seq_len > limit:
+                raise DataError(f"seq-len: {seq_len} is longer than the model's {limit} positions")
             if windows is None:
                 tok = load_tokenizer(stream.source.config_dir, stream.source.label)
-                if seq_len is None:
-                    limit = getattr(stream.sk.config.get_text_config(), "max_position_embeddings", None)
-                    seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
                 windows = load_windows(data, tok, seq_len=seq_len, max_tokens=max_tokens)
-            seq_len = windows.shape[1]
-            limit = getattr(stream.sk.config.get_text_config(), "max_position_embeddings", None)
-            if limit and seq_len > limit:
-                from .data import DataError
-
-                raise DataError(f"seq-len: {seq_len} is longer than the model's {limit} positions")
             window_nll = score_windows(stream, windows, batch=batch, progress=progress)
         finally:
             stream.close()

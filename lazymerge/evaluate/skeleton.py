@@ -89,10 +89,14 @@ def build_skeleton(config_dir: Path, dtype: torch.dtype) -> Skeleton:
 
 def materialize(model: nn.Module, values: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device) -> None:
+    """Give parameters real storage, converted to `dtype`. `values` is emptied as it goes, so a stored
+    (bfloat16) copy and its float32 conversion coexist for one tensor at a time, not for the whole layer."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for name, value in values.items():
+    while values:
+        name, value = values.popitem()
         set_module_tensor_to_device(model, name, device, value=value.to(device=device, dtype=dtype))
+        del value
 
 
 def release(model: nn.Module, names: list[str]) -> None:

@@ -85,8 +85,10 @@ class LayerStream:
         return total
 
     def _account(self, nbytes: int) -> None:
+        """A unit of weights held at once; over budget when larger than the share of the budget weights get
+        (all of it for a checkpoint; half for a recipe, whose merge works in the other half)."""
         self.stats.largest_unit = max(self.stats.largest_unit, nbytes)
-        if self.budget is not None and nbytes > self.budget:
+        if self.budget is not None and nbytes > self.budget * self.source.weight_share:
             self.stats.layers_over_budget += 1
 
     def row_block(self, name: str, extra_row_bytes: int = 0) -> int:
@@ -95,8 +97,11 @@ class LayerStream:
         for d in self.source.shapes[name][1:]:
             cols *= d
         per_row = cols * 4 + extra_row_bytes
+        # a quarter of the budget, for a checkpoint and a recipe alike: the head's blocks fix the order in which
+        # the log-sum-exp adds, so the same --memory must give the same blocks for a merge and its recipe (a
+        # recipe's merge works in another quarter; the block's stored copy and temporaries fit in the rest)
         cap = self.budget if self.budget is not None else EMBED_BLOCK_BYTES * 4
-        return max(1, min(self.source.shapes[name][0], cap // 2 // max(1, per_row)))
+        return max(1, min(self.source.shapes[name][0], cap // 4 // max(1, per_row)))
 
     # -- stages ------------------------------------------------------------------------------------------
     def _load_static(self) -> None:
@@ -162,8 +167,7 @@ class LayerStream:
         self._account(self.weight_bytes(params))
         names = [self.tensor_name(p) for p in params]
         values = self.source.load(sorted(set(names)))
-        materialize(self.sk.model, {p: values[n] for p, n in zip(params, names)}, self.dtype, self.device)
-        del values
+        materialize(self.sk.model, {p: values.pop(n) for p, n in zip(params, names)}, self.dtype, self.device)
         layer = self.sk.layers[i]
         try:
             with torch.no_grad():
@@ -200,9 +204,10 @@ class LayerStream:
 
 def open_stream(target: Any, *, memory: Any = None, device: "str | torch.device" = "cpu",
                 dtype: torch.dtype = torch.float32, seed: int = 0, workers: int = 2) -> LayerStream:
-    from ..engine.run import resolve_device
+    from ..engine.run import release_freed_memory, resolve_device
     from ..planner.plan import resolve_budget
 
+    release_freed_memory()                  # freed weights go back to the OS: RSS follows what is live
     budget = resolve_budget(memory)
     dev = resolve_device(device)
     source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers)

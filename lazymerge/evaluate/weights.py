@@ -31,6 +31,7 @@ class WeightSource(Protocol):
     names: set[str]
     shapes: dict[str, tuple[int, ...]]
     over_budget: int                   # merge tasks that ran alone above the budget (recipes)
+    weight_share: float                # fraction of the budget for the weights held (the rest: merge work)
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]: ...
 
@@ -56,6 +57,7 @@ class CheckpointWeights:
         self.names = set(self.ckpt.tensors)
         self.shapes = {n: tuple(i.shape) for n, i in self.ckpt.tensors.items()}
         self.over_budget = 0
+        self.weight_share = 1.0
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: self.ckpt.read(n, dtype=None) for n in names}
@@ -87,6 +89,7 @@ class RecipeWeights:
         self.names = {o.name for o in self.plan.outputs}
         self.shapes = {o.name: tuple(o.shape) for o in self.plan.outputs}
         self.over_budget = 0
+        self.weight_share = 0.5
         self._tmp = Path(tempfile.mkdtemp(prefix="lazymerge-eval-"))
         self.config_dir = self._tmp
         try:
