@@ -152,6 +152,7 @@ def test_lora_expert_and_a_stage_expert(tmp_path: Path, llama: dict) -> None:
     moe = _moe(llama["base"], [Path(f"{llama['base']}+{tmp_path / 'adapter'}"), Path("avg")], "cheap_embed",
                experts_per_token=1)
     moe["experts"][1]["source_model"] = "avg"
+    moe["merge_method"] = "moe"                  # the recipe form (the other tests use mergekit-moe's bare config)
     text = yaml.safe_dump_all([stage, moe])
     lazymerge.merge(text, tmp_path / "moe", memory="unlimited")
     lazymerge.merge(yaml.safe_dump(stage), tmp_path / "avg", memory="unlimited")
@@ -239,6 +240,11 @@ def test_bad_moe_configs_fail_in_one_line_before_any_work(tmp_path: Path, llama:
 
 
 def test_the_api_raises_lazymerge_errors(llama: dict) -> None:
+    moe = {"name": "m", "base_model": str(llama["base"]), "gate_mode": "random",
+           "experts": [{"source_model": str(llama["ft1"])}, {"source_model": str(llama["ft2"])}]}
+    later = {"merge_method": "linear", "models": [{"model": "m"}, {"model": str(llama["ft1"])}]}
+    with pytest.raises(LazyMergeError, match="a MoE can only be the output stage"):
+        lazymerge.plan(yaml.safe_dump_all([moe, later]))
     with pytest.raises(LazyMergeError, match="experts: must be a non-empty list"):
         lazymerge.plan({"base_model": str(llama["base"]), "experts": []})
     with pytest.raises(LazyMergeError, match="same prompts"):

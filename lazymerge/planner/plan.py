@@ -468,6 +468,9 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
     or the last one) into a Plan. Raises a LazyMergeError subclass on any problem."""
     chain = resolve_stages(recipe, stage)
     moe = chain[-1].merge_method == "moe"      # MoE hook: the output may be a mixture of experts (planner/moe.py)
+    for r in chain[:-1]:
+        if r.merge_method == "moe":
+            raise RecipeError(f"{r.source}: a MoE can only be the output stage, not the input of another stage")
     methods = [_method_of(r) for r in (chain[:-1] if moe else chain)]
     budget = resolve_budget(memory)
     try:
