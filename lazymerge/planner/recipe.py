@@ -204,6 +204,12 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
     """One recipe (one document of a multi-stage recipe) from its parsed YAML."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping with a 'merge_method' key")
+    # --- MoE hook: a mergekit-moe config, or `merge_method: moe` (planner/moe.py) ---
+    from .moe import is_moe_document, moe_recipe
+
+    if is_moe_document(data):
+        return moe_recipe(data, source)
+    # --- end MoE hook ---
     check_keys(source, data, TOP_KEYS)
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
