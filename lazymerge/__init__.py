@@ -19,5 +19,5 @@ from .engine.report import Progress, Report  # noqa: E402
 from .errors import CheckpointError, LazyMergeError, MergeAborted, OutputError, RecipeError  # noqa: E402
 from .planner.plan import Plan  # noqa: E402
 
-__all__ = ["merge", "plan", "evaluate", "search", "generate", "compare_inputs", "Plan", "Report", "Progress", "LazyMergeError", "RecipeError", "CheckpointError",
-           "OutputError", "MergeAborted", "__version__"]
+__all__ = ["merge", "plan", "evaluate", "search", "generate", "compare_inputs", "Plan", "Report", "Progress",
+           "LazyMergeError", "RecipeError", "CheckpointError", "OutputError", "MergeAborted", "__version__"]

@@ -75,3 +75,11 @@ def test_recipe_equals_written_merge_exactly(eval_root, data, llama_set, name, t
     base = lazymerge.evaluate(llama_set["base"], data, memory="16KiB", seq_len=SEQ, max_tokens=MAX, batch=3)
     assert base.total_nll != lazy.total_nll
     assert math.isfinite(lazy.perplexity)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(eval_root, data, llama_set):
+    cpu = lazymerge.evaluate(llama_set["base"], data, memory="16KiB", seq_len=SEQ, max_tokens=MAX)
+    gpu = lazymerge.evaluate(llama_set["base"], data, memory="16KiB", seq_len=SEQ, max_tokens=MAX, device="cuda")
+    assert gpu.device.startswith("cuda")
+    assert gpu.total_nll == pytest.approx(cpu.total_nll, rel=1e-4)

@@ -129,3 +129,14 @@ def test_range_outside_domain(search_set):
     with pytest.raises(RecipeError, match=r"density: 1.5 must be in \(0, 1\].*outside the domain"):
         lazymerge.search(recipe, search_set["data"], ["models[0].parameters.density=0.2..1.5"], trials=1,
                          best_file=None)
+
+
+def test_cmaes_sampler_runs_in_range(search_set, tmp_path):
+    pytest.importorskip("cmaes")
+    space = ["models[0].parameters.weight=0.1..1", "models[1].parameters.weight=0.1..0.5"]
+    report = lazymerge.search(search_set["recipe"], search_set["data"], space, trials=3, sampler="cmaes", seed=1,
+                              study=tmp_path / "c.db", memory="1MiB", seq_len=SEQ, max_tokens=MAX, best_file=None)
+    assert len(report.trials) == 3 and all(t.state == "COMPLETE" for t in report.trials)
+    for t in report.trials:
+        assert 0.1 <= t.params["models[0].parameters.weight"] <= 1
+        assert 0.1 <= t.params["models[1].parameters.weight"] <= 0.5

@@ -188,7 +188,12 @@ def _sampler(optuna: Any, name: str, seed: int) -> Any:
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name in ("cmaes", "cma-es"):
-        return optuna.samplers.CmaEsSampler(seed=seed)
+        try:
+            import cmaes  # noqa: F401  (optuna's CMA-ES sampler needs it)
+        except ImportError:
+            raise LazyMergeError("search: --sampler cmaes needs the cmaes package: "
+                                 "pip install 'lazymerge[search]'") from None
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise RecipeError(f"search: sampler '{name}' is unknown; use tpe, cmaes or random")
