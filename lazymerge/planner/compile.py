@@ -14,6 +14,7 @@ from ..units import parse_size
 from .emit import emit_plan
 from .keys import closest
 from .methods import METHODS, Method
+from .moe import compile_moe
 from .params import leaves
 from .plan import Plan, resolve_budget
 from .recipe import Recipe
@@ -73,7 +74,11 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
     """Compile a recipe (one document, or a multi-stage recipe whose output is `stage`, the unnamed document
     or the last one) into a Plan. Raises a LazyMergeError subclass on any problem."""
     chain = resolve_stages(recipe, stage)
-    checked = [_method_of(r) for r in chain]
+    moe = chain[-1].merge_method == "moe"      # the output may be a mixture of experts (planner/moe.py)
+    for r in chain[:-1]:
+        if r.merge_method == "moe":
+            raise RecipeError(f"{r.source}: a MoE can only be the output stage, not the input of another stage")
+    checked = [_method_of(r) for r in (chain[:-1] if moe else chain)]
     methods = [m for m, _ in checked]
     budget = resolve_budget(memory)
     try:
@@ -84,10 +89,13 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
     sources: dict[str, Any] = {}
     try:
         stages: dict[str, StageOutput] = {}
-        for r, method in zip(chain[:-1], methods[:-1]):
+        for r, method in zip(chain[:-1], methods):
             st = StageCompiler(r, method, sources, stages, allow_pickle).compile()
             stages[stage_key(str(r.name))] = StageOutput(str(r.name), {j.name: j for j in st.jobs}, st.config,
                                                          st.aux_files)
+        if moe:
+            return compile_moe(chain[-1], sources, stages, budget=budget, shard_bytes=shard_bytes, seed=seed,
+                               allow_pickle=allow_pickle, max_block_rows=max_block_rows)
         final = StageCompiler(chain[-1], methods[-1], sources, stages, allow_pickle).compile()
         plan = emit_plan(final, sources, budget, shard_bytes, seed, max_block_rows)
         plan.warnings[:0] = [w for _, notes in checked for w in notes]
