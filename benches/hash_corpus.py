@@ -118,13 +118,27 @@ def extra_cases(models: dict[str, Path], work: Path) -> list[tuple[str, str, dic
         {"merge_method": "task_arithmetic", "tokenizer_source": "base", "base_model": abc["A"],
          "models": [{"model": abc["B"], "parameters": {"weight": 1.0}},
                     {"model": abc["C"], "parameters": {"weight": 1.0}}]}), dict(memory="unlimited")))
+    for tok in ("union", None):                 # a 1-d vocab-indexed tensor (lm_head.bias), aligned or cut
+        recipe = {"merge_method": "linear", "models": [{"model": abc["A1"], "parameters": {"weight": 0.4}},
+                                                        {"model": abc["B1"], "parameters": {"weight": 0.6}}]}
+        if tok:
+            recipe["tokenizer_source"] = tok
+        cases.append((f"extra/vocab-bias-{tok or 'cut'}", yaml.safe_dump(recipe), dict(memory="unlimited")))
     return cases
 
 
 def _vocab_models(work: Path) -> dict[str, Path]:
-    from test_vocab import make_abc
+    from safetensors.torch import load_file, save_file
+    from test_vocab import ADDED_B, VOCAB_A, VOCAB_B, make_abc, make_model
 
-    return make_abc(work / "vocab")
+    models = make_abc(work / "vocab")
+    for tag, vocab, added in (("A1", VOCAB_A, ()), ("B1", VOCAB_B, ADDED_B)):
+        path = make_model(work / "vocab" / tag, tag, vocab, added, seed=len(vocab))
+        t = load_file(str(path / "model.safetensors"))
+        t["lm_head.bias"] = torch.arange(t["lm_head.weight"].shape[0], dtype=torch.float32) / 8
+        save_file(t, str(path / "model.safetensors"))
+        models[tag] = path
+    return models
 
 
 def _adapter_models(work: Path) -> None:

@@ -37,17 +37,85 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
           progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
           strict: bool = False, allow_pickle: bool = False, workers: int | None = None,
           max_block_rows: int | None = None, cancel: threading.Event | None = None,
-          stage: str | None = None) -> Report:
+          stage: str | None = None, cluster: Any = None) -> Report:
     """Run a merge into `out` (a Hugging Face checkpoint directory that appears only when complete).
 
     The same recipe, inputs and seed give bit-identical output whatever `memory`, `workers` or block size.
     `progress(Progress)` is called after each task. Returns the Report also saved as OUT/lazymerge_report.json.
+
+    `cluster` runs the merge on Dask (`pip install 'lazymerge[dask]'`): a `distributed.Client`, `"local:N"` (a
+    LocalCluster of N worker processes) or a scheduler address `"tcp://HOST:PORT"`; `memory` is then per
+    worker, and inputs and `out` must be at the same paths on every worker. See `lazymerge.cluster`.
     """
     p = plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
              max_block_rows=max_block_rows, stage=stage)
     try:
+        from .planner.moe import MoEPlan
+
+        if isinstance(p, MoEPlan):   # MoE: the routers are computed before the graph runs
+            p.prepare()
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
+        if cluster is not None:           # -- lazymerge.cluster: the same plan, partitioned over Dask workers
+            from .cluster.driver import run_on_cluster
+
+            return run_on_cluster(p, out, cluster, recipe=recipe, stage=stage, memory=memory,
+                                  shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
+                                  device=device, progress=progress, overwrite=overwrite, resume=resume,
+                                  strict=strict, workers=workers, extra_files=extra, version=__version__,
+                                  cancel=cancel)
         return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
     finally:
         p.close()
+
+
+def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory: int | str | None = None,
+             seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4,
+             device: str | torch.device = "cpu", seed: int = 0, progress: Callable[[Any], None] | None = None):
+    """Perplexity of a checkpoint directory or of a recipe's merge (computed layer by layer, never written) on
+    `data`, holding one decoder layer's weights at a time within `memory`. Returns an `EvalReport`.
+
+    The data is tokenized with the target's tokenizer: each document with its defaults, documents joined with
+    EOS, cut to `max_tokens`, then to full windows of `seq_len` (default min(512, the model's positions)).
+    Needs transformers and accelerate (pip install 'lazymerge[eval]').
+    """
+    from .evaluate.runner import evaluate as run_eval
+
+    return run_eval(target, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                    device=device, seed=seed, progress=progress)
+
+
+def compare_inputs(recipe: RecipeLike, data: "str | Path", **kwargs: Any) -> list:
+    """`evaluate` for each input model of `recipe` and for its merge, on the same windows: a list of
+    EvalReports, inputs first, the merge last. Keyword arguments as for `evaluate`."""
+    from .evaluate.runner import compare_inputs as run_compare
+
+    return run_compare(recipe, data, **kwargs)
+
+
+def generate(target: Union[RecipeLike, str, Path], prompt: str, *, max_new_tokens: int = 20,
+             memory: int | str | None = None, device: str | torch.device = "cpu", seed: int = 0,
+             progress: Callable[[Any], None] | None = None) -> str:
+    """Greedy continuation of `prompt` by a checkpoint or a recipe's merge: the whole model when it fits
+    `memory`, else streamed layer by layer for every new token (slow, within the budget)."""
+    from .evaluate.generate import generate as run_generate
+
+    return run_generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
+                        progress=progress)
+
+
+def search(recipe: RecipeLike, data: "str | Path", space: list, *, trials: int = 20,
+           study: "str | Path | None" = None, sampler: str = "tpe", seed: int = 0, memory: int | str | None = None,
+           seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
+           best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
+           on_trial: Callable[[Any], None] | None = None, progress: Callable[[Any], None] | None = None):
+    """Search recipe values (`space`: ["models[0].parameters.weight=0..1", ...]) for the lowest perplexity of
+    the merge on `data`, each candidate evaluated layer by layer and never written. `study`: an SQLite file that
+    keeps every completed trial, so an interrupted search continues where it stopped. Returns a SearchReport;
+    writes the best recipe to `best_file` and merges it into `out` when given. Needs optuna
+    (pip install 'lazymerge[search]')."""
+    from .evaluate.search import search as run_search
+
+    return run_search(recipe, data, space, trials=trials, study=study, sampler=sampler, seed=seed, memory=memory,
+                      seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, best_file=best_file,
+                      out=out, on_trial=on_trial, progress=progress)

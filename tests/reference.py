@@ -302,6 +302,120 @@ def della_linear(base, xs, weights, densities, epsilons, us, rescale=True, norma
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# newer mergekit methods: sce, nearswap, arcee_fusion, ram, ramplus_tl (docs/methods.md)
+# ----------------------------------------------------------------------------------------------------------------
+def topk_mask_by(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries of `key` (ties: lower flat index first); k = 0 keeps nothing."""
+    flat = key.reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.reshape(key.shape)
+
+
+def sce_mask(ds: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """SCE "select": keep the k = int(nonzero * select_topk) entries of largest variance across the task vectors,
+    where nonzero counts the entries of non-zero variance. The variance (population, over the models) is
+    computed in float64 and rounded to float32; k is computed in float32 (mergekit multiplies a count tensor)."""
+    if select_topk <= 0:
+        return torch.zeros(ds[0].shape, dtype=torch.bool)
+    if select_topk >= 1:
+        return torch.ones(ds[0].shape, dtype=torch.bool)
+    stack = torch.stack([_f(d).double() for d in ds])
+    var = ((stack - stack.mean(dim=0)) ** 2).mean(dim=0).to(F32)
+    nonzero = int((var != 0).sum())
+    k = int(torch.tensor(float(nonzero), dtype=F32) * torch.tensor(select_topk, dtype=F32))
+    return topk_mask_by(var, k)
+
+
+def sce(base: torch.Tensor, xs: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    """SCE: select (sce_mask), calculate (weights_i = mean(d_i^2) / sum_j mean(d_j^2), uniform 1/n when that sum
+    is < 1e-6), erase (TIES sign election on the sum of the selected deltas), then
+    y = b + sum_i w_i m_i d_i / max(sum_i w_i m_i, 1e-6)."""
+    b = _f(base)
+    ds = _deltas(base, xs)
+    if select_topk < 1:
+        mask = sce_mask(ds, select_topk)
+        ds = [d * mask for d in ds]
+    msq = [float((d.double() ** 2).sum()) / d.numel() for d in ds]
+    total = sum(msq)
+    ws = [1.0 / len(ds)] * len(ds) if abs(total) < 1e-6 else [m / total for m in msq]
+    ms = elect_masks(ds, "sum")
+    num = sum(d * (float(w) * m.to(F32)) for d, w, m in zip(ds, ws, ms))
+    den = sum(float(w) * m.to(F32) for w, m in zip(ws, ms))
+    return b + num / den.clamp(min=1e-6)
+
+
+def nearswap(base: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+    """w = clamp(t / max(|b - x|, 1e-6), 0, 1) per entry; y = w x + (1 - w) b: entries where the two models are
+    within t of each other take x, the others move toward x by t / |b - x|."""
+    b, x = _f(base), _f(x)
+    w = (t / (b - x).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
+    return w * x + (1 - w) * b
+
+
+def fusion_importance(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """|x - b| times the KL divergence of softmax(x) from softmax(b) along the last dim (each + 1e-8)."""
+    b, x = _f(base), _f(x)
+    p = torch.softmax(x, dim=-1) + 1e-8
+    q = torch.softmax(b, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    return (x - b).abs() * kl
+
+
+def arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Keep x's change where its importance reaches median + 1.5 IQR of all importances; the quantiles are order
+    statistics of the sorted importances at index floor(q (n - 1)), q = 0.25, 0.5, 0.75 (no interpolation)."""
+    b, x = _f(base), _f(x)
+    imp = fusion_importance(b, x)
+    s = torch.sort(imp.reshape(-1)).values
+    n = s.numel()
+    q1, med, q3 = s[(n - 1) // 4], s[(n - 1) // 2], s[3 * (n - 1) // 4]
+    thr = med + 1.5 * (q3 - q1)
+    return b + (x - b) * (imp >= thr).to(F32)
+
+
+def _ram(base, xs, epsilon, lambdas):
+    b = _f(base)
+    ds = _deltas(base, xs)
+    nz = [d.abs() > epsilon for d in ds]
+    c = sum(m.to(torch.int64) for m in nz)
+    unique, overlap = c == 1, c > 1
+    y = torch.zeros_like(b)
+    for d, m, lam in zip(ds, nz, lambdas):
+        z = torch.where(m, d, 0.0)
+        y = y + torch.where(unique, z * lam, 0.0) + torch.where(overlap, z / c.clamp(min=1), 0.0)
+    return b + y
+
+
+def ram(base: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM: entries with |d_i| > epsilon contribute; where one model contributes its delta is taken whole,
+    where several do their mean."""
+    return _ram(base, xs, epsilon, [1.0] * len(xs))
+
+
+def ramplus_lambdas(base, xs, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> list[float]:
+    """RAM+ (tensor-local): lambda_i = 1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha), with shared_i
+    (unique_i) the number of model i's contributing entries that other models (no other model) also contribute
+    to, over the whole tensor; float32 as mergekit."""
+    ds = _deltas(base, xs)
+    nz = [d.abs() > epsilon for d in ds]
+    c = sum(m.to(torch.int64) for m in nz)
+    out = []
+    for m in nz:
+        shared = torch.tensor(float(int((m & (c > 1)).sum())), dtype=F32)
+        uniq = torch.tensor(float(int((m & (c == 1)).sum())), dtype=F32)
+        rho = shared / torch.maximum(uniq, torch.tensor(epsilon, dtype=F32))
+        out.append(float(1 + torch.tensor(r, dtype=F32) * rho.clamp(0.0, alpha)))
+    return out
+
+
+def ramplus_tl(base, xs, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM with each model's uniquely contributed entries scaled by its lambda_i (ramplus_lambdas)."""
+    return _ram(base, xs, epsilon, ramplus_lambdas(base, xs, r, alpha, epsilon))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # parameters varying across layers
 # ----------------------------------------------------------------------------------------------------------------
 def gradient_value(values: Sequence[float], layer: int, num_layers: int) -> float:

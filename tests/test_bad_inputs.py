@@ -191,6 +191,34 @@ def c_offsets_overlap(ctx: Ctx) -> list[str]:
                                                                           list(h[NORM0]["data_offsets"]))))
 
 
+def relayout(last: str, gap: int = 0, trailing: int = 0) -> Callable[[Path], None]:
+    """Rewrite shard 1 by hand (header JSON + bytes) with tensor `last` moved to the end of the data section,
+    `gap` junk bytes just before it and `trailing` junk bytes after it; every other tensor stays contiguous.
+    Each tensor's own bytes stay intact: only the tiling of the data section is broken."""
+    def apply(model: Path) -> None:
+        header, data = split(model / S1)
+        meta = header.pop("__metadata__", None)
+        order = sorted((k for k in header if k != last), key=lambda k: header[k]["data_offsets"][0]) + [last]
+        out = bytearray()
+        for k in order:
+            a, b = header[k]["data_offsets"]
+            if k == last:
+                out += b"\xab" * gap
+            header[k]["data_offsets"] = [len(out), len(out) + b - a]
+            out += data[a:b]
+        out += b"\xcd" * trailing
+        join(model / S1, {**({"__metadata__": meta} if meta else {}), **header}, bytes(out))
+    return apply
+
+
+def c_offsets_hole(ctx: Ctx) -> list[str]:
+    return ctx.broken_ft1(relayout(NORM0, gap=16))
+
+
+def c_trailing_bytes(ctx: Ctx) -> list[str]:
+    return ctx.broken_ft1(relayout(NORM0, trailing=8))
+
+
 def c_offsets_reversed(ctx: Ctx) -> list[str]:
     return ctx.broken_ft1(edit_header(S1, lambda h: h[NORM0].__setitem__(
         "data_offsets", list(reversed(h[NORM0]["data_offsets"])))))
@@ -513,6 +541,8 @@ CASES: dict[str, Case] = {
     "offsets_past_eof": Case(c_offsets_past_eof, [S1, NORM0, "data ends at byte"]),
     "offsets_overlap": Case(c_offsets_overlap, [S1, NORM0, NORM0B, "overlap"]),
     "offsets_reversed": Case(c_offsets_reversed, [S1, NORM0, "begin", "> end"]),
+    "offsets_leave_hole": Case(c_offsets_hole, ["ft1-copy", S1, NORM0, "16-byte hole", "tile the data section"]),
+    "trailing_bytes": Case(c_trailing_bytes, ["ft1-copy", S1, "8 trailing byte(s)", f"last tensor '{NORM0}'"]),
     "offsets_negative": Case(c_offsets_negative, [S1, NORM0, "data_offsets"]),
     "dtype_contradicts_size": Case(c_dtype_contradicts_size, [S1, NORM0, "dtype BF16", "need 64"]),
     "dtype_unknown": Case(c_dtype_unknown, [S1, NORM0, "unsupported dtype 'F128'"]),
@@ -690,6 +720,18 @@ def test_malicious_pickle_never_runs(frozen_models: dict[str, Path], tmp_path: P
     result = CliRunner().invoke(main, c_pickle_malicious(ctx))
     assert result.exit_code == 2
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_refused_pickle_never_invites_the_unsafe_option(frozen_models: dict[str, Path], tmp_path: Path) -> None:
+    """torch's refusal advises retrying with weights_only=False, which would run the payload: our one line
+    keeps torch's reason and drops that advice."""
+    ctx = Ctx(tmp_path, frozen_models)
+    result = CliRunner().invoke(main, c_pickle_malicious(ctx))
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "Unsupported operand" in line, line          # torch's reason: the pickle opcode it refused to run
+    for advice in ("False", "trusted source", "arbitrary code", "Re-running"):
+        assert advice not in line, line
 
 
 def test_pickle_allowed_loads_with_weights_only(frozen_models: dict[str, Path], tmp_path: Path) -> None:

@@ -81,6 +81,17 @@ def recipes(m: dict[str, str], fisher: dict[str, str]) -> dict[str, dict]:
                               for k, w in (("ft1", 0.7), ("ft2", 0.3))]},
         "passthrough": {"merge_method": "passthrough", "models": [{"model": m["ft1"], "parameters": {"scale": 0.5}}],
                         "dtype": "float32"},
+        "sce": {"merge_method": "sce", "base_model": m["base"], "dtype": "float32",
+                "models": [{"model": m[k]} for k in ("ft1", "ft2", "ft3")], "parameters": {"select_topk": 0.4}},
+        "nearswap": {"merge_method": "nearswap", "base_model": m["base"], "dtype": "float32",
+                     "models": [{"model": m["ft1"]}], "parameters": {"t": 0.008}},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": m["base"], "dtype": "float32",
+                         "models": [{"model": m["ft2"]}]},
+        "ram": {"merge_method": "ram", "base_model": m["base"], "dtype": "float32",
+                "models": [{"model": m[k]} for k in ("ft1", "ft2", "ft3")], "parameters": {"epsilon": 0.008}},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": m["base"], "dtype": "float32",
+                       "models": [{"model": m[k]} for k in ("ft1", "ft2", "ft3")],
+                       "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 0.5}},
         "slices_ties": {"merge_method": "ties", "base_model": m["base"], "dtype": "float32", "slices": [
             {"sources": [{"model": m["base"], "layer_range": [0, 2]},
                          {"model": m["ft1"], "layer_range": [0, 2], "parameters": {"weight": 0.7, "density": 0.5}},
@@ -100,7 +111,7 @@ def test_every_method_is_covered(models_fp32, fisher) -> None:
 CASES = ["linear", "task_arithmetic", "ties", "ties_rescale_norm_l2", "ties_count", "dare_ties", "dare_linear",
          "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock",
          "model_stock_filter_wise", "nuslerp", "nuslerp_rows", "nuslerp_cols_base", "multislerp", "multislerp_base",
-         "karcher", "fisher", "passthrough", "slices_ties"]
+         "karcher", "fisher", "passthrough", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "slices_ties"]
 
 
 @pytest.mark.parametrize("case", CASES)

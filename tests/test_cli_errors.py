@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_recipe
+from conftest import read_all, write_recipe
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -67,7 +67,47 @@ CASES = {
     "unknown_parameter": (lambda m, tmp: ties(m, desnity=0.5), ["desnity", "density"]),
     "unknown_top_key": (lambda m, tmp: {**ties(m), "paramters": {}}, ["paramters", "parameters"]),
     "missing_weight": (lambda m, tmp: {**ties(m), "models": [{"model": str(m["ft1"])}]}, ["weight"]),
+    # a key no method knows stays a typo, even next to a method that ignores other methods' keys
+    "unknown_parameter_model_stock": (lambda m, tmp: stock(m, desnity=0.5), ["models[0].parameters", "'desnity'",
+                                                                           "did you mean 'density'"]),
+    # mergekit's gradient-slerp example writes `pattern:`, which mergekit reads as "no filter"
+    "filter_spelled_pattern": (lambda m, tmp: {**ties(m), "parameters": {"normalize": [
+        {"pattern": "self_attn", "value": True}, {"value": False}]}},
+        ["parameters.normalize", "write 'filter:' instead of 'pattern:'"]),
+    # every point of a gradient is in range, even one that falls between the model's two layers
+    "gradient_point_out_of_range": (lambda m, tmp: ties(m, density=[0.5, -0.5, 1.0]),
+                                    ["models[0].parameters.density[1]", "-0.5", "must be in (0, 1]"]),
+    "gradient_in_filter_out_of_range": (lambda m, tmp: ties(m, density=[{"filter": "mlp", "value": [0.5, 1.5]}]),
+                                        ["models[0].parameters.density[0].value[1]", "1.5"]),
 }
+
+
+def stock(models: dict[str, Path], **ft1_params) -> dict:
+    return {"merge_method": "model_stock", "base_model": str(models["base"]), "dtype": "float32", "models": [
+        {"model": str(models["ft1"]), "parameters": ft1_params},
+        {"model": str(models["ft2"]), "parameters": {"weight": 0.5}}]}
+
+
+def test_parameter_of_another_method_warns_once_and_has_no_effect(models_fp32: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """Published model_stock recipes carry a per-model `weight`: mergekit ignores it, so do we, with one warning
+    line (on `plan` and in the run's report), and the output is the one without it."""
+    with_weight = write_recipe(tmp_path, stock(models_fp32, weight=0.5), "with.yaml")
+    proc = run_cli("plan", str(with_weight))
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if "has no effect" in ln]
+    assert len(lines) == 1, proc.stdout
+    assert "'weight' has no effect for model_stock" in lines[0] and "models[0].parameters" in lines[0], lines[0]
+    proc = run_cli("run", str(with_weight), str(tmp_path / "a"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert sum("'weight' has no effect for model_stock" in ln for ln in proc.stdout.splitlines()) == 1, proc.stdout
+    without = stock(models_fp32)
+    del without["models"][1]["parameters"]
+    proc = run_cli("run", str(write_recipe(tmp_path, without, "without.yaml")), str(tmp_path / "b"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "has no effect" not in proc.stdout
+    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

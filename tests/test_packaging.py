@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-IMPORT_TO_DIST = {"yaml": "pyyaml"}
+IMPORT_TO_DIST = {"yaml": "pyyaml", "distributed": "dask"}      # distributed: through dask[distributed]
 NOT_IMPORTED_BUT_NEEDED = {"numpy"}          # torch's Tensor.numpy() (io/writer.py)
 
 

@@ -145,7 +145,7 @@ class Opened:
         return V.source_key(str(path))
 
     def reader(self, name: str):
-        return lambda key, rows: self.sources[key].read(name, rows=rows, dtype=torch.float32)
+        return lambda key, rows: R.read_token_rows(self.sources[key], name, rows)
 
     def close(self):
         for c in self.sources.values():

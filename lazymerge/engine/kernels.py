@@ -196,7 +196,7 @@ def topk_reduce1(hists: Sequence[Tensor], k: int) -> dict:
 
 def topk_pass2(d_block: Tensor, state1: dict) -> Tensor:
     """int64 ``[65536]`` histogram of the low 16 bits of the block's entries that fall in the selected high bin."""
-    if state1["all"]:
+    if state1["all"] or state1.get("none"):
         return torch.zeros(_BINS, dtype=torch.int64)
     if fused.use(d_block):
         return fused.topk_hist(d_block, state1["bin"])
@@ -209,10 +209,13 @@ def topk_reduce2(hists: Sequence[Tensor], state1: dict) -> dict:
     """Exact threshold and tie quotas: ``{"all", "threshold", "quota"}``.
 
     ``threshold`` is the int32 bit pattern of the k-th largest ``|d|``; every entry above it is kept, and block j
-    keeps its first ``quota[j]`` entries equal to it (``hists`` must be in block order).
+    keeps its first ``quota[j]`` entries equal to it (``hists`` must be in block order).  A first state with
+    ``none`` (k = 0, see `topk_reduce1_fraction`) gives ``{"all": False, "none": True}``: keep nothing.
     """
     if state1["all"]:
         return {"all": True}
+    if state1.get("none"):
+        return {"all": False, "none": True}
     stacked = torch.stack(list(hists))
     total = stacked.sum(dim=0)
     need = state1["k"] - state1["above"]
@@ -244,6 +247,8 @@ def topk_mask(d_block: Tensor, state2: dict, block_index: int) -> Tensor:
     """Bool mask (shaped like the block) of the entries of this block among the tensor's top k by ``|d|``."""
     if state2["all"]:
         return torch.ones(d_block.shape, dtype=torch.bool, device=d_block.device)
+    if state2.get("none"):
+        return torch.zeros(d_block.shape, dtype=torch.bool, device=d_block.device)
     bits = _abs_bits(d_block)
     t = state2["threshold"]
     quota = state2["quota"][block_index]
@@ -701,3 +706,192 @@ def sum_into(es: Sequence[Tensor], own0: bool = False) -> Tensor:
     for e in es[1:]:
         acc.add_(e)
     return acc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Newer mergekit methods: sce, nearswap, arcee_fusion, ram / ramplus_tl (docs/methods.md)
+#
+# Their whole-tensor statistics reuse the mechanisms above: SCE's variance top-k is the radix select on a float32
+# key; its weights are exact sums of squares (`norm_partials`); arcee_fusion's quantiles are exact order
+# statistics by the same two-pass radix histograms, on signed keys; RAM+'s counts are integers.  Element-wise
+# parts repeat mergekit 0.1.5's float32 operations in its order, so they are the same bits in any block.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def variance_key(ds: Sequence[Tensor]) -> Tensor:
+    """float32 population variance (``unbiased=False``) of the task vectors at every entry: the mean and the
+    squared deviations in float64 (products of float32 values are exact there), rounded once to float32.  The
+    selection key of SCE; mergekit computes it in float32 with ``torch.var``, which may differ in the last bit
+    and so, at an exact tie of two variances, in which entry is kept."""
+    ms = [d.to(torch.float64) for d in ds]
+    total = ms[0].clone()
+    for m in ms[1:]:
+        total.add_(m)
+    mean = total.div_(len(ms))
+    acc = None
+    for m in ms:
+        dev = (m - mean).square_()
+        acc = dev if acc is None else acc.add_(dev)
+    assert acc is not None
+    return acc.div_(len(ms)).to(torch.float32)
+
+
+def count_nonzero(x: Tensor) -> int:
+    """Entries of a block that are not exactly zero (for SCE's k, which counts non-zero variances)."""
+    return int(torch.count_nonzero(x))
+
+
+def topk_reduce1_fraction(hists: Sequence[Tensor], nonzero: Sequence[int], fraction: float) -> dict:
+    """`topk_reduce1` for ``k = int(nonzero * fraction)``, the count summed over blocks (mergekit's SCE multiplies
+    the int64 count tensor by the fraction, i.e. in float32; so is it here).  k = 0 keeps nothing: ``{"all":
+    False, "none": True}``, which the other top-k kernels understand."""
+    k = int(torch.tensor(sum(int(c) for c in nonzero), dtype=torch.int64) * fraction)
+    if k <= 0:
+        return {"all": False, "none": True}
+    return topk_reduce1(hists, k)
+
+
+def sce_weights(sq_partials: Sequence[Sequence[Tensor]], numel: int) -> list[float]:
+    """SCE "calculate": ``mean(d_i^2) / sum_j mean(d_j^2)`` per model, from each model's per-row float64 sums of
+    squares of its selected task vector (`norm_partials(.., "l2")` of every block) summed exactly (fsum); ``1/n``
+    each when that sum is < 1e-6 (mergekit's absolute threshold)."""
+    sq_sums = [math.fsum(torch.cat([p.reshape(-1) for p in parts]).tolist()) for parts in sq_partials]
+    means = [s / numel for s in sq_sums] if numel else [0.0] * len(sq_sums)
+    total = sum(means)
+    if abs(total) < 1e-6:
+        return [1.0 / len(means)] * len(means)
+    return [m / total for m in means]
+
+
+def sce_combine(base: Tensor, ds: Sequence[Tensor], weights: Sequence[float], nonneg: Tensor) -> Tensor:
+    """SCE "erase" and merge: with ``a_i = w_i`` where ``sign(d_i)`` agrees with the elected sign (`elect_nonneg`
+    on the selected deltas, consensus "sum") and 0 elsewhere, ``b + sum_i a_i d_i / max(sum_i a_i, 1e-6)``."""
+    elected = nonneg.to(torch.float32).mul_(2.0).sub_(1.0)
+    num: Tensor | None = None
+    den: Tensor | None = None
+    for d, w in zip(ds, weights):
+        a = (torch.sign(d) == elected).to(torch.float32).mul_(torch.tensor(w, dtype=torch.float32))
+        term = d * a
+        num = term if num is None else num.add_(term)
+        den = a if den is None else den.add_(a)
+    assert num is not None and den is not None
+    return base + num.div_(den.clamp_(min=1e-6))
+
+
+def nearswap(base: Tensor, x: Tensor, t: float) -> Tensor:
+    """NearSwap: ``w = clamp(t / max(|b - x|, 1e-6), 0, 1)``, ``y = w x + (1 - w) b``: entries where the models are
+    within ``t`` of each other take x, the others move toward x by ``t / |b - x|``."""
+    w = (t / (base - x).abs().clamp(min=1e-6)).clamp(0, 1)
+    return w * x + (1 - w) * base
+
+
+def fusion_importance(x: Tensor, base: Tensor) -> Tensor:
+    """arcee_fusion importance: ``|x - b| * KL(softmax(x) + 1e-8 || softmax(b) + 1e-8)``, the divergence summed
+    along the last dim (per row of a 2-d tensor; a 1-d tensor is one row).  The sum runs per row with a padding
+    row (`_row_sum`), so its order does not depend on how many rows a block has."""
+    shape = x.shape
+    last = shape[-1] if x.dim() else 1
+    p = torch.softmax(x, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    terms = (p * torch.log(p / q)).reshape(-1, last)
+    kl = _row_sum(terms).reshape(*shape[:-1], 1) if x.dim() else _row_sum(terms).reshape(())
+    return (x - base).abs() * kl
+
+
+# Exact order statistics of a signed float32 tensor over blocks: the same two radix passes as the top-k above, on
+# keys that order like the values (positive floats: bits + 2^31; negative: 2^31 - 1 - |bits|, so -0.0 sorts just
+# below +0.0 and NaNs at the ends).
+
+
+def _order_keys(x: Tensor) -> Tensor:
+    bits = x.contiguous().view(torch.int32).reshape(-1).to(torch.int64)
+    return torch.where(bits >= 0, bits + 2**31, -1 - bits)
+
+
+def _key_value(key: int) -> float:
+    bits = key - 2**31 if key >= 2**31 else -1 - key
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+
+
+def order_pass1(x_block: Tensor) -> Tensor:
+    """int64 ``[65536]`` histogram of the high 16 bits of the block's order keys."""
+    return torch.bincount(_order_keys(x_block) >> 16, minlength=_BINS)
+
+
+def order_reduce1(hists: Sequence[Tensor], ranks: Sequence[int]) -> dict:
+    """For each 0-based ascending rank, the high bin holding it and the entries below that bin."""
+    total = torch.stack(list(hists)).sum(dim=0)
+    numel = int(total.sum())
+    if any(not 0 <= r < numel for r in ranks):
+        raise ValueError(f"order statistics: ranks {list(ranks)} out of range for {numel} entries")
+    cum = torch.cumsum(total, 0)
+    bins = [int(torch.searchsorted(cum, r, right=True)) for r in ranks]
+    return {"ranks": list(ranks), "bins": bins, "below": [int(cum[b] - total[b]) for b in bins]}
+
+
+def order_pass2(x_block: Tensor, state1: dict) -> Tensor:
+    """int64 ``[len(distinct bins), 65536]`` histograms of the low 16 bits inside each selected high bin."""
+    keys = _order_keys(x_block)
+    high = keys >> 16
+    distinct = sorted(set(state1["bins"]))
+    return torch.stack([torch.bincount(keys[high == b] & 0xFFFF, minlength=_BINS) for b in distinct])
+
+
+def order_reduce2(hists: Sequence[Tensor], state1: dict) -> list[float]:
+    """The exact values (float32, as Python floats) at the requested ranks."""
+    total = torch.stack(list(hists)).sum(dim=0)
+    distinct = sorted(set(state1["bins"]))
+    out = []
+    for r, b, below in zip(state1["ranks"], state1["bins"], state1["below"]):
+        cum = torch.cumsum(total[distinct.index(b)], 0)
+        low = int(torch.searchsorted(cum, r - below, right=True))
+        out.append(_key_value((b << 16) | low))
+    return out
+
+
+def fusion_quantile_ranks(numel: int) -> list[int]:
+    """Ranks of arcee_fusion's q1, median and q3: ``floor(q (n - 1))`` for q = 0.25, 0.5, 0.75 (mergekit indexes
+    the sorted importances with ``(q * (n - 1)).long()``: no interpolation)."""
+    return [(numel - 1) // 4, (numel - 1) // 2, 3 * (numel - 1) // 4]
+
+
+def fusion_apply(x: Tensor, base: Tensor, importance: Tensor, quantiles: Sequence[float]) -> Tensor:
+    """arcee_fusion: keep x's change where ``importance >= median + 1.5 (q3 - q1)`` (float32, as mergekit)."""
+    q1, med, q3 = (torch.tensor(v, dtype=torch.float32) for v in quantiles)
+    threshold = med + 1.5 * (q3 - q1)
+    return base + (x - base) * (importance >= threshold).to(torch.float32)
+
+
+def ram_counts(ds: Sequence[Tensor], epsilon: float) -> Tensor:
+    """int64 ``[n, 2]``: per model, its entries of this block with ``|d_i| > epsilon`` that another model also
+    has (shared) and that no other model has (unique).  Integers: they add exactly over blocks."""
+    nz = [d.abs() > epsilon for d in ds]
+    count = torch.stack(nz).sum(dim=0)
+    shared, unique = count > 1, count == 1
+    return torch.tensor([[int((m & shared).sum()), int((m & unique).sum())] for m in nz], dtype=torch.int64)
+
+
+def ramplus_lambdas(counts: Tensor, r: float, alpha: float, epsilon: float) -> list[float]:
+    """RAM+ (tensor-local) per-model factor ``1 + r * clamp(shared / max(unique, epsilon), 0, alpha)`` from the
+    whole tensor's `ram_counts`, in float32 as mergekit computes it."""
+    shared, unique = counts[:, 0], counts[:, 1]
+    rho = shared / unique.clamp(min=epsilon)
+    return [float(v) for v in 1 + r * rho.clamp(min=0, max=alpha)]
+
+
+def ram_merge(base: Tensor, ds: Sequence[Tensor], epsilon: float, lambdas: Sequence[float] | None = None) -> Tensor:
+    """RAM: an entry of d_i contributes when ``|d_i| > epsilon``; where exactly one model contributes its delta is
+    added whole (times its RAM+ lambda), where several do each adds ``d_i / count``."""
+    nz = [d.abs() > epsilon for d in ds]
+    count = torch.stack(nz).sum(dim=0)
+    unique, overlap, divisor = count == 1, count > 1, count.clamp(min=1)
+    acc: Tensor | None = None
+    for i, (d, m) in enumerate(zip(ds, nz)):
+        z = d * m
+        own = z * unique
+        if lambdas is not None:
+            own = own * torch.tensor(lambdas[i], dtype=torch.float32)
+        term = own + z * overlap / divisor
+        acc = term if acc is None else acc.add_(term)
+    assert acc is not None
+    return base + acc

@@ -21,7 +21,7 @@ from . import fused
 from .context import RunContext
 from .ops import run_task
 from .report import Progress, Report, RssSampler
-from .scheduler import execute
+from .scheduler import ScheduleStats, execute
 
 
 def release_freed_memory() -> None:
@@ -99,22 +99,67 @@ def _input_dirs(plan: Any) -> list[Path]:
     return dirs
 
 
+def input_files(plan: Any) -> list[Path]:
+    """Every file the plan reads tensor data from (checkpoint shards, adapter weights), sorted."""
+    files: set[Path] = set()
+    for src in plan.sources.values():
+        files |= src.data_files()
+    return sorted(files)
+
+
 def run_fingerprint(plan: Any, device: torch.device, version: str) -> str:
     """What the output bytes depend on besides the layout: a resumed run keeps finished shards only when this is
     unchanged (the recipe, seed, device kind, lazymerge version, and each input file's path, size and mtime)."""
     h = hashlib.sha256()
     h.update(json.dumps([plan.method.name, plan.recipe.raw, getattr(plan.recipe, "documents", None), plan.seed,
                          device.type, version], sort_keys=True, default=str).encode())
-    files: set[Path] = set()
-    for src in plan.sources.values():
-        files |= src.data_files()
-    for f in sorted(files):
+    for f in input_files(plan):
         try:
             st = f.stat()
             h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         except OSError:
             h.update(f"{f}\0missing\0".encode())
     return h.hexdigest()
+
+
+def select_tasks(plan: Any, keep: Callable[[str], bool]) -> tuple[list[str], list[Any]]:
+    """The keys and tasks, in priority order, of the output tensors for which `keep(name)` holds."""
+    keys, tasks = [], []
+    for k, t in zip(plan.tasks.keys, plan.tasks.tasks):
+        if keep(t.tensor):
+            keys.append(k)
+            tasks.append(t)
+    return keys, tasks
+
+
+def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], tasks: list[Any], *,
+                  strict: bool = False, workers: int | None = None,
+                  on_done: Callable[[Any, Any], None] | None = None,
+                  cancel: threading.Event | None = None) -> tuple[ScheduleStats, RunContext]:
+    """Run `tasks` of `plan` inside its budget, writing through `writer` (anything with `write_rows`: the
+    output's CheckpointWriter here, a cluster worker's range writer in `lazymerge.cluster`)."""
+    ctx = RunContext(sources=plan.sources, writer=writer, device=dev, strict=strict)
+    n_workers, threads = choose_threads(plan.budget, workers)
+
+    def run(task: Any, args: list[Any], own: tuple[bool, ...]) -> Any:
+        fused.set_threads(threads)           # numba's setting is per calling thread
+        return run_task(ctx, task.attrs, args, own)
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done, cancel=cancel)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return stats, ctx
+
+
+def finalize_output(writer: CheckpointWriter, plan: Any, report: Report,
+                    extra_files: dict[str, bytes] | None) -> None:
+    """Add the report, config, tokenizer and extra files and move the finished output into place."""
+    files = dict(extra_files or {})
+    files["lazymerge_report.json"] = report.to_json().encode()
+    writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
 
 
 def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cpu",
@@ -130,12 +175,7 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
     writer.open()
     try:
         done_tensors = writer.tensors_done() if resume else set()
-        keys, tasks = [], []
-        for k, t in zip(plan.tasks.keys, plan.tasks.tasks):
-            if t.tensor not in done_tensors:
-                keys.append(k)
-                tasks.append(t)
-        ctx = RunContext(sources=plan.sources, writer=writer, device=dev, strict=strict)
+        keys, tasks = select_tasks(plan, lambda tensor: tensor not in done_tensors)
         writes_left = {}
         for t in tasks:
             if t.op == "write":
@@ -155,17 +195,9 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
                 if progress is not None:
                     progress(Progress(state["tensors"], total_tensors, state["bytes"], bytes_total, rss.wall))
 
-            n_workers, threads = choose_threads(plan.budget, workers)
-
-            def run(task: Any, args: list[Any], own: tuple[bool, ...]) -> Any:
-                fused.set_threads(threads)           # per thread in numba
-                return run_task(ctx, task.attrs, args, own)
-
-            torch_threads = torch.get_num_threads()
-            torch.set_num_threads(threads)
             try:
-                stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done,
-                                cancel=cancel)
+                stats, ctx = execute_tasks(plan, writer, dev, keys, tasks, strict=strict, workers=workers,
+                                           on_done=on_done, cancel=cancel)
             except KeyboardInterrupt:
                 raise MergeAborted(f"{out}: interrupted; no output written"
                                    + (" (re-run with --resume to continue)" if resume else "")) from None
@@ -180,9 +212,7 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
             over_budget_tasks=stats.over_budget_tasks, warnings=list(plan.warnings) + ctx.warnings,
             version=version,
         )
-        files = dict(extra_files or {})
-        files["lazymerge_report.json"] = report.to_json().encode()
-        writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
+        finalize_output(writer, plan, report, extra_files)
         return report
     except BaseException:
         # with --resume, finished shards survive a failure so the next run can keep them

@@ -9,7 +9,7 @@ any other tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -83,6 +83,15 @@ def map_rows(src: torch.Tensor | None, row_map: Sequence[int], fallback_rows: to
 
 
 Reader = Callable[[str, tuple[int, int]], torch.Tensor]
+
+
+def read_token_rows(ckpt: Any, name: str, rows: tuple[int, int], device: Any = "cpu") -> torch.Tensor:
+    """Token rows [a, b) of vocab-indexed tensor `name` of a checkpoint, as float32: a matrix's rows, or a 1-d
+    tensor's elements (a bias: each element is one token's row, while io reads a 1-d tensor whole as one row,
+    lazymerge.shapes; such a tensor has one value per token, so reading it whole costs no more than its rows)."""
+    if len(ckpt.tensors[name].shape) >= 2:
+        return ckpt.read(name, rows=rows, dtype=torch.float32, device=device)
+    return ckpt.read(name, dtype=torch.float32, device=device)[rows[0]:rows[1]]
 
 
 def _mean_rows(read: Reader, key: str, a: int, b: int) -> torch.Tensor:

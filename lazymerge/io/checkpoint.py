@@ -244,6 +244,21 @@ class Checkpoint:
         self.close()
 
 
+_UNSAFE_ADVICE = ("weights only load failed", "weights_only` set to `false`", "weights_only=false",
+                  "arbitrary code", "trusted source", "check the documentation of torch.load",
+                  "please file an issue")
+
+
+def pickle_refusal(path: Path, exc: BaseException) -> CheckpointError:
+    """The one-line error for a pickle that torch's restricted unpickler refused: torch's own reason (the
+    unsupported global, the bad opcode), without torch's advice to retry with `weights_only=False`, which would
+    run whatever code the file carries. A checkpoint that needs that is to be converted by someone who trusts it."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    reasons = [ln for ln in lines if not any(a in ln.lower() for a in _UNSAFE_ADVICE)]
+    reason = reasons[0] if reasons else type(exc).__name__
+    return CheckpointError(f"{path}: refused by torch.load(weights_only=True), which reads only tensors: {reason}")
+
+
 def load_pickle(path: Path, *, allow_empty: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, TensorInfo]]:
     """A pickled state dict via the restricted unpickler (memory-mapped when the zip format allows it), and the
     TensorInfo of each of its tensors. The one place lazymerge unpickles; callers check the user opted in."""
@@ -258,8 +273,7 @@ def load_pickle(path: Path, *, allow_empty: bool = False) -> tuple[dict[str, tor
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler raises many types; each means the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {first}") from None
+        raise pickle_refusal(path, exc) from None
     if not isinstance(state, dict) or not (state or allow_empty) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: not a flat state dict of tensors")

@@ -146,12 +146,32 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     data_size = file_size - data_start
     tensors = {name: _parse_entry(path, name, entry, data_start, data_size) for name, entry in header.items()}
 
+    ordered = sorted(tensors.values(), key=lambda t: (t.start, t.nbytes))
     previous: TensorInfo | None = None
-    for info in sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start):
-        if previous is not None and info.start < previous.start + previous.nbytes:
+    for info in ordered:
+        if info.nbytes and previous is not None and info.start < previous.start + previous.nbytes:
             raise _fail(path, f"tensors {previous.name!r} and {info.name!r} overlap")
-        previous = info
+        if info.nbytes:
+            previous = info
+    _check_tiling(path, ordered, data_start, data_size)
     return tensors, metadata
+
+
+def _check_tiling(path: Path, ordered: list[TensorInfo], data_start: int, data_size: int) -> None:
+    """The format requires the tensors' offsets to tile the data section exactly (safetensors' own validation):
+    a hole or trailing bytes are data that no tensor accounts for, the mark of a corrupt or tampered file."""
+    end, last = 0, None
+    for info in ordered:
+        begin = info.start - data_start
+        if begin != end:
+            after = f"the end of tensor {last!r} at byte {end}" if last is not None else "the data section's start"
+            raise _fail(path, f"tensor {info.name!r}: data starts at byte {begin}, leaving a {begin - end}-byte hole "
+                              f"after {after} (safetensors offsets must tile the data section)")
+        end, last = begin + info.nbytes, info.name
+    if end != data_size:
+        after = f"the last tensor {last!r}" if last is not None else "the header (the file has no tensors)"
+        raise _fail(path, f"{data_size - end} trailing byte(s) after {after}, which ends at byte {end} of a "
+                          f"{data_size}-byte data section (safetensors offsets must tile the data section)")
 
 
 class ShardReader:

@@ -68,6 +68,26 @@ def _header(tensors: list[tuple[OutTensor, int]]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
+def check_rows(out: OutTensor, row_start: int, tensor: torch.Tensor) -> int:
+    """Bytes of `tensor` as rows [row_start, ...) of output tensor `out`; ValueError if it does not fit."""
+    name = out.name
+    if tensor.dtype != out.torch_dtype or tensor.device.type != "cpu":
+        raise ValueError(f"{name}: got a {tensor.dtype} tensor on {tensor.device}, "
+                         f"the output needs {out.torch_dtype} on cpu")
+    whole = len(out.shape) < 2                   # a 0-d/1-d tensor is one row, written whole (lazymerge.shapes)
+    n_rows = 1 if whole else tensor.shape[0]
+    if (tensor.numel() != out.numel if whole else tuple(tensor.shape[1:]) != out.shape[1:]) \
+            or not 0 <= row_start <= row_start + n_rows <= out.rows:
+        raise ValueError(f"{name}: rows starting at {row_start} of shape {tuple(tensor.shape)} do not fit "
+                         f"the output shape {out.shape}")
+    return n_rows * out.row_nbytes
+
+
+def row_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, as stored in a safetensors file."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def plan_layout(tensors: list[OutTensor], shard_size: int) -> list[ShardLayout]:
     """Split tensors, in the given order, into shards of at most `shard_size` data bytes (a bigger tensor gets a
     shard of its own), named the way Hugging Face names them."""
@@ -205,6 +225,7 @@ class CheckpointWriter:
         self._verified: set[int] = set()
         self._journal: dict[str, dict] = {}
         self._pieces: dict[int, list[tuple[int, int, bytes]]] = {i: [] for i in range(len(self.layout))}
+        self._external: set[int] = set()          # shards (partly) written by other processes (write_external)
         self._state = "new"
         self._has_lock = False
 
@@ -370,33 +391,50 @@ class CheckpointWriter:
         i, out, offset = self._where[name]
         if i in self._verified:
             return
-        if tensor.dtype != out.torch_dtype or tensor.device.type != "cpu":
-            raise ValueError(f"{name}: got a {tensor.dtype} tensor on {tensor.device}, "
-                             f"the output needs {out.torch_dtype} on cpu")
-        whole = len(out.shape) < 2                   # a 0-d/1-d tensor is one row, written whole (lazymerge.shapes)
-        n_rows = 1 if whole else tensor.shape[0]
-        if (tensor.numel() != out.numel if whole else tuple(tensor.shape[1:]) != out.shape[1:]) \
-                or not 0 <= row_start <= row_start + n_rows <= out.rows:
-            raise ValueError(f"{name}: rows starting at {row_start} of shape {tuple(tensor.shape)} do not fit "
-                             f"the output shape {out.shape}")
-        nbytes = n_rows * out.row_nbytes
+        nbytes = check_rows(out, row_start, tensor)
         with self._lock:
             reserved = self._tensor_reserved.get(name, 0) + nbytes
             if reserved > out.nbytes:
                 raise RuntimeError(f"{name}: more rows written than the tensor has (a block written twice?)")
             self._tensor_reserved[name] = reserved
             fd = self._fds[i]
-        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        data = row_bytes(tensor)
         at = offset + row_start * out.row_nbytes
         digest = hashlib.sha256(data).digest() if nbytes else b""    # hashlib drops the GIL for big buffers
         self._pwrite(fd, data, at, self.layout[i].filename)
+        self._count_written(i, nbytes, (at, nbytes, digest))
+
+    def _count_written(self, i: int, nbytes: int, piece: tuple[int, int, bytes] | None = None) -> None:
         with self._lock:
-            if nbytes:
-                self._pieces[i].append((at, nbytes, digest))
+            if piece is not None and nbytes:
+                self._pieces[i].append(piece)
             self._shard_written[i] += nbytes
+            if self._shard_written[i] > self.layout[i].data_nbytes:
+                raise RuntimeError(f"{self.layout[i].filename}: more bytes written than the shard holds")
             complete = self._shard_written[i] == self.layout[i].data_nbytes
         if complete:
             self._complete(i)
+
+    # -- bytes written by other processes (lazymerge.cluster) ---------------------------------------------------
+
+    def shard_index(self, filename: str) -> int:
+        return next(i for i, s in enumerate(self.layout) if s.filename == filename)
+
+    def write_external(self, filename: str, nbytes: int, pieces: list[tuple[int, bytes]]) -> None:
+        """Another process (a cluster worker) wrote `nbytes` data bytes of shard `filename` into its temporary
+        file, except `pieces` (absolute offset, bytes) it handed back for us to store: store them, count the
+        bytes, and complete the shard (fsync, checksum, journal) when all of its bytes are in."""
+        if self._state != "open":
+            raise RuntimeError(f"write_external({filename!r}) on a writer that is {self._state}")
+        i = self.shard_index(filename)
+        if i in self._verified:
+            return
+        with self._lock:
+            fd = self._fds[i]
+            self._external.add(i)        # bytes we never saw: the checksum is read back from the file
+        for offset, data in pieces:
+            self._pwrite(fd, memoryview(data), offset, filename)
+        self._count_written(i, nbytes)
 
     def _pwrite(self, fd: int, data: memoryview, offset: int, filename: str) -> None:
         try:
@@ -430,10 +468,15 @@ class CheckpointWriter:
                 os.close(fd)
         with self._lock:
             pieces = sorted(self._pieces.pop(i, []))
-        digest = tiled_digest(pieces)
+            external = i in self._external
+        if external:
+            whole = [[0, shard.size]]
+            digest = _file_digest(self.tmp_dir / shard.filename, whole)
+        else:
+            whole = [[off, n] for off, n, _ in pieces]
+            digest = tiled_digest(pieces)
         with self._journal_lock:
-            self._journal[shard.filename] = {"size": shard.size, "sha256": digest,
-                                             "pieces": [[off, n] for off, n, _ in pieces]}
+            self._journal[shard.filename] = {"size": shard.size, "sha256": digest, "pieces": whole}
         self._write_journal()
 
     # -- finishing ------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ element-wise tasks of one row block and returns the key of that block's float32 
 happens to the value: `emit_tensor` writes it; a later stage of a multi-stage recipe consumes it instead (see
 `graph.TensorBuilder`), which is why a method never writes itself. No method has its own execution path: they
 all compose the typed ops of `engine.ops` (load, delta, top-k selection, trims and drops, rescale, elect,
-combine, Gram partials, coefficients, lincomb). The math lives in `engine.kernels`; the definitions in
-docs/methods.md (mergekit's defaults).
+combine, Gram partials, coefficients, lincomb; mergekit's newer methods, at the end of this module, add a few
+small ops of their own, with the same two-phase statistics). The math lives in `engine.kernels`; the definitions
+in docs/methods.md (mergekit's defaults).
 """
 from __future__ import annotations
 
@@ -386,3 +387,130 @@ register(Method("fisher", (Param("fisher", Path, required=True), WEIGHT1), _buil
                 min_models=1, doc="Fisher-weighted average: sum_i w_i F_i x_i / sum_i w_i F_i (element-wise)"))
 register(Method("passthrough", (Param("scale", float, default=1.0),), _build_passthrough, base="optional",
                 min_models=1, max_models=1, doc="copy one model's tensors (with slices: frankenmerges)"))
+
+
+# -- newer mergekit methods: sce, nearswap, arcee_fusion, ram, ramplus_tl (docs/methods.md) -------------------
+#
+# Same mechanisms as above: whole-tensor statistics are per-block partials -> one exact reduction (SCE's variance
+# top-k is the radix select of `_select` on another key; arcee_fusion's quantiles the same radix passes on signed
+# keys), then the element-wise phase. `_memo_op` keeps an op emitted once per (block, phase), as `tb.delta` does.
+
+
+def _memo_op(tb: TensorBuilder, memo: dict, tag: str, j: int, phase: Any, make: Callable[[], str]) -> str:
+    key = (tag, j, tb._phase(phase))
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
+def _build_sce(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+    base = tb.base
+    assert base is not None
+    frac = P.glob["select_topk"]
+    nb = len(tb.blocks)
+    memo: dict = {}
+
+    def variance(j: int, ph: Any) -> str:
+        return _memo_op(tb, memo, "var", j, ph, lambda: tb.emit(
+            ops.Variance(len(models)), [tb.delta(m, j, ph) for m in models], tb.f32(j), j))
+
+    state = None
+    if frac < 1:
+        vs = [variance(j, ("sce", 1)) for j in range(nb)]
+        h1 = [tb.emit(ops.TopkPass1(), (v,), 65536 * 8, j) for j, v in enumerate(vs)]
+        cnt = [tb.emit(ops.CountNonzero(), (v,), 8, j) for j, v in enumerate(vs)]
+        s1 = tb.emit(ops.TopkReduce1Fraction(frac, split=nb), (*h1, *cnt), 1024)
+        h2 = [tb.emit(ops.TopkPass2(), (variance(j, ("sce", 2)), s1), 65536 * 8, j) for j in range(nb)]
+        state = tb.emit(ops.TopkReduce2("variance"), (s1, *h2), 1024 + 16 * nb)
+
+    def selected(j: int, ph: Any) -> list[str]:
+        ds = [tb.delta(m, j, ph) for m in models]
+        if state is None:
+            return ds
+        keep = _memo_op(tb, memo, "mask", j, ph, lambda: tb.emit(ops.KeyMask(block=j), (variance(j, ph), state),
+                                                                tb.f32(j) // 4, j))
+        return [_memo_op(tb, memo, f"keep{i}", j, ph, lambda d=d: tb.emit(ops.Keep(), (d, keep), tb.f32(j), j))
+                for i, d in enumerate(ds)]
+
+    sq: list[list[str]] = [[] for _ in models]
+    for j in range(nb):
+        for i, d in enumerate(selected(j, ("sce", 3))):
+            sq[i].append(tb.emit(ops.Norm("l2"), (d,), tb.block_rows(j) * 8, j))
+    weights = tb.emit(ops.SceWeights(len(models), tb.numel), [p for parts in sq for p in parts], 64)
+
+    def block(j: int) -> str:
+        ds = selected(j, 0)
+        nonneg = tb.emit(ops.Elect("sum"), ds, tb.f32(j) // 4, j)
+        return tb.emit(ops.SceCombine(len(models)), (tb.load(base, j), *ds, nonneg, weights), tb.f32(j), j)
+
+    return block
+
+
+def _build_nearswap(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+    base = tb.base
+    assert base is not None
+    return lambda j: tb.emit(ops.Nearswap(P.glob["t"]), (tb.load(base, j), tb.load(models[0], j)), tb.f32(j), j)
+
+
+def _build_arcee_fusion(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+    base = tb.base
+    assert base is not None
+    x = models[0]
+    nb = len(tb.blocks)
+    if tb.numel == 0:
+        return lambda j: tb.load(base, j)
+    memo: dict = {}
+
+    def importance(j: int, ph: Any) -> str:
+        return _memo_op(tb, memo, "imp", j, ph, lambda: tb.emit(
+            ops.FusionImportance(), (tb.load(x, j, ph), tb.load(base, j, ph)), tb.f32(j), j))
+
+    h1 = [tb.emit(ops.QuantilePass1(), (importance(j, ("fusion", 1)),), 65536 * 8, j) for j in range(nb)]
+    s1 = tb.emit(ops.FusionQuantiles1(tb.numel), h1, 1024)
+    h2 = [tb.emit(ops.QuantilePass2(), (importance(j, ("fusion", 2)), s1), 3 * 65536 * 8, j) for j in range(nb)]
+    quantiles = tb.emit(ops.QuantileReduce2(), (s1, *h2), 64)
+    return lambda j: tb.emit(ops.Fusion(), (tb.load(x, j), tb.load(base, j), importance(j, 0), quantiles),
+                             tb.f32(j), j)
+
+
+def _build_ram(plus: bool) -> Build:
+    def build(tb: TensorBuilder, models: list[int], indices: list[int], P: Resolved) -> BlockFn:
+        base = tb.base
+        assert base is not None
+        eps = P.glob["epsilon"]
+        lambdas = None
+        if plus:
+            parts = [tb.emit(ops.RamCounts(eps), [tb.delta(m, j, ("ram", 1)) for m in models], 16 * len(models), j)
+                     for j in range(len(tb.blocks))]
+            lambdas = tb.emit(ops.RamplusLambdas(P.glob["r"], P.glob["alpha"], eps), parts, 64)
+
+        def block(j: int) -> str:
+            ins = [tb.load(base, j), *(tb.delta(m, j) for m in models), *([lambdas] if lambdas else [])]
+            return tb.emit(ops.Ram(eps, len(models), plus), ins, tb.f32(j), j)
+
+        return block
+
+    return build
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0.0 else "must be > 0"
+
+
+RAM_EPSILON = Param("epsilon", float, default=1e-5, per_model=False, check=_non_negative)
+register(Method("sce", (Param("select_topk", float, default=1.0, per_model=False, check=_unit_closed), INT8_MASK),
+                _build_sce, min_models=1,
+                doc="SCE: select the entries of largest variance across task vectors, weight models by their "
+                    "mean squared delta, elect signs"))
+register(Method("nearswap", (Param("t", float, required=True, per_model=False, check=_non_negative),),
+                _build_nearswap, min_models=1, max_models=1,
+                doc="NearSwap: take the other model's value where it is within t of the base, interpolate elsewhere"))
+register(Method("arcee_fusion", (), _build_arcee_fusion, min_models=1, max_models=1,
+                doc="Arcee Fusion: keep the other model's changes whose importance reaches median + 1.5 IQR"))
+register(Method("ram", (RAM_EPSILON,), _build_ram(False), min_models=1,
+                doc="RAM: add deltas contributed by one model whole, average those contributed by several"))
+register(Method("ramplus_tl", (Param("r", float, default=0.1, per_model=False, check=_non_negative),
+                               Param("alpha", float, default=0.2, per_model=False, check=_non_negative),
+                               Param("epsilon", float, default=1e-5, per_model=False, check=_positive)),
+                _build_ram(True), min_models=1,
+                doc="RAM+ (tensor-local): RAM with each model's unique entries scaled by its share of overlap"))

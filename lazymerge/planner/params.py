@@ -82,14 +82,38 @@ def is_filter_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
 
 
+def check_filter_entry(entry: Mapping[str, Any], where: str) -> None:
+    """`{filter: SUBSTRING, value: V}`. `pattern:` gets its own hint: mergekit's gradient-slerp example spells it
+    so, and mergekit silently reads such an entry as unfiltered, applying its value to every tensor."""
+    extra = set(entry) - {"filter", "value"}
+    if "pattern" in extra:
+        raise RecipeError(f"{where}: filter entries are written {{filter: SUBSTRING, value: V}}; write 'filter:' "
+                          f"instead of 'pattern:' (mergekit ignores 'pattern' and applies the value everywhere)")
+    if extra or "value" not in entry:
+        raise RecipeError(f"{where}: filter entries are {{filter: SUBSTRING, value: V}}, found {dict(entry)}")
+
+
+def leaves(value: Any, where: str) -> list[tuple[Any, str]]:
+    """Every concrete value a parameter can take, with where it is written: the scalar itself, each point of a
+    gradient, the values of a filter list (themselves scalars or gradients). For checks that must hold whatever
+    the layer count: a gradient point that falls between layers is still checked."""
+    if is_filter_list(value):
+        out = []
+        for i, entry in enumerate(value):
+            check_filter_entry(entry, where)
+            out += leaves(entry["value"], f"{where}[{i}].value")
+        return out
+    if isinstance(value, list):
+        return [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return [(value, where)]
+
+
 def resolve(value: Any, pos: TensorPosition, where: str) -> Any:
     """One concrete value of a parameter for the tensor at `pos`. Returns None when a filter list has no match
     and no default (the caller then falls back to the next level: per-model -> global -> method default)."""
     if is_filter_list(value):
         for entry in value:
-            extra = set(entry) - {"filter", "value"}
-            if extra or "value" not in entry:
-                raise RecipeError(f"{where}: filter entries are {{filter: SUBSTRING, value: V}}, found {dict(entry)}")
+            check_filter_entry(entry, where)
             flt = entry.get("filter")
             if flt is None or flt == "*" or str(flt) in pos.name:
                 return resolve(entry["value"], pos, where)

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import RecipeError
 from ..dtypes import itemsize
 from ..io.shards import TensorInfo
+from .moe_recipe import is_moe_document, moe_recipe
 from .recipe import Recipe, read_documents, recipe_from_data
 
 STAGE_KEY_PREFIX = "stage:"
@@ -43,6 +44,11 @@ def model_refs(r: Recipe) -> list[str]:
     return refs
 
 
+def document_recipe(data: Any, source: str) -> Recipe:
+    """One document: a MoE config (planner/moe_recipe.py) or a merge recipe (`recipe.recipe_from_data`)."""
+    return moe_recipe(data, source) if is_moe_document(data) else recipe_from_data(data, source)
+
+
 def resolve_stages(recipe: Any, stage: str | None = None) -> list[Recipe]:
     """The recipes to plan, dependencies first and the output last. A single-document recipe is one stage."""
     if isinstance(recipe, Recipe):
@@ -51,7 +57,7 @@ def resolve_stages(recipe: Any, stage: str | None = None) -> list[Recipe]:
         return [recipe]
     docs, source = read_documents(recipe)
     if len(docs) == 1:
-        r = recipe_from_data(docs[0], source)
+        r = document_recipe(docs[0], source)
         if stage is not None and stage != r.name:
             raise RecipeError(f"{source}: stage: no stage named '{stage}'"
                               + (f"; the recipe's only stage is '{r.name}'" if r.name else ""))
@@ -60,7 +66,7 @@ def resolve_stages(recipe: Any, stage: str | None = None) -> list[Recipe]:
     for i, doc in enumerate(docs):
         name = doc.get("name") if isinstance(doc, dict) else None
         label = f"{source}: stage '{name}'" if isinstance(name, str) and name else f"{source}: document {i + 1}"
-        r = recipe_from_data(doc, label)
+        r = document_recipe(doc, label)
         if r.name in recipes:
             raise RecipeError(f"{label}: name: '{r.name}' names two stages" if r.name is not None else
                               f"{label}: only one document may be unnamed (the output); name the others")

@@ -1,0 +1,12 @@
+"""Running a plan on a Dask cluster (`pip install 'lazymerge[dask]'`).
+
+`partition.py` cuts the plan's output into independent partitions (pure), `preflight.py` checks every worker sees
+the inputs and the output, `worker.py` runs one partition with the local engine, `driver.py` is the client. The
+public entry points are `lazymerge.merge(..., cluster=...)` and `open_cluster`; importing this package does not
+import Dask.
+"""
+from __future__ import annotations
+
+from .driver import open_cluster
+
+__all__ = ["open_cluster"]

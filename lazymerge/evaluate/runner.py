@@ -1,0 +1,152 @@
+"""`evaluate`: perplexity of a checkpoint or a recipe, out of core, inside the memory budget.
+
+Order of work: tokenize the data into windows; embed every window (the embedding rows the data uses, read block
+by block); push all windows through decoder layer 0, then layer 1, ... holding one layer's weights; apply the
+final norm; fold the head's row blocks into a streaming log-sum-exp. Peak memory is the budget (weights, merge
+work, head blocks) plus the activations (`activation_bytes`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..engine.report import RssSampler
+from .data import DataError, load_tokenizer, load_windows
+from .head import StreamingNLL
+from .report import EvalReport, bootstrap_ppl
+from .stream import LayerStream, open_stream
+
+DEFAULT_SEQ_LEN = 512
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_BATCH = 4
+
+
+@dataclass(frozen=True)
+class EvalProgress:
+    done: int
+    total: int
+    stage: str          # "layer 3/22", "head"
+
+
+def activation_bytes(config: Any, windows: int, seq_len: int, batch: int, itemsize: int = 4) -> int:
+    """Memory for activations besides the budget: the hidden states of every window (and a batch's new output
+    while the old is still referenced), plus one batch's work inside a layer (MLP 3*I, attention q/k/v/o 4*H and
+    scores heads*S per token) and the final hidden states the head reads."""
+    c = config.get_text_config()
+    h = c.hidden_size
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
+    heads = c.num_attention_heads
+    tokens = windows * seq_len
+    b = min(batch, windows)
+    return itemsize * (2 * tokens * h + b * seq_len * (h + 3 * inter + 4 * h + heads * seq_len))
+
+
+def score_windows(stream: LayerStream, windows: torch.Tensor, *, batch: int = DEFAULT_BATCH,
+                  progress: Callable[[EvalProgress], None] | None = None) -> torch.Tensor:
+    """Per-window NLL (float64, summed over the window's seq_len - 1 predicted tokens)."""
+    batches_ids = list(torch.split(windows, max(1, batch)))
+    n_layers = stream.sk.num_layers
+    total = n_layers * len(batches_ids) + 1
+    done = [0]
+
+    def tick(stage: str) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(EvalProgress(done[0], total, stage))
+
+    batches = stream.embed(batches_ids)
+    for i in range(n_layers):
+        stream.run_layer(i, batches, on_batch=lambda i=i: tick(f"layer {i + 1}/{n_layers}"))
+    final = stream.finish(batches)
+    hidden = torch.cat([f[:, :-1].reshape(-1, f.shape[-1]) for f in final])
+    del final
+    targets = windows[:, 1:].reshape(-1).to(hidden.device)
+    c = stream.sk.config.get_text_config()
+    loss = StreamingNLL(hidden, targets, getattr(c, "final_logit_softcapping", None))
+    head = stream.tensor_name(stream.sk.head_name)
+    stream.source.for_row_blocks(head, stream.row_block(head, extra_row_bytes=hidden.shape[0] * 16), loss)
+    tick("head")
+    return loss.nll().reshape(windows.shape[0], -1).sum(dim=1).cpu()
+
+
+def evaluate(target: Any, data: "str | Path", *, memory: int | str | None = None, seq_len: int | None = None,
+             max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH, device: "str | torch.device" = "cpu",
+             seed: int = 0, progress: Callable[[EvalProgress], None] | None = None,
+             windows: torch.Tensor | None = None) -> EvalReport:
+    """Perplexity of `target` (a checkpoint directory, or a recipe merged on the fly and never written) on
+    `data` (text file, .jsonl with `text`, or a saved `datasets` directory), out of core within `memory`.
+
+    `windows` ([W, seq_len] token ids) skips tokenization (search evaluates many candidates on the same data).
+    """
+    return _evaluate(target, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                     device=device, seed=seed, progress=progress, windows=windows)[0]
+
+
+def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_len: int | None, max_tokens: int,
+              batch: int, device: "str | torch.device", seed: int,
+              progress: Callable[[EvalProgress], None] | None,
+              windows: torch.Tensor | None = None) -> tuple[EvalReport, torch.Tensor]:
+    with RssSampler() as rss:
+        stream = open_stream(target, memory=memory, device=device, seed=seed)
+        # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
+        start_rss = rss.peak = rss.proc.memory_info().rss
+        try:
+            limit = getattr(stream.sk.config.get_text_config(), "max_position_embeddings", None)
+            if windows is not None:
+                seq_len = windows.shape[1]
+            elif seq_len is None:
+                seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+            if limit and seq_len > limit:
+                raise DataError(f"seq-len: {seq_len} is longer than the model's {limit} positions")
+            if windows is None:
+                tok = load_tokenizer(stream.source.config_dir, stream.source.label)
+                windows = load_windows(data, tok, seq_len=seq_len, max_tokens=max_tokens)
+            window_nll = score_windows(stream, windows, batch=batch, progress=progress)
+        finally:
+            stream.close()
+    predicted = seq_len - 1
+    total = float(window_nll.sum())
+    n_tokens = windows.shape[0] * predicted
+    lo, hi = bootstrap_ppl(window_nll, predicted)
+    return EvalReport(
+        target=str(target) if isinstance(target, (str, Path)) else "recipe",
+        perplexity=math.exp(total / n_tokens), nll=total / n_tokens, tokens=n_tokens, windows=windows.shape[0],
+        seq_len=seq_len, ppl_low=lo, ppl_high=hi, total_nll=total, wall_s=rss.wall, peak_rss=rss.peak,
+        start_rss=start_rss, budget=stream.budget,
+        activation_bytes=activation_bytes(stream.sk.config, windows.shape[0], seq_len, batch),
+        largest_unit=stream.stats.largest_unit,
+        over_budget_units=stream.stats.layers_over_budget + stream.source.over_budget, device=str(stream.device),
+        window_nll=window_nll.tolist()), windows
+
+
+def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None = None, seq_len: int | None = None,
+                   max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH,
+                   device: "str | torch.device" = "cpu", seed: int = 0,
+                   progress: Callable[[EvalProgress], None] | None = None) -> list[EvalReport]:
+    """The merge of `recipe` and each of its input models, evaluated on the same windows (tokenized with the
+    merge's tokenizer): one report each, inputs first, the merge last."""
+    from ..planner.compile import compile_plan
+    from .weights import is_recipe
+
+    if not is_recipe(recipe):
+        from ..errors import RecipeError
+
+        raise RecipeError(f"{recipe}: --compare-inputs needs a recipe, not a checkpoint directory")
+    p = compile_plan(recipe, memory="unlimited")
+    try:
+        inputs = []
+        for key, src in p.sources.items():
+            adapter = getattr(src, "adapter", None)
+            inputs.append({"merge_method": "passthrough", "models": [{"model": key}]} if adapter is not None
+                          else Path(src.path))
+    finally:
+        p.close()
+    merged, windows = _evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                                device=device, seed=seed, progress=progress)
+    reports = [evaluate(t, data, memory=memory, batch=batch, device=device, seed=seed, progress=progress,
+                        windows=windows) for t in inputs]
+    return reports + [merged]

@@ -1,0 +1,280 @@
+"""Parameter search: choose a recipe's `weight`, `density`, `t` ... by the perplexity of the merge, out of core.
+
+Each trial writes the sampled values into a copy of the recipe at their places (`models[0].parameters.density`,
+`parameters.t[1]`) and evaluates that candidate lazily (layer by layer, never written). optuna proposes the
+values (TPE by default, seeded; CMA-ES as an option) and keeps the study in SQLite, committed after every trial:
+a search killed at any point and started again with the same command continues, every completed trial kept.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from ..errors import LazyMergeError, RecipeError
+from ..planner.methods import METHODS
+from ..planner.recipe import load_yaml, read_documents
+
+_TOKEN = re.compile(r"(\.?)([A-Za-z_][\w-]*)|\[(\d+)\]")
+STUDY_NAME = "lazymerge-search"
+
+
+@dataclass(frozen=True)
+class SpaceDim:
+    """One searched value: where it sits in the recipe and its range."""
+
+    path: str
+    low: float
+    high: float
+    log: bool = False
+
+    @property
+    def steps(self) -> list["str | int"]:
+        return parse_path(self.path)
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    params: dict[str, float]
+    perplexity: float | None
+    nll: float | None
+    state: str
+
+
+@dataclass
+class SearchReport:
+    best_params: dict[str, float]
+    best_perplexity: float
+    best_recipe: dict[str, Any]
+    trials: list[Trial] = field(default_factory=list)
+    best_file: Path | None = None
+    out: Path | None = None
+
+    def table(self) -> str:
+        names = sorted({k for t in self.trials for k in t.params})
+        head = ["trial"] + names + ["perplexity", "state"]
+        rows = [[str(t.number)] + [f"{t.params[n]:.4f}" if n in t.params else "-" for n in names]
+                + [f"{t.perplexity:.4f}" if t.perplexity is not None else "-", t.state] for t in self.trials]
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+        return "\n".join(fmt.format(*r) for r in [head] + rows)
+
+    def summary(self) -> str:
+        lines = [self.table(), "",
+                 f"best          perplexity {self.best_perplexity:.4f} with "
+                 + ", ".join(f"{k}={v:.4f}" for k, v in self.best_params.items())]
+        if self.best_file is not None:
+            lines.append(f"best recipe   {self.best_file}")
+        if self.out is not None:
+            lines.append(f"merged        {self.out}")
+        return "\n".join(lines)
+
+
+def parse_path(path: str) -> list["str | int"]:
+    steps: list[str | int] = []
+    pos = 0
+    for m in _TOKEN.finditer(path):
+        if m.start() != pos or (m.group(2) is not None and bool(m.group(1)) != bool(steps)):
+            break                                   # a gap, or a key without its dot (or a leading dot)
+        steps.append(m.group(2) if m.group(2) is not None else int(m.group(3)))
+        pos = m.end()
+    if pos != len(path) or not steps:
+        raise RecipeError(f"search space: '{path}' is not a recipe path (like models[0].parameters.weight or "
+                          "parameters.t[1])")
+    return steps
+
+
+def parse_space(spec: str) -> SpaceDim:
+    """`PATH=LOW..HIGH` (append `:log` for a log-uniform range)."""
+    path, sep, rng = spec.partition("=")
+    log = rng.endswith(":log")
+    rng = rng[:-4] if log else rng
+    lo, sep2, hi = rng.partition("..")
+    try:
+        if not sep or not sep2:
+            raise ValueError
+        low, high = float(lo), float(hi)
+    except ValueError:
+        raise RecipeError(f"search space: '{spec}' is not PATH=LOW..HIGH (e.g. parameters.t=0..1)") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise RecipeError(f"search space: '{spec}': need finite LOW < HIGH")
+    return SpaceDim(path.strip(), low, high, log)
+
+
+def read_space_file(path: "str | Path") -> tuple[list[SpaceDim], dict[str, Any]]:
+    """A search YAML: `space: {PATH: [LOW, HIGH]}` plus optional `trials`, `sampler`, `seed`."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: search file does not exist")
+    data = load_yaml(p.read_text(encoding="utf-8"), str(p))
+    if not isinstance(data, dict) or not isinstance(data.get("space"), dict):
+        raise RecipeError(f"{p}: expected a mapping with 'space: {{PATH: [LOW, HIGH]}}'")
+    dims = []
+    for key, rng in data["space"].items():
+        if not (isinstance(rng, list) and len(rng) == 2):
+            raise RecipeError(f"{p}: space.{key}: expected [LOW, HIGH]")
+        dims.append(parse_space(f"{key}={rng[0]}..{rng[1]}"))
+    extra = {k: v for k, v in data.items() if k != "space"}
+    bad = set(extra) - {"trials", "sampler", "seed"}
+    if bad:
+        raise RecipeError(f"{p}: unknown key '{sorted(bad)[0]}'; valid keys: space, trials, sampler, seed")
+    return dims, extra
+
+
+def _walk(doc: Any, steps: Sequence["str | int"], source: str, path: str) -> tuple[Any, "str | int"]:
+    node = doc
+    for i, step in enumerate(steps[:-1]):
+        node = _step(node, step, source, path, steps[:i])
+    _step(node, steps[-1], source, path, steps[:-1])           # must exist
+    return node, steps[-1]
+
+
+def _step(node: Any, step: "str | int", source: str, path: str, before: Sequence["str | int"]) -> Any:
+    where = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in before).lstrip(".") or "the recipe"
+    if isinstance(step, int):
+        if isinstance(node, list) and 0 <= step < len(node):
+            return node[step]
+    elif isinstance(node, dict) and step in node:
+        return node[step]
+    raise RecipeError(f"{source}: search space: '{path}' is not in the recipe ({where} has no "
+                      f"{'entry ' + str(step) if isinstance(step, int) else repr(step)})")
+
+
+def _param_name(steps: Sequence["str | int"]) -> str | None:
+    names = [s for s in steps if isinstance(s, str)]
+    for i in range(len(names) - 1, 0, -1):
+        if names[i - 1] == "parameters":
+            return names[i]
+    return None
+
+
+def check_space(doc: dict[str, Any], dims: list[SpaceDim], source: str) -> None:
+    """Every path names a number already in the recipe, and its range lies in the parameter's domain."""
+    method = METHODS.get(doc.get("merge_method"))
+    for d in dims:
+        node, last = _walk(doc, d.steps, source, d.path)
+        value = node[last]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{source}: search space: '{d.path}' is {value!r}, not a number (search a "
+                              "gradient's entries as PATH[i])")
+        name = _param_name(d.steps)
+        param = next((p for p in method.params if p.name == name), None) if method and name else None
+        if param is None:
+            continue
+        if param.kind not in (float, int):
+            raise RecipeError(f"{source}: search space: '{d.path}': {name} is not a numeric parameter")
+        for bound in (d.low, d.high):
+            try:
+                param.coerce(bound, f"{source}: search space: '{d.path}' range {d.low:g}..{d.high:g}: {name}")
+            except RecipeError as exc:
+                raise RecipeError(f"{exc} (outside the domain of {name})") from None
+
+
+def candidate(doc: dict[str, Any], dims: list[SpaceDim], values: dict[str, float]) -> dict[str, Any]:
+    out = copy.deepcopy(doc)
+    for d in dims:
+        node, last = _walk(out, d.steps, "<recipe>", d.path)
+        node[last] = float(values[d.path])
+    return out
+
+
+def _sampler(optuna: Any, name: str, seed: int) -> Any:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name in ("cmaes", "cma-es"):
+        try:
+            import cmaes  # noqa: F401  (optuna's CMA-ES sampler needs it)
+        except ImportError:
+            raise LazyMergeError("search: --sampler cmaes needs the cmaes package: "
+                                 "pip install 'lazymerge[search]'") from None
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise RecipeError(f"search: sampler '{name}' is unknown; use tpe, cmaes or random")
+
+
+def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *, trials: int = 20,
+           study: "str | Path | None" = None, sampler: str = "tpe", seed: int = 0, memory: Any = None,
+           seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
+           best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
+           on_trial: Callable[[Trial], None] | None = None, progress: Callable[[Any], None] | None = None
+           ) -> SearchReport:
+    """Search `space` (`PATH=LOW..HIGH` strings or SpaceDims) for the recipe values with the lowest perplexity
+    on `data`, until `trials` trials have completed in the study (a re-run with the same `study` file continues).
+    Writes the best recipe to `best_file`, and merges it into `out` when given."""
+    try:
+        import optuna
+    except ImportError:
+        raise LazyMergeError("search needs optuna: pip install 'lazymerge[search]'") from None
+    from .runner import _evaluate
+
+    docs, source = read_documents(recipe)
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise RecipeError(f"{source}: search takes a single-document recipe")
+    doc = docs[0]
+    dims = [d if isinstance(d, SpaceDim) else parse_space(d) for d in space]
+    if not dims:
+        raise RecipeError("search: no --space given")
+    if len({d.path for d in dims}) != len(dims):
+        raise RecipeError("search: the same path is given twice in the space")
+    check_space(doc, dims, source)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = None
+    if study is not None:
+        storage = f"sqlite:///{Path(study).expanduser().resolve()}"
+    st = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="minimize",
+                             sampler=_sampler(optuna, sampler, seed))
+    paths = sorted(d.path for d in dims)
+    for t in st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if sorted(t.params) != paths:
+            raise RecipeError(f"{study}: this study searched {', '.join(sorted(t.params))}; use another --study "
+                              "file for a different space")
+    for t in st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        st.tell(t.number, state=optuna.trial.TrialState.FAIL)     # left by a killed run: one process per study
+    windows_box: dict[str, Any] = {}
+
+    def objective(trial: Any) -> float:
+        values = {d.path: trial.suggest_float(d.path, d.low, d.high, log=d.log) for d in dims}
+        report, win = _evaluate(candidate(doc, dims, values), data, memory=memory, seq_len=seq_len,
+                                max_tokens=max_tokens, batch=batch, device=device, seed=seed, progress=progress,
+                                windows=windows_box.get("w"))
+        windows_box["w"] = win
+        trial.set_user_attr("perplexity", report.perplexity)
+        return report.nll
+
+    def report_trial(_study: Any, frozen: Any) -> None:
+        if on_trial is not None:
+            on_trial(_trial(frozen))
+
+    def done() -> int:
+        return len(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+    while done() < trials:
+        st.optimize(objective, n_trials=1, catch=(), callbacks=[report_trial])
+
+    completed = [t for t in st.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    best = min(completed, key=lambda t: (t.value, t.number))
+    best_recipe = candidate(doc, dims, best.params)
+    report = SearchReport(best_params=dict(best.params), best_perplexity=best.user_attrs["perplexity"],
+                          best_recipe=best_recipe, trials=[_trial(t) for t in st.get_trials(deepcopy=False)])
+    if best_file is not None:
+        report.best_file = Path(best_file)
+        report.best_file.write_text(yaml.safe_dump(best_recipe, sort_keys=False))
+    if out is not None:
+        from ..api import merge
+
+        merge(best_recipe, out, memory=memory, seed=seed, device=device)
+        report.out = Path(out)
+    return report
+
+
+def _trial(t: Any) -> Trial:
+    ppl = t.user_attrs.get("perplexity")
+    return Trial(t.number, dict(t.params), ppl, t.value, t.state.name)

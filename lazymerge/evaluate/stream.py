@@ -1,0 +1,238 @@
+"""The layer-streaming forward pass: every sequence through one decoder layer, then the next.
+
+A whole-model forward holds every layer's weights; here the weights of one decoder layer are materialised, all
+batches of sequences go through it, and its weights go back to the meta device before the next layer's are
+read (or merged). What stays in memory between layers is the hidden states of all sequences (the activations),
+never the model.
+
+The code around the decoder layers (embeddings, position embeddings, rotary tables, attention masks, the final
+norm) is the model's own: for each batch the stack's `forward` is called once with every decoder layer replaced
+by a stand-in that records the arguments the model passes it, then returns its input. That yields the embedded
+inputs and each layer's exact call arguments, whatever the architecture. After the last layer the same trick
+(the last stand-in returning the real final hidden states) runs the model's own final norm.
+
+`layer_inputs` is the public piece other features (MoE routing from hidden states) build on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .skeleton import Skeleton, build_skeleton, materialize, release, set_rows
+from .weights import WeightSource, open_target
+
+EMBED_BLOCK_BYTES = 64 << 20           # rows of the embedding read at a time when no budget is given
+
+
+class _Stand(nn.Module):
+    """Takes a decoder layer's place while the model's own code around the layers runs."""
+
+    def __init__(self, index: int, calls: dict[int, tuple[tuple, dict]], replay: torch.Tensor | None = None):
+        super().__init__()
+        self.index, self.calls, self.replay = index, calls, replay
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls[self.index] = (hidden_states, args, kwargs)
+        return hidden_states if self.replay is None else self.replay
+
+
+@dataclass
+class Batch:
+    """One batch of sequences between layers: hidden states and what each layer is called with."""
+
+    hidden: torch.Tensor                                       # [B, S, H]
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)   # per layer: (args, kwargs) after hidden
+
+
+@dataclass
+class StreamStats:
+    layers_over_budget: int = 0
+    largest_unit: int = 0              # bytes of the largest set of weights held at once
+
+
+class LayerStream:
+    """A target (checkpoint or recipe) ready to stream: its skeleton and weight source."""
+
+    def __init__(self, source: WeightSource, *, budget: int | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        self.source, self.budget, self.device, self.dtype = source, budget, device, dtype
+        self.sk: Skeleton = build_skeleton(source.config_dir, dtype)
+        self.stats = StreamStats()
+        self._static_loaded = False
+
+    # -- names -------------------------------------------------------------------------------------------
+    def tensor_name(self, param: str) -> str:
+        """The source tensor behind a parameter: a missing head is the tied input embedding."""
+        if param in self.source.names:
+            return param
+        if param == self.sk.head_name and self.sk.embed_name in self.source.names:
+            return self.sk.embed_name
+        raise CheckpointError(f"{self.source.label}: no tensor '{param}' "
+                              f"(needed by {type(self.sk.model).__name__})")
+
+    def weight_bytes(self, params: list[str]) -> int:
+        item = torch.tensor([], dtype=self.dtype).element_size()
+        total = 0
+        for p in params:
+            n = 1
+            for d in self.source.shapes[self.tensor_name(p)]:
+                n *= d
+            total += n * item
+        return total
+
+    def _account(self, nbytes: int) -> None:
+        """A unit of weights held at once; over budget when larger than the share of the budget weights get
+        (all of it for a checkpoint; half for a recipe, whose merge works in the other half)."""
+        self.stats.largest_unit = max(self.stats.largest_unit, nbytes)
+        if self.budget is not None and nbytes > self.budget * self.source.weight_share:
+            self.stats.layers_over_budget += 1
+
+    def row_block(self, name: str, extra_row_bytes: int = 0) -> int:
+        """Rows of a [rows, cols] tensor to hold at once (plus `extra_row_bytes` of work per row) in the budget."""
+        cols = 1
+        for d in self.source.shapes[name][1:]:
+            cols *= d
+        per_row = cols * 4 + extra_row_bytes
+        # a quarter of the budget, for a checkpoint and a recipe alike: the head's blocks fix the order in which
+        # the log-sum-exp adds, so the same --memory must give the same blocks for a merge and its recipe (a
+        # recipe's merge works in another quarter; the block's stored copy and temporaries fit in the rest)
+        cap = self.budget if self.budget is not None else EMBED_BLOCK_BYTES * 4
+        return max(1, min(self.source.shapes[name][0], cap // 4 // max(1, per_row)))
+
+    # -- stages ------------------------------------------------------------------------------------------
+    def _load_static(self) -> None:
+        if not self._static_loaded:
+            params = self.sk.static_params
+            values = self.source.load([self.tensor_name(p) for p in params])
+            materialize(self.sk.model, {p: values[self.tensor_name(p)] for p in params}, self.dtype, self.device)
+            self._static_loaded = True
+
+    def _embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of the given (sorted, unique) token ids, read block by block."""
+        name = self.tensor_name(self.sk.embed_name)
+        rows = torch.empty((len(ids), *self.source.shapes[name][1:]), dtype=self.dtype)
+
+        def take(start: int, block: torch.Tensor) -> None:
+            sel = (ids >= start) & (ids < start + block.shape[0])
+            if sel.any():
+                rows[sel] = block[ids[sel] - start].to(self.dtype)
+
+        self.source.for_row_blocks(name, self.row_block(name), take)
+        return rows
+
+    def _run_stack(self, ids: torch.Tensor, stands: list[_Stand], mask: torch.Tensor | None = None) -> Any:
+        original = list(self.sk.layers)
+        try:
+            for i, s in enumerate(stands):
+                self.sk.layers[i] = s
+            with torch.no_grad():
+                extra = {} if mask is None else {"attention_mask": mask.to(self.device)}
+                return self.sk.base(input_ids=ids.to(self.device), use_cache=False, **extra)
+        finally:
+            for i, layer in enumerate(original):
+                self.sk.layers[i] = layer
+
+    def embed(self, batches: list[torch.LongTensor],
+              masks: list[torch.Tensor | None] | None = None) -> list[Batch]:
+        """Embedded inputs and each layer's call arguments, per batch ([B, S] token ids each; `masks`: each
+        batch's attention mask for padded batches, given to the model's forward as a caller would)."""
+        self._load_static()
+        vocab = self.source.shapes[self.tensor_name(self.sk.embed_name)][0]
+        all_ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
+        if len(all_ids) and (int(all_ids[0]) < 0 or int(all_ids[-1]) >= vocab):
+            raise CheckpointError(f"{self.source.label}: token id {int(all_ids[-1])} is outside the embedding "
+                                  f"({vocab} rows): the tokenizer does not match the model")
+        rows = self._embedding_rows(all_ids)
+        self._account(rows.numel() * rows.element_size())
+        set_rows(self.sk.embed, rows.to(self.device))
+        out = []
+        try:
+            for k, ids in enumerate(batches):
+                calls: dict[int, tuple] = {}
+                stands = [_Stand(i, calls) for i in range(self.sk.num_layers)]
+                self._run_stack(torch.searchsorted(all_ids, ids), stands, None if masks is None else masks[k])
+                hidden = calls[0][0]
+                out.append(Batch(hidden, [(calls[i][1], calls[i][2]) for i in range(self.sk.num_layers)]))
+        finally:
+            set_rows(self.sk.embed, torch.empty((0,), device="meta"))
+        return out
+
+    def run_layer(self, i: int, batches: list[Batch], on_batch: Callable[[], None] | None = None) -> None:
+        """Replace each batch's hidden states by layer i's output, holding only layer i's weights."""
+        params = self.sk.layer_params[i]
+        self._account(self.weight_bytes(params))
+        names = [self.tensor_name(p) for p in params]
+        values = self.source.load(sorted(set(names)))
+        materialize(self.sk.model, {p: values.pop(n) for p, n in zip(params, names)}, self.dtype, self.device)
+        layer = self.sk.layers[i]
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    args, kwargs = b.calls[i]
+                    y = layer(b.hidden, *args, **kwargs)
+                    b.hidden = y[0] if isinstance(y, tuple) else y
+                    if on_batch is not None:
+                        on_batch()
+        finally:
+            release(self.sk.model, params)
+
+    def finish(self, batches: list[Batch]) -> list[torch.Tensor]:
+        """The model's own code after the last layer (final norm) applied to each batch's hidden states."""
+        n = self.sk.num_layers
+        out = []
+        set_rows(self.sk.embed, torch.zeros((1, self.sk.config.get_text_config().hidden_size),
+                                            dtype=self.dtype, device=self.device))
+        try:
+            for b in batches:
+                calls: dict[int, tuple] = {}
+                stands = [_Stand(i, calls, b.hidden if i == n - 1 else None) for i in range(n)]
+                ids = torch.zeros(b.hidden.shape[:2], dtype=torch.long)
+                res = self._run_stack(ids, stands)
+                out.append(res.last_hidden_state if hasattr(res, "last_hidden_state") else res[0])
+                b.hidden = None
+        finally:
+            set_rows(self.sk.embed, torch.empty((0,), device="meta"))
+        return out
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def open_stream(target: Any, *, memory: Any = None, device: "str | torch.device" = "cpu",
+                dtype: torch.dtype = torch.float32, seed: int = 0, workers: int = 2) -> LayerStream:
+    from ..engine.run import release_freed_memory, resolve_device
+    from ..planner.plan import resolve_budget
+
+    release_freed_memory()                  # freed weights go back to the OS: RSS follows what is live
+    budget = resolve_budget(memory)
+    dev = resolve_device(device)
+    source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers)
+    try:
+        return LayerStream(source, budget=budget, device=dev, dtype=dtype)
+    except BaseException:
+        source.close()
+        raise
+
+
+def layer_inputs(target: Any, input_ids: list[torch.LongTensor], *, memory: Any = None,
+                 device: "str | torch.device" = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """For each decoder layer i in order, the hidden states at that layer's input: one `[seq_len, hidden]` tensor
+    per input sequence (1-D token id tensors, any lengths), in `dtype`.
+
+    Computed layer by layer with one layer's weights in memory (`memory`: the budget, as for merges). `target`
+    is a checkpoint directory or a recipe (merged on the fly, never written). The tensors yielded for layer i are
+    not modified afterwards; drop them to free them.
+    """
+    stream = open_stream(target, memory=memory, device=device, dtype=dtype)
+    try:
+        batches = stream.embed([ids.reshape(1, -1).long() for ids in input_ids])
+        for i in range(stream.sk.num_layers):
+            yield i, [b.hidden[0] for b in batches]
+            stream.run_layer(i, batches)
+    finally:
+        stream.close()

@@ -1,0 +1,154 @@
+"""Where evaluation gets its weights: a checkpoint directory, or a recipe merged on the fly.
+
+Both sources hand out tensors in the dtype a checkpoint stores them in (for a recipe: the recipe's output dtype,
+cast by the engine's `write` op exactly as the writer casts), so evaluating a recipe and evaluating its written
+merge compute on the same numbers. Two access patterns, because the model is never whole in memory:
+
+- `load(names)`: whole tensors (one decoder layer's weights);
+- `for_row_blocks(name, block_rows, fn)`: a large tensor (embedding, head) in consecutive fixed row blocks, in
+  order, never whole.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from ..errors import CheckpointError
+from ..io.checkpoint import Checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
+
+
+class WeightSource(Protocol):
+    label: str                         # for messages and reports
+    config_dir: Path                   # a directory with config.json (and the tokenizer files, if any)
+    names: set[str]
+    shapes: dict[str, tuple[int, ...]]
+    over_budget: int                   # merge tasks that ran alone above the budget (recipes)
+    weight_share: float                # fraction of the budget for the weights held (the rest: merge work)
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]: ...
+
+    def for_row_blocks(self, name: str, block_rows: int, fn: Callable[[int, torch.Tensor], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))
+
+
+class CheckpointWeights:
+    """A Hugging Face checkpoint directory, read lazily through lazymerge's safetensors io."""
+
+    def __init__(self, path: "str | Path", *, allow_pickle: bool = False):
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: no config.json (evaluation builds the model from it)")
+        self.label = str(path)
+        self.config_dir = path
+        self.ckpt = Checkpoint.open(path, allow_pickle=allow_pickle)
+        self.names = set(self.ckpt.tensors)
+        self.shapes = {n: tuple(i.shape) for n, i in self.ckpt.tensors.items()}
+        self.over_budget = 0
+        self.weight_share = 1.0
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: self.ckpt.read(n, dtype=None) for n in names}
+
+    def for_row_blocks(self, name: str, block_rows: int, fn: Callable[[int, torch.Tensor], None]) -> None:
+        rows = self.shapes[name][0]
+        for a in range(0, rows, max(1, block_rows)):
+            fn(a, self.ckpt.read(name, rows=(a, min(a + block_rows, rows)), dtype=None))
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+class RecipeWeights:
+    """A recipe, compiled with the public planner; tensors are computed by the engine when asked for, by running
+    the part of the task graph that ends in them with an in-memory sink instead of the writer. Nothing is written
+    but a temporary directory holding the merged config.json and tokenizer files (the model's skeleton and
+    tokenizer are built from them)."""
+
+    def __init__(self, recipe: Any, *, memory: int | None, seed: int = 0, device: torch.device,
+                 workers: int = 2, allow_pickle: bool = False, stage: str | None = None):
+        from ..planner.compile import compile_plan
+
+        # half the budget for the merge's working set: the other half holds the layer being assembled
+        self.plan = compile_plan(recipe, memory="unlimited" if memory is None else max(1, memory // 2),
+                                 seed=seed, allow_pickle=allow_pickle, stage=stage)
+        self.label = str(recipe) if isinstance(recipe, (str, Path)) and len(str(recipe)) < 200 else "recipe"
+        self.device, self.workers = device, workers
+        self.names = {o.name for o in self.plan.outputs}
+        self.shapes = {o.name: tuple(o.shape) for o in self.plan.outputs}
+        self.over_budget = 0
+        self.weight_share = 0.5
+        self._tmp = Path(tempfile.mkdtemp(prefix="lazymerge-eval-"))
+        self.config_dir = self._tmp
+        try:
+            if self.plan.config is None:
+                raise CheckpointError(f"{self.label}: the merged model has no config.json "
+                                      "(its lead model has none); evaluation builds the model from it")
+            (self._tmp / "config.json").write_text(json.dumps(self.plan.config))
+            for f in self.plan.aux_files:
+                if f.name in TOKENIZER_FILES:
+                    shutil.copyfile(f, self._tmp / f.name)
+            for name, data in self.plan.extra_files.items():    # a merged tokenizer overrides the lead's
+                if name in TOKENIZER_FILES:
+                    (self._tmp / name).write_bytes(data)
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, names: list[str], sink: Any) -> None:
+        from ..engine.sink import run_tensors
+
+        stats = run_tensors(self.plan, names, sink, device=self.device, budget=self.plan.budget,
+                            workers=self.workers)
+        self.over_budget += stats.over_budget_tasks
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from ..engine.sink import TensorCollector
+
+        sink = TensorCollector({n: self.shapes[n] for n in names})
+        self._run(names, sink)
+        return {n: sink.tensors[n] for n in names}
+
+    def for_row_blocks(self, name: str, block_rows: int, fn: Callable[[int, torch.Tensor], None]) -> None:
+        from ..engine.sink import OrderedRowSink
+
+        self._run([name], OrderedRowSink(name, self.shapes[name][0], block_rows, fn))
+
+    def close(self) -> None:
+        self.plan.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def is_recipe(target: Any) -> bool:
+    """A mapping, YAML text, or a file (not a directory) is a recipe; a directory is a checkpoint."""
+    if isinstance(target, (str, Path)):
+        p = Path(target).expanduser()
+        if p.is_dir():
+            return False
+        if isinstance(target, str) and "\n" in target:
+            return True
+        return p.suffix.lower() in (".yaml", ".yml") or p.is_file()
+    return True
+
+
+def open_target(target: Any, *, memory: int | None, seed: int = 0, device: torch.device, workers: int = 2,
+                allow_pickle: bool = False) -> WeightSource:
+    if is_recipe(target):
+        return RecipeWeights(target, memory=memory, seed=seed, device=device, workers=workers,
+                             allow_pickle=allow_pickle)
+    p = Path(target).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory or a recipe file)")
+    return CheckpointWeights(p, allow_pickle=allow_pickle)

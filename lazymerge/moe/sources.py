@@ -1,0 +1,90 @@
+"""Inputs of a MoE plan that are not files: the router weights and the experts' noise.
+
+The engine reads every input through the same interface as a checkpoint (`tensors`, `read(name, rows, dtype)`),
+so a MoE needs no op of its own: a router tensor is `load` (from a `RouterSource`) then `write`, and a noisy expert
+weight is `load` + `load` (from a `NoiseSource`) -> `weighted_sum` -> `write`. This is the narrow hook through
+which values computed outside the graph (the routers, from prompts) enter it.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..engine.kernels import derive_seed, uniform_rows
+from ..io.shards import DTYPES, TensorInfo
+
+
+def _info(name: str, shape: tuple[int, ...], code: str, path: Path) -> TensorInfo:
+    return TensorInfo(name, code, tuple(shape), path, 0, math.prod(shape) * DTYPES[code][1])
+
+
+class RouterSource:
+    """Router weights, computed once by `compute()` (before the graph runs; or on first read) and held in memory.
+
+    They are small: layers x experts x hidden floats (a 4-expert 1B-model MoE: 0.7 MiB)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], code: str, compute: Callable[[], dict[str, torch.Tensor]],
+                 path: Path):
+        self.path = path
+        self.config = None
+        self.tensors = {n: _info(n, s, code, path) for n, s in shapes.items()}
+        self._compute = compute
+        self._values: dict[str, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+
+    def compute(self) -> None:
+        with self._lock:
+            if self._values is None:
+                values = self._compute()
+                dtype = DTYPES[next(iter(self.tensors.values())).dtype][0] if self.tensors else torch.float32
+                self._values = {n: values[n].to(dtype).contiguous() for n in self.tensors}
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+        self.compute()
+        assert self._values is not None
+        x = self._values[name]
+        if rows is not None:
+            x = x[rows[0]:rows[1]]
+        return x.to(device=device, dtype=dtype or x.dtype, copy=True)
+
+    def aux_files(self) -> list[Path]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class NoiseSource:
+    """Gaussian noise N(0, 1) for an expert's weights (mergekit-moe's `noise_scale`), drawn per (seed, expert,
+    tensor, row group) like DARE's masks, so a block's noise never depends on blocking or schedule."""
+
+    def __init__(self, seed: int, expert: int, path: Path):
+        self.path = path
+        self.config = None
+        self.seed = seed
+        self.expert = expert
+        self.tensors: dict[str, TensorInfo] = {}
+
+    def add(self, name: str, shape: tuple[int, ...]) -> None:
+        self.tensors[name] = _info(name, shape, "F32", self.path)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+        shape = self.tensors[name].shape
+        rows = rows or (0, shape[0] if shape else 1)
+        # Box-Muller on two block-invariant uniform streams
+        u1 = uniform_rows(derive_seed(self.seed, "moe-noise", self.expert, name, 1), shape, rows)
+        u2 = uniform_rows(derive_seed(self.seed, "moe-noise", self.expert, name, 2), shape, rows)
+        z = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos((2.0 * math.pi) * u2)
+        return z.to(device=device, dtype=dtype or torch.float32)
+
+    def aux_files(self) -> list[Path]:
+        return []
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,158 @@
+"""Published mergekit recipes, end to end: tests/published/<case>/recipe.yaml, each citing its source (mergekit's
+examples and README, model cards) and adapted to the tiny float32 checkpoints in tests/published/models.
+
+- deterministic recipes: lazymerge's output must be mergekit 0.1.5's (tests/published/<case>/expected, made by
+  benches/make_corpus_expected.py in mergekit's own venv) within 1e-6, every tensor name included;
+- random recipes (`# random: METHOD`: dare_*, della*), whose masks no other tool can reproduce: bit-identical for
+  the same seed whatever the block size, different for another seed, and with the recipe's own density and
+  weight, a one-model variant keeps the density's fraction of each delta, rescaled as the method says.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import read_all
+
+ROOT = Path(__file__).resolve().parent / "published"
+TOL = 1e-6
+CASES = sorted(p.parent.name for p in ROOT.glob("*/recipe.yaml"))
+
+
+def text_of(case: str) -> str:
+    text = (ROOT / case / "recipe.yaml").read_text()
+    for key in ("base", "ft1", "ft2", "ft3"):
+        text = text.replace("{" + key + "}", str(ROOT / "models" / key))
+    return text
+
+
+def is_random(case: str) -> bool:
+    return re.search(r"^# random: \w+", (ROOT / case / "recipe.yaml").read_text(), flags=re.M) is not None
+
+
+DETERMINISTIC = [c for c in CASES if not is_random(c)]
+RANDOM = [c for c in CASES if is_random(c)]
+
+
+def test_corpus_is_published_and_big_enough():
+    assert len(CASES) >= 15, CASES
+    for case in CASES:
+        assert re.search(r"^# Source: \S", (ROOT / case / "recipe.yaml").read_text(), flags=re.M), case
+    for case in DETERMINISTIC:
+        assert (ROOT / case / "expected").is_dir(), f"{case}: run benches/make_corpus_expected.py"
+    assert len(RANDOM) >= 2
+
+
+def merge(case: str, tmp_path: Path, name: str = "out", **kw) -> dict[str, torch.Tensor]:
+    import lazymerge
+
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(text_of(case))
+    lazymerge.merge(recipe, tmp_path / name, **kw)
+    return read_all(tmp_path / name)
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC)
+def test_matches_mergekit(case: str, tmp_path: Path):
+    got = merge(case, tmp_path, seed=0)
+    expected = read_all(ROOT / case / "expected")
+    assert sorted(got) == sorted(expected), (
+        f"missing: {sorted(set(expected) - set(got))}, unexpected: {sorted(set(got) - set(expected))}")
+    bad = []
+    for name, e in sorted(expected.items()):
+        y = got[name]
+        assert tuple(y.shape) == tuple(e.shape) and y.dtype == e.dtype, name
+        err = float((y - e).abs().max())
+        if not err <= TOL:
+            bad.append(f"{name}: max abs err {err:.3g}")
+    assert not bad, f"{case}: tensors outside {TOL}:\n  " + "\n  ".join(bad)
+    want = json.loads((ROOT / case / "expected" / "config.json").read_text())["num_hidden_layers"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == want
+
+
+def test_model_stock_weights_warn_once(tmp_path: Path):
+    """The model_stock card's per-model `weight` filter lists: ignored (the output matches mergekit's, above),
+    with one warning line."""
+    import lazymerge
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text_of("model_stock_with_weights"))
+    p = lazymerge.plan(recipe)
+    try:
+        hits = [w for w in p.warnings if "has no effect" in w]
+    finally:
+        p.close()
+    assert len(hits) == 1 and "'weight' has no effect for model_stock" in hits[0], p.warnings
+
+
+@pytest.mark.parametrize("case", RANDOM)
+def test_random_recipe_is_deterministic(case: str, tmp_path: Path):
+    a = merge(case, tmp_path, "a", seed=7)
+    b = merge(case, tmp_path, "b", seed=7, max_block_rows=3, memory="64KiB")
+    c = merge(case, tmp_path, "c", seed=8)
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name}: not bit-identical across block sizes"
+    assert any(not torch.equal(a[n], c[n]) for n in a if a[n].dim() == 2), "another seed, the same masks"
+
+
+def _one_model_variant(case: str) -> tuple[dict, dict]:
+    """The recipe's output document with only its first fine-tune (its own parameters kept)."""
+    docs = [d for d in yaml.safe_load_all(text_of(case)) if d]
+    doc = copy.deepcopy(docs[-1])
+    entry = next(e for e in doc["models"] if e["model"] != doc["base_model"] and e.get("parameters"))
+    doc["models"] = [entry]
+    return doc, entry
+
+
+def _at(value, layer: int | None) -> float:
+    """A gradient (or scalar) at a layer of the 6-layer models; non-layer tensors at t = 0."""
+    if not isinstance(value, list):
+        return float(value)
+    t = 0.0 if layer is None else layer / 5
+    pos = t * (len(value) - 1)
+    i = min(int(pos), len(value) - 2)
+    return value[i] + (value[i + 1] - value[i]) * (pos - i)
+
+
+@pytest.mark.parametrize("case", [c for c in RANDOM if c != "multimerge_docs"])
+def test_random_recipe_statistics(case: str, tmp_path: Path):
+    """One fine-tune at the recipe's density: the kept fraction of its delta is the density (within 5 sigma
+    over the model) and each kept entry is rescaled: DARE by weight / density, DELLA by lambda / p with p its
+    rank-based keep probability in [density - epsilon, density + epsilon] (normalized: the weight cancels)."""
+    import lazymerge
+
+    doc, entry = _one_model_variant(case)
+    method, prm, glob = doc["merge_method"], entry["parameters"], doc.get("parameters") or {}
+    recipe = tmp_path / "one.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    lazymerge.merge(recipe, tmp_path / "one", seed=3)
+    out, base, ft = (read_all(p) for p in (tmp_path / "one", Path(doc["base_model"]), Path(entry["model"])))
+    density, eps = float(prm["density"]), float(prm.get("epsilon", 0.0))
+    kept_total = n_total = 0
+    for name, y in out.items():
+        m = re.search(r"layers\.(\d+)\.", name)
+        layer = int(m.group(1)) if m else None
+        delta, diff = ft[name] - base[name], y - base[name]
+        kept = diff != 0
+        kept_total += int(kept.sum())
+        n_total += delta.numel()
+        ratio = diff[kept] / delta[kept]
+        if method.startswith("dare"):
+            assert not glob.get("normalize", False)
+            want = _at(prm["weight"], layer) / density
+            torch.testing.assert_close(ratio, torch.full_like(ratio, want), rtol=1e-3, atol=0, msg=name)
+        else:
+            assert method.startswith("della") and glob.get("normalize")
+            lam = float(glob.get("lambda", 1.0))
+            lo, hi = lam / (density + eps), lam / (density - eps)
+            assert float(ratio.min()) >= lo * (1 - 1e-3) and float(ratio.max()) <= hi * (1 + 1e-3), name
+    sigma = math.sqrt(n_total * density * (1 - density))
+    assert abs(kept_total - density * n_total) <= 5 * sigma, (kept_total / n_total, density)
