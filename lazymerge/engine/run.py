@@ -201,8 +201,6 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
             except KeyboardInterrupt:
                 raise MergeAborted(f"{out}: interrupted; no output written"
                                    + (" (re-run with --resume to continue)" if resume else "")) from None
-            finally:
-                torch.set_num_threads(torch_threads)
         report = Report(
             method=plan.method.name, out=str(out), seed=plan.seed, device=str(dev), wall_s=rss.wall,
             cpu_s=rss.cpu, peak_rss=rss.peak, peak_live_bytes=stats.peak_live_bytes, budget=plan.budget,
