@@ -87,3 +87,14 @@ def test_small_blocks_and_switch_stay_on_torch(monkeypatch) -> None:
     assert not fused.use(small) and fused.use(torch.ones(N))
     monkeypatch.setenv("LAZYMERGE_FUSED", "0")
     assert not fused.use(torch.ones(N))
+
+
+def test_threads_from_cores_and_budget() -> None:
+    """No fixed cap: one worker per core while the budget can feed them, kernel threads share the cores."""
+    from lazymerge.engine.run import MIN_WORKER_BYTES, choose_threads
+    assert choose_threads(None, cores=16) == (16, 1)
+    assert choose_threads(768 << 20, cores=16) == (12, 1)            # 768 MiB feeds 12 workers of 64 MiB
+    assert choose_threads(3 * MIN_WORKER_BYTES, cores=16) == (3, 5)
+    assert choose_threads(1 << 20, cores=16) == (2, 8)               # at least 2: a read overlaps a kernel
+    assert choose_threads(None, cores=1) == (2, 1)
+    assert choose_threads(None, workers=1, cores=4) == (1, 4)        # --workers wins; threads fill the cores
