@@ -20,19 +20,26 @@ def _blocks(rows: int, block_rows: int) -> list[tuple[int, int]]:
 def _read_once(tb: TensorBuilder, share: int | None, build: Any) -> tuple[TaskList, int]:
     """The tensor's tasks with each input block read once (`share_loads`) when that still fits the share: the
     stored blocks stay live across phases, so the row blocks are made smaller to leave them room, as long as they
-    take at most half the share. Otherwise the phases read their blocks again (from the page cache, mostly)."""
+    take at most three quarters of the share. Otherwise the phases read their blocks again (from the page cache, mostly)."""
     n = len(tb.blocks)
     if n == 1:
         return tb.out, n
     shared, kept = share_loads(tb.out)
     if not kept or share is None or shared.peak_bytes() <= share:
         return shared, n
-    if 2 * kept > share:
+    if 4 * kept > 3 * share:
         return tb.out, n
     rows = tb.blocks[0][1] - tb.blocks[0][0]
-    smaller = build(max(1, math.floor(rows * (share - kept) / tb.out.peak_bytes())))
-    shared, _ = share_loads(smaller.out)
-    return (shared, len(smaller.blocks)) if shared.peak_bytes() <= share else (tb.out, n)
+    working = tb.out.peak_bytes()                  # one block's working set, reading again
+    for _ in range(3):                             # shrink the blocks until the kept blocks and one block's work fit
+        rows = max(1, math.floor(rows * (share - kept) / working))
+        smaller = build(rows)
+        shared, _ = share_loads(smaller.out)
+        peak = shared.peak_bytes()
+        if peak <= share:
+            return shared, len(smaller.blocks)
+        working = max(1, peak - kept)
+    return tb.out, n
 
 
 def emit_plan(st: StagePlan, sources: dict[str, Any], budget: int | None, shard_bytes: int, seed: int,
