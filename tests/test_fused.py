@@ -78,11 +78,13 @@ def test_elect_and_combine(n: int, consensus: str, torch_only) -> None:
             assert torch.equal(got, ref)
             # the election done inside the combine pass (what the `elect` task defers to), in place into base
             inplace = base.clone()
-            got = fused.combine_elected(es, weights, fused.elect_later(consensus), normalize, lam, inplace, inplace)
+            got = fused.combine_elected(es, weights, fused.elect_later(consensus, es), normalize, lam, inplace, inplace)
             assert got.data_ptr() == inplace.data_ptr() and torch.equal(got, ref)
+    assert torch.equal(fused.resolve(fused.elect_later(consensus, es)), nonneg)
 
 
 def test_small_blocks_and_switch_stay_on_torch(monkeypatch) -> None:
+    monkeypatch.setattr(fused, "MIN_NUMEL", 1 << 14)
     small = torch.ones(10)
     assert not fused.use(small) and fused.use(torch.ones(N))
     monkeypatch.setenv("LAZYMERGE_FUSED", "0")

@@ -232,14 +232,21 @@ def elect_nonneg(es: Sequence[Tensor], consensus: str) -> Tensor:
 
 class Deferred:
     """The sign election left to the combine kernel (`elect_later`): what the `elect` task returns when the fused
-    kernels run, so that the election costs no pass and no bool block of its own."""
+    kernels run, so that the election costs no pass and no bool block of its own. Any other consumer gets the bool
+    block from `resolve` (before it modifies the task vectors)."""
 
-    def __init__(self, consensus: str) -> None:
+    def __init__(self, consensus: str, es: Sequence[Tensor]) -> None:
         self.consensus = consensus
+        self.es = list(es)
 
 
-def elect_later(consensus: str) -> Deferred:
-    return Deferred(consensus)
+def elect_later(consensus: str, es: Sequence[Tensor]) -> Deferred:
+    return Deferred(consensus, es)
+
+
+def resolve(nonneg: "Tensor | Deferred") -> Tensor:
+    """The bool election block, computing a deferred one now."""
+    return elect_nonneg(nonneg.es, nonneg.consensus) if isinstance(nonneg, Deferred) else nonneg
 
 
 _NO_SIGN = np.zeros(0, dtype=np.bool_)

@@ -204,7 +204,7 @@ class Elect(Attrs):
 @op("elect", Elect, scratch=1.0)
 def _elect(ctx: RunContext, ins: list[Any], a: Elect, own: tuple[bool, ...]) -> Any:
     if a.consensus in ("sum", "count") and K.fused.use(*ins):
-        return K.fused.elect_later(a.consensus)     # the fused combine elects in its own pass
+        return K.fused.elect_later(a.consensus, ins)     # the fused combine elects in its own pass
     return K.elect_nonneg(ins, a.consensus)
 
 
@@ -620,7 +620,8 @@ class SceCombine(Attrs):
 
 @op("sce_combine", SceCombine, scratch=4.0)
 def _sce_combine(ctx: RunContext, ins: list[Any], a: SceCombine, own: tuple[bool, ...]) -> Tensor:
-    return K.sce_combine(ins[0], ins[1:1 + a.n], ins[2 + a.n], ins[1 + a.n])
+    nonneg = K.fused.resolve(ins[1 + a.n])       # a deferred election, computed before anything is modified
+    return K.sce_combine(ins[0], ins[1:1 + a.n], ins[2 + a.n], nonneg)
 
 
 @dataclass(frozen=True)
