@@ -190,6 +190,12 @@ class ShardReader:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as exc:
             raise _fail(self.path, f"cannot memory-map: {exc}") from None
+        try:
+            # no read-around: on a cold fault the kernel would also read up to half a readahead window *before*
+            # the block (bytes of the previous tensor, long consumed and, under a memory cap, evicted: read twice)
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+        except (OSError, ValueError, AttributeError):
+            pass  # advisory only
         self._closed = False
         self._lock = threading.Lock()
 
@@ -209,6 +215,7 @@ class ShardReader:
             return torch.empty(shape, dtype=out_dtype, device=device)
         offset = info.start + a * info.row_nbytes
         nbytes = count * info.itemsize
+        self._advise(mmap.MADV_WILLNEED, offset, nbytes)    # read exactly this range ahead, in large requests
         out = memory.empty(count, out_dtype)     # huge pages: see lazymerge/memory.py
         if offset % info.itemsize == 0:
             out.copy_(torch.frombuffer(self._map, dtype=stored, count=count, offset=offset))
@@ -222,10 +229,13 @@ class ShardReader:
 
     def _drop_pages(self, offset: int, nbytes: int) -> None:
         """Tell the kernel we are done with these file pages so they leave our RSS (the page cache keeps them)."""
+        self._advise(mmap.MADV_DONTNEED, offset, nbytes)
+
+    def _advise(self, advice: int, offset: int, nbytes: int) -> None:
         start = offset - offset % mmap.PAGESIZE
         length = min(offset + nbytes, len(self._map)) - start
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+            self._map.madvise(advice, start, length)
         except (OSError, ValueError, AttributeError):
             pass  # advisory only
 
