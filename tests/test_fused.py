@@ -100,3 +100,16 @@ def test_threads_from_cores_and_budget() -> None:
     assert choose_threads(1 << 20, cores=16) == (2, 8)               # at least 2: a read overlaps a kernel
     assert choose_threads(None, cores=1) == (2, 1)
     assert choose_threads(None, workers=1, cores=4) == (1, 4)        # --workers wins; threads fill the cores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_matches_isfinite(dtype) -> None:
+    x = grid(3).to(dtype)
+    assert fused.finite_checkable(x) and fused.all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[N // 2] = bad
+        assert not fused.all_finite(y) and not bool(torch.isfinite(y).all())
+    y = x.clone()
+    y[7] = torch.finfo(dtype).max                   # huge but finite
+    assert fused.all_finite(y)

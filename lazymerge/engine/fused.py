@@ -122,6 +122,14 @@ if numba is not None:
             seen += counts[c]
         return n
 
+    @njit(parallel=True, nogil=True, cache=True)
+    def _nonfinite(bits, exp):
+        """How many entries of a float block (its bits) are NaN or +-Inf: all bits of the exponent `exp` set."""
+        k = 0
+        for i in prange(bits.size):
+            k += (bits[i] & exp) == exp
+        return k
+
     _TILE = 4096
 
     @njit(parallel=True, nogil=True, cache=True)
@@ -206,6 +214,23 @@ if numba is not None:
                     v = v * lam
                 mixed[j] = b[j] + v
             out[lo:hi] = mixed
+
+
+_EXPONENTS = {torch.float32: (np.int32, 0x7F800000), torch.bfloat16: (np.int16, 0x7F80),
+              torch.float16: (np.int16, 0x7C00)}
+
+
+def finite_checkable(x: Tensor) -> bool:
+    """Whether `all_finite` can check this block (a float32/bf16/f16 contiguous CPU block, fused kernels on)."""
+    return (available() and x.dtype in _EXPONENTS and x.device.type == "cpu" and x.is_contiguous()
+            and x.numel() >= MIN_NUMEL)
+
+
+def all_finite(x: Tensor) -> bool:
+    """`torch.isfinite(x).all()` in one vectorized pass over the bits (the check every loaded block gets)."""
+    itype, exp = _EXPONENTS[x.dtype]
+    return _nonfinite(x.reshape(-1).view(torch.int32 if itype is np.int32 else torch.int16).numpy(),
+                      itype(exp)) == 0
 
 
 def topk_hist(d: Tensor, high_bin: int = -1) -> Tensor:

@@ -99,6 +99,13 @@ class Load(Attrs):
     vocab: VocabRows | None = None
 
 
+def _finite(x: Tensor) -> bool:
+    if K.fused.finite_checkable(x):
+        return K.fused.all_finite(x)
+    # a sum is NaN/Inf whenever any entry is (and a reduction is cheaper than an element-wise isfinite)
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
 @op("load", Load, scratch=0.0)
 def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Tensor:
     ckpt = ctx.sources[a.model]
@@ -110,8 +117,7 @@ def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Te
     else:
         x = ckpt.read(a.name, rows=a.rows, dtype=None if a.raw else torch.float32, device=ctx.device)
     ctx.count(read=a.read_bytes)
-    # a sum is NaN/Inf whenever any entry is (and a reduction is cheaper than an element-wise isfinite)
-    if x.is_floating_point() and not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not _finite(x):
         ctx.non_finite(a.model, a.name)
     return x
 
