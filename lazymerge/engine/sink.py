@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .ops import OPS, RunContext
+from .context import RunContext
+from .ops import run_task
 from .scheduler import ScheduleStats, execute
 
 
@@ -88,6 +89,6 @@ def run_tensors(plan: Any, names: Iterable[str], sink: Any, *, device: torch.dev
     ctx = RunContext(sources=plan.sources, writer=sink, device=device)
 
     def run(task: Any, args: list[Any], own: tuple[bool, ...]) -> Any:
-        return OPS[task.op](ctx, args, task.attrs, own)
+        return run_task(ctx, task.attrs, args, own)
 
     return execute(keys, tasks, run, budget=budget, workers=workers)

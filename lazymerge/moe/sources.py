@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .. import shapes
 from ..engine.kernels import derive_seed, uniform_rows
 from ..io.shards import DTYPES, TensorInfo
 
@@ -55,6 +56,10 @@ class RouterSource:
     def aux_files(self) -> list[Path]:
         return []
 
+    def data_files(self) -> set[Path]:
+        """None: its values are computed, not read from a file."""
+        return set()
+
     def close(self) -> None:
         pass
 
@@ -76,7 +81,7 @@ class NoiseSource:
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
              device: str | torch.device = "cpu") -> torch.Tensor:
         shape = self.tensors[name].shape
-        rows = rows or (0, shape[0] if shape else 1)
+        rows = rows or (0, shapes.rows(shape))
         # Box-Muller on two block-invariant uniform streams
         u1 = uniform_rows(derive_seed(self.seed, "moe-noise", self.expert, name, 1), shape, rows)
         u2 = uniform_rows(derive_seed(self.seed, "moe-noise", self.expert, name, 2), shape, rows)
@@ -85,6 +90,10 @@ class NoiseSource:
 
     def aux_files(self) -> list[Path]:
         return []
+
+    def data_files(self) -> set[Path]:
+        """None: its values are computed, not read from a file."""
+        return set()
 
     def close(self) -> None:
         pass

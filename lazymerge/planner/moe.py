@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..dtypes import FLOAT_CODES, RECIPE_NAMES
+from ..engine import ops
 from ..errors import CheckpointError, RecipeError
 from ..io.checkpoint import Checkpoint
 from ..moe.gates import prompt_gates, random_router
@@ -150,10 +151,9 @@ class CopyJob:
         def block(j: int) -> str:
             x = tb.load(0, j)
             if self.noise:
-                x = tb.op("weighted_sum", (x, tb.load(1, j)), tb.f32(j), j, weights=(1.0, self.noise),
-                          normalize=False)
+                x = tb.emit(ops.WeightedSum((1.0, self.noise), False), (x, tb.load(1, j)), tb.f32(j), j)
             if self.residual is not None:
-                x = tb.op("rescale", (x,), tb.f32(j), j, factor=self.residual)
+                x = tb.emit(ops.Rescale(self.residual), (x,), tb.f32(j), j)
             return x
         return block
 
