@@ -220,10 +220,20 @@ _EXPONENTS = {torch.float32: (np.int32, 0x7F800000), torch.bfloat16: (np.int16, 
               torch.float16: (np.int16, 0x7C00)}
 
 
+_jit_loaded = False       # set once a fused kernel has run in this process
+
+
 def finite_checkable(x: Tensor) -> bool:
-    """Whether `all_finite` can check this block (a float32/bf16/f16 contiguous CPU block, fused kernels on)."""
-    return (available() and x.dtype in _EXPONENTS and x.device.type == "cpu" and x.is_contiguous()
+    """Whether `all_finite` should check this block: a float32/bf16/f16 contiguous CPU block, once a fused kernel
+    has run. Loading numba's compiled code costs ~80 MB of RSS; a method that never runs a fused kernel (linear,
+    slerp) keeps the torch check instead of paying that for a check alone."""
+    return (_jit_loaded and available() and x.dtype in _EXPONENTS and x.device.type == "cpu" and x.is_contiguous()
             and x.numel() >= MIN_NUMEL)
+
+
+def _loaded() -> None:
+    global _jit_loaded
+    _jit_loaded = True
 
 
 def all_finite(x: Tensor) -> bool:
@@ -235,6 +245,7 @@ def all_finite(x: Tensor) -> bool:
 
 def topk_hist(d: Tensor, high_bin: int = -1) -> Tensor:
     """`kernels.topk_pass1` (high_bin < 0) or `topk_pass2`'s histogram for bin `high_bin`, in one pass."""
+    _loaded()
     bits = _flat(d).view(np.int32)
     return torch.from_numpy(_hist(bits, _chunks(bits.size), high_bin))
 
@@ -242,6 +253,7 @@ def topk_hist(d: Tensor, high_bin: int = -1) -> Tensor:
 def keep_mul(d: Tensor, threshold: int, quota: int, out: Tensor, all_equal: bool = False) -> Tensor:
     """`d * topk_mask(d, ...)` into `out` (may be `d`): the threshold's bit pattern and this block's tie quota
     (`all_equal`: the quota is every entry equal to the threshold, so no scan for the cut is needed)."""
+    _loaded()
     bits = _flat(d).view(np.int32)
     cut = bits.size if all_equal else _cut(bits, np.int32(threshold), quota, _chunks(bits.size))
     _keep_mul(_flat(d), bits, np.int32(threshold), cut, _flat(out))
@@ -250,6 +262,7 @@ def keep_mul(d: Tensor, threshold: int, quota: int, out: Tensor, all_equal: bool
 
 def elect_nonneg(es: Sequence[Tensor], consensus: str) -> Tensor:
     """`kernels.elect_nonneg` in one pass."""
+    _loaded()
     out = memory.empty(tuple(es[0].shape), torch.bool)
     _elect(tuple(_flat(e) for e in es), consensus == "count", _flat(out))
     return out
@@ -281,6 +294,7 @@ def combine_elected(es: Sequence[Tensor], weights: Sequence[float], nonneg: "Ten
                     lam: float, base: Tensor, out: Tensor) -> Tensor:
     """`base + lam * kernels.combine_elected(es, weights, nonneg, ...)` in one pass, into `out` (may be `base`);
     with a `Deferred` election, `kernels.elect_nonneg` is computed in the same pass."""
+    _loaded()
     w = np.array(weights, dtype=np.float32)        # torch rounds a Python scalar to the tensor's float32
     if isinstance(nonneg, Deferred):
         sign, elect = _NO_SIGN, 2 if nonneg.consensus == "count" else 1
