@@ -17,7 +17,8 @@ recipe with `merge_method: moe` (which may be the last stage of a multi-stage re
 
 Every output tensor is a copy of one input tensor (`load` -> `write`, cast to the output dtype), except the
 routers, which are computed from the base model before the graph runs and enter it through an in-memory source
-(`lazymerge.moe.sources`). So a MoE runs inside `--memory` like any merge: one tensor (or row block) at a time.
+(`lazymerge.moe.sources`). The planner only describes them (`moe_routers`); computing them runs a model, which is
+`lazymerge.moe.routers`' job, above the planner (`prepare_routers(plan)`, called by the merge). So a MoE runs inside `--memory` like any merge: one tensor (or row block) at a time.
 
 Output layout: each expert's MLP as its own tensors in the names transformers' loaders accept for every version
 (Mixtral's `block_sparse_moe.experts.E.w1/w2/w3`, Qwen's `mlp.experts.E.gate_proj/up_proj/down_proj`);
