@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Union
 
 import torch
 
-from ._version import __version__
 from .engine.report import Progress, Report
-from .engine.run import run_plan
+from .merging import RecipeLike, merge_recipe
 from .planner.compile import compile_plan
 from .planner.plan import Plan
-from .planner.recipe import Recipe, dump_recipe
-
-RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
 
 
 def plan(recipe: RecipeLike, *, memory: int | str | None = None, shard_size: int | str = "5GB",
@@ -47,26 +43,10 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
     LocalCluster of N worker processes) or a scheduler address `"tcp://HOST:PORT"`; `memory` is then per
     worker, and inputs and `out` must be at the same paths on every worker. See `lazymerge.cluster`.
     """
-    p = plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-             max_block_rows=max_block_rows, stage=stage)
-    try:
-        from .planner.moe import MoEPlan
-
-        if isinstance(p, MoEPlan):   # MoE: the routers are computed before the graph runs
-            p.prepare()
-        extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
-        if cluster is not None:           # -- lazymerge.cluster: the same plan, partitioned over Dask workers
-            from .cluster.driver import run_on_cluster
-
-            return run_on_cluster(p, out, cluster, recipe=recipe, stage=stage, memory=memory,
-                                  shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
-                                  device=device, progress=progress, overwrite=overwrite, resume=resume,
-                                  strict=strict, workers=workers, extra_files=extra, version=__version__,
-                                  cancel=cancel)
-        return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
-                        strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
-    finally:
-        p.close()
+    return merge_recipe(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
+                        progress=progress, overwrite=overwrite, resume=resume, strict=strict,
+                        allow_pickle=allow_pickle, workers=workers, max_block_rows=max_block_rows, cancel=cancel,
+                        stage=stage, cluster=cluster)
 
 
 def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory: int | str | None = None,

@@ -195,6 +195,9 @@ def recipes(m: dict[str, str]) -> dict[str, object]:
             {"merge_method": "dare_ties", "base_model": m["base"],
              "models": [{"model": "sft", "parameters": {"weight": 0.7, "density": 0.6}},
                         {"model": m["b"], "parameters": {"weight": 0.5, "density": 0.5}}]}], sort_keys=False),
+        # a MoE: each worker compiles the plan again and fills its router source itself (lazymerge.moe.routers)
+        "moe": {"base_model": m["base"], "gate_mode": "random", "experts_per_token": 1,
+                "experts": [{"source_model": m["a"]}, {"source_model": m["b"], "noise_scale": 0.01}]},
     }
 
 
@@ -203,7 +206,8 @@ def recipes(m: dict[str, str]) -> dict[str, object]:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,shard_size", [
     ("ties", "5GB"),              # one shard: 4 partitions share the file, meeting at edge pages
-    ("dare_ties", "1MB"), ("slerp", "1MB"), ("frankenmerge", "2MB"), ("multi_stage", "1MB")])
+    ("dare_ties", "1MB"), ("slerp", "1MB"), ("frankenmerge", "2MB"), ("multi_stage", "1MB"),
+    ("moe", "1MB")])
 def test_cluster_output_is_bit_identical_to_local(client, models, tmp_path: Path, method: str,
                                                   shard_size: str) -> None:
     recipe = recipes(models)[method]

@@ -180,6 +180,9 @@ def _compile(job: PartitionJob) -> Any:
         plan.close()
         raise OutputError("the plan compiled on this worker lays the output out differently from the "
                           "client's: are the inputs the same files at the same paths on every machine?")
+    from ..moe.routers import bind_routers
+
+    bind_routers(plan)   # a MoE's routers: computed here on first read, the same bytes as the client's
     return plan
 
 

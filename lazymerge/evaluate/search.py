@@ -268,9 +268,9 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
         report.best_file = Path(best_file)
         report.best_file.write_text(yaml.safe_dump(best_recipe, sort_keys=False))
     if out is not None:
-        from ..api import merge
+        from ..merging import merge_recipe
 
-        merge(best_recipe, out, memory=memory, seed=seed, device=device)
+        merge_recipe(best_recipe, out, memory=memory, seed=seed, device=device)
         report.out = Path(out)
     return report
 

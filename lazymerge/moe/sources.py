@@ -16,7 +16,9 @@ import torch
 
 from .. import shapes
 from ..engine.kernels import derive_seed, uniform_rows
+from ..errors import LazyMergeError
 from ..io.shards import DTYPES, TensorInfo
+from ..planner.moe_routers import RouterPass
 
 
 def _info(name: str, shape: tuple[int, ...], code: str, path: Path) -> TensorInfo:
@@ -24,22 +26,35 @@ def _info(name: str, shape: tuple[int, ...], code: str, path: Path) -> TensorInf
 
 
 class RouterSource:
-    """Router weights, computed once by `compute()` (before the graph runs; or on first read) and held in memory.
+    """Router weights, described by the plan (`spec`, a `RouterPass`) and filled by the router pass
+    (`lazymerge.moe.routers`): it binds the pass with `bind(fn)` and computes it once, before the graph runs
+    (`compute()`) or on first read, then holds the values in memory.
 
-    They are small: layers x experts x hidden floats (a 4-expert 1B-model MoE: 0.7 MiB)."""
+    The planner builds this source without the means to fill it, so that it never imports code that runs a
+    model; reading it unbound is a bug of the caller, hence an error. The values are small: layers x experts x
+    hidden floats (a 4-expert 1B-model MoE: 0.7 MiB)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], code: str, compute: Callable[[], dict[str, torch.Tensor]],
-                 path: Path):
+    def __init__(self, spec: RouterPass, code: str, path: Path):
         self.path = path
         self.config = None
-        self.tensors = {n: _info(n, s, code, path) for n, s in shapes.items()}
-        self._compute = compute
+        self.spec = spec
+        self.tensors = {t.name: _info(t.name, t.shape, code, path) for t in spec.tensors}
+        self._compute: Callable[[], dict[str, torch.Tensor]] | None = None
         self._values: dict[str, torch.Tensor] | None = None
         self._lock = threading.Lock()
+
+    def bind(self, compute: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Set the function that computes the values (name -> tensor); it runs at most once."""
+        with self._lock:
+            if self._compute is None:
+                self._compute = compute
 
     def compute(self) -> None:
         with self._lock:
             if self._values is None:
+                if self._compute is None:
+                    raise LazyMergeError(f"{self.path}: the routers were not computed; a MoE plan is run through "
+                                     "lazymerge.merge (or lazymerge.moe.routers.prepare_routers(plan) first)")
                 values = self._compute()
                 dtype = DTYPES[next(iter(self.tensors.values())).dtype][0] if self.tensors else torch.float32
                 self._values = {n: values[n].to(dtype).contiguous() for n in self.tensors}

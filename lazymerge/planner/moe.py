@@ -17,7 +17,8 @@ recipe with `merge_method: moe` (which may be the last stage of a multi-stage re
 
 Every output tensor is a copy of one input tensor (`load` -> `write`, cast to the output dtype), except the
 routers, which are computed from the base model before the graph runs and enter it through an in-memory source
-(`lazymerge.moe.sources`). So a MoE runs inside `--memory` like any merge: one tensor (or row block) at a time.
+(`lazymerge.moe.sources`). The planner only describes them (`moe_routers`); computing them runs a model, which is
+`lazymerge.moe.routers`' job, above the planner (`prepare_routers(plan)`, called by the merge). So a MoE runs inside `--memory` like any merge: one tensor (or row block) at a time.
 
 Output layout: each expert's MLP as its own tensors in the names transformers' loaders accept for every version
 (Mixtral's `block_sparse_moe.experts.E.w1/w2/w3`, Qwen's `mlp.experts.E.gate_proj/up_proj/down_proj`);
@@ -27,19 +28,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..dtypes import FLOAT_CODES, RECIPE_NAMES
 from ..engine import ops
 from ..errors import CheckpointError, RecipeError
 from ..io.checkpoint import Checkpoint
-from ..moe.gates import prompt_gates, random_router
 from ..moe.sources import NoiseSource, RouterSource
 from ..units import human
 from .emit import emit_plan
 from .graph import SourceRef, TensorBuilder
 from .methods import BlockFn, Method
 from .moe_recipe import PROMPT_MODES, ExpertSpec, MoEConfig, parse_moe
+from .moe_routers import RouterPass, RouterTensor
 from .plan import Plan
 from .recipe import Recipe
 from .stage_compiler import StageCompiler, StagePlan, _natural_key
@@ -174,16 +175,11 @@ class MoEInfo:
 
 @dataclass
 class MoEPlan(Plan):
-    """A Plan with the MoE's description and its router source (computed by `prepare`, before the graph runs)."""
+    """A Plan with the MoE's description and its router source: described here, computed by
+    `lazymerge.moe.prepare_routers(plan)` before the graph runs (`lazymerge.merge` calls it)."""
 
     moe: MoEInfo | None = None
     routers: RouterSource | None = None
-
-    def prepare(self) -> None:
-        """Compute the router weights, so that their pass (hidden: the base model, layer by layer) never
-        overlaps the copies."""
-        if self.routers is not None:
-            self.routers.compute()
 
     def summary(self) -> str:
         m = self.moe
@@ -224,6 +220,19 @@ def compile_moe(r: Recipe, sources: dict[str, Any], stages: dict[str, Any], *, b
     return out
 
 
+@dataclass(frozen=True)
+class _Base:
+    """The opened base model and what the compile steps read from it."""
+
+    key: str
+    src: Any
+    cfg: dict[str, Any]
+    model_type: str
+    layers: int
+    hidden: int
+    arch: OutArch
+
+
 class _MoECompiler:
     """Checks the models against each other and lists the output tensors (one CopyJob each)."""
 
@@ -238,58 +247,97 @@ class _MoECompiler:
         return key, src, src.config
 
     def compile(self) -> tuple[Any, MoEInfo, RouterSource, list[str]]:
+        """The MoE's stage plan, description, router source and warnings. Each step below checks one thing
+        or lists one kind of output tensor, so that every error names what it checked before anything runs."""
         cfg, comp = self.cfg, self.comp
         warnings: list[str] = []
-        base_key, base, bcfg = self._open(cfg.base_model, f"{cfg.source}: base_model")
-        model_type = bcfg.get("model_type")
+        base = self._base()
+        specs = cfg.experts + cfg.shared_experts
+        opened = [self._open(e.model, f"{e.where}.source_model") for e in specs]
+        self._check_experts(base, specs, opened)
+        keys = [o[0] for o in opened]
+        n = len(cfg.experts)
+        if n > 1 and len(set(keys[:n])) == 1:
+            warnings.append(f"experts: all {n} experts are the same model; the MoE computes what "
+                            f"that model computes (useful as a check, or as a start for training)")
+        if n & (n - 1):
+            warnings.append(f"experts: {n} experts is not a power of two; llama.cpp cannot load the result")
+        self._check_prompt_mode(base)
+        out_code = cfg.dtype or _dtype_of_config(base.cfg)
+        jobs = self._copy_jobs(base, keys, out_code)
+        routers = self._routers(base, out_code)
+        comp.sources[ROUTER_KEY] = routers
+        jobs += [CopyJob(t.name, t.shape, routers.tensors[t.name].dtype, [SourceRef(ROUTER_KEY, t.name, 0)])
+                 for t in routers.spec.tensors]
+        jobs.sort(key=lambda j: _order_key(j.name))
+        qkv_bias = "model.layers.0.self_attn.q_proj.bias" in base.src.tensors
+        config = base.arch.config(base.cfg, n, cfg.experts_per_token, qkv_bias, str(base.src.path))
+        n_prompts = sum(len(e.prompts.positive) + len(e.prompts.negative) for e in specs)
+        info = MoEInfo(base.arch, base.model_type, tuple(e.model for e in cfg.experts),
+                       tuple(e.model for e in cfg.shared_experts), cfg.experts_per_token, cfg.gate_mode,
+                       n_prompts, self._router_peak(base.src, base.layers))
+        # CopyJob has the interface of TensorJob that emit.emit_plan uses
+        st = StagePlan(self.r, MOE_METHOD, jobs, config, base.src.aux_files(),  # type: ignore[arg-type]
+                       list(comp.src_keys), base.key, base.key)
+        return st, info, routers, warnings
+
+    def _base(self) -> "_Base":
+        """The base model opened, with the sizes every later step needs and the output architecture it
+        selects (the base's model type decides which MoE architectures can take it)."""
+        cfg = self.cfg
+        key, src, bcfg = self._open(cfg.base_model, f"{cfg.source}: base_model")
+        model_type = str(bcfg.get("model_type"))
         try:
             layers, hidden = int(bcfg["num_hidden_layers"]), int(bcfg["hidden_size"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{base.path}: config.json lacks num_hidden_layers/hidden_size") from None
-        arch = select_arch(cfg, str(model_type))
-        specs = cfg.experts + cfg.shared_experts
-        opened = [self._open(e.model, f"{e.where}.source_model") for e in specs]
-        # every expert: the base's architecture and MLP shapes
-        for e, (key, src, ecfg) in zip(specs, opened):
-            if ecfg.get("model_type") != model_type:
+            raise CheckpointError(f"{src.path}: config.json lacks num_hidden_layers/hidden_size") from None
+        return _Base(key, src, bcfg, model_type, layers, hidden, select_arch(cfg, model_type))
+
+    def _check_experts(self, base: "_Base", specs: list[ExpertSpec], opened: list[tuple[str, Any, Any]]) -> None:
+        """Every expert has the base's architecture and MLP shapes, and no MLP tensor the output's expert
+        cannot hold: an expert's MLP is copied as is, so a mismatch would only show when the MoE is loaded."""
+        for e, (_, src, ecfg) in zip(specs, opened):
+            if ecfg.get("model_type") != base.model_type:
                 raise CheckpointError(f"{e.where}.source_model: {src.path} is a {ecfg.get('model_type')} model, "
-                                      f"the base {base.path} is {model_type}; every expert must be a {model_type}")
-            for i in range(layers):
+                                      f"the base {base.src.path} is {base.model_type}; every expert must be a "
+                                      f"{base.model_type}")
+            for i in range(base.layers):
                 for prm in MLP_PARAMS:
                     nm = f"model.layers.{i}.mlp.{prm}.weight"
-                    want, got = base.tensors.get(nm), src.tensors.get(nm)
+                    want, got = base.src.tensors.get(nm), src.tensors.get(nm)
                     if got is None:
                         raise CheckpointError(f"{src.path}: tensor '{nm}' is missing ({e.where})")
                     if want is not None and tuple(want.shape) != tuple(got.shape):
                         raise CheckpointError(f"{src.path}: tensor '{nm}' has shape {list(got.shape)}, but the "
-                                              f"base {base.path} has {list(want.shape)} ({e.where})")
+                                              f"base {base.src.path} has {list(want.shape)} ({e.where})")
             extra = [n for n in src.tensors if ".mlp." in n and n.rsplit(".mlp.", 1)[1].split(".")[0]
                      not in MLP_PARAMS]
             if extra:
-                raise CheckpointError(f"{src.path}: tensor '{extra[0]}' is an MLP tensor a {arch.label} expert "
-                                      f"cannot hold ({e.where})")
-        keys = [o[0] for o in opened]
-        if len(cfg.experts) > 1 and len(set(keys[:len(cfg.experts)])) == 1:
-            warnings.append(f"experts: all {len(cfg.experts)} experts are the same model; the MoE computes what "
-                            f"that model computes (useful as a check, or as a start for training)")
-        n = len(cfg.experts)
-        if n & (n - 1):
-            warnings.append(f"experts: {n} experts is not a power of two; llama.cpp cannot load the result")
-        # tokenizer and prompts
-        n_prompts = sum(len(e.prompts.positive) + len(e.prompts.negative) for e in specs)
-        if cfg.gate_mode in PROMPT_MODES:
-            if base_key in comp.stages:
-                raise RecipeError(f"{cfg.source}: base_model: gate_mode {cfg.gate_mode} runs the base model on "
-                                  f"prompts, so it must be a checkpoint, not the stage '{cfg.base_model}'")
-            if not any(p.name.startswith("tokenizer") for p in base.aux_files()):
-                raise CheckpointError(f"{base.path}: no tokenizer files; gate_mode {cfg.gate_mode} tokenizes the "
-                                      f"prompts with the base model's tokenizer (or use gate_mode: random)")
-            try:
-                import transformers  # noqa: F401
-            except ImportError:
-                raise RecipeError(f"{cfg.source}: gate_mode {cfg.gate_mode} needs transformers; "
-                                  f"pip install 'lazymerge[moe]'") from None
-        out_code = cfg.dtype or _dtype_of_config(bcfg)
+                raise CheckpointError(f"{src.path}: tensor '{extra[0]}' is an MLP tensor a {base.arch.label} "
+                                      f"expert cannot hold ({e.where})")
+
+    def _check_prompt_mode(self, base: "_Base") -> None:
+        """The prompt modes run the base model on prompts after planning: check now that they can (a checkpoint
+        base with a tokenizer, transformers installed) rather than fail after the plan was shown."""
+        cfg = self.cfg
+        if cfg.gate_mode not in PROMPT_MODES:
+            return
+        if base.key in self.comp.stages:
+            raise RecipeError(f"{cfg.source}: base_model: gate_mode {cfg.gate_mode} runs the base model on "
+                              f"prompts, so it must be a checkpoint, not the stage '{cfg.base_model}'")
+        if not any(p.name.startswith("tokenizer") for p in base.src.aux_files()):
+            raise CheckpointError(f"{base.src.path}: no tokenizer files; gate_mode {cfg.gate_mode} tokenizes the "
+                                  f"prompts with the base model's tokenizer (or use gate_mode: random)")
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise RecipeError(f"{cfg.source}: gate_mode {cfg.gate_mode} needs transformers; "
+                              f"pip install 'lazymerge[moe]'") from None
+
+    def _copy_jobs(self, base: "_Base", keys: list[str], out_code: str | None) -> list[CopyJob]:
+        """Every output tensor but the routers: the base's non-MLP tensors, then per layer each expert's MLP
+        (and the shared experts'), each a copy of one input tensor, with the expert's noise and residual scale."""
+        cfg, comp = self.cfg, self.comp
         jobs: list[CopyJob] = []
 
         def copy(out_name: str, key: str, in_name: str, expert: ExpertSpec | None = None,
@@ -306,75 +354,54 @@ class _MoECompiler:
             is_down = in_name.endswith("down_proj.weight")
             residual = expert.residual_scale if expert is not None and is_float and is_down else None
             if noise:
-                nkey = f"moe:noise:{e_index}"
-                if nkey not in comp.sources:
-                    comp.sources[nkey] = NoiseSource(self.seed, e_index, Path(f"<noise of {expert.where}>"))
-                comp.sources[nkey].add(in_name, shape)
-                refs.append(SourceRef(nkey, in_name, 0))
+                refs.append(self._noise_ref(expert, e_index, in_name, shape))  # type: ignore[arg-type]
             raw = isinstance(comp.get(key), Checkpoint)
             jobs.append(CopyJob(out_name, shape, (out_code or info.dtype) if is_float else info.dtype, refs,
                                 raw=raw, noise=noise, residual=residual))
 
-        for nm in sorted(base.tensors, key=_order_key):
+        for nm in sorted(base.src.tensors, key=_order_key):
             if ".mlp." not in nm:
-                copy(nm, base_key, nm)
-        router_names = []
-        for i in range(layers):
+                copy(nm, base.key, nm)
+        n = len(cfg.experts)
+        for i in range(base.layers):
             for e, spec in enumerate(cfg.experts):
                 for prm in MLP_PARAMS:
-                    copy(arch.expert_name(i, e, prm), keys[e], f"model.layers.{i}.mlp.{prm}.weight", spec, e)
+                    copy(base.arch.expert_name(i, e, prm), keys[e], f"model.layers.{i}.mlp.{prm}.weight", spec, e)
             for s, spec in enumerate(cfg.shared_experts):
                 for prm in MLP_PARAMS:
                     copy(f"model.layers.{i}.mlp.shared_expert.{prm}.weight", keys[n + s],
                          f"model.layers.{i}.mlp.{prm}.weight", spec, n + s)
-            router_names.append(arch.router_name(i))
-        shared_gate = [f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in range(layers)] \
-            if cfg.shared_experts else []
-        embed = base.tensors.get("model.embed_tokens.weight")
+        return jobs
+
+    def _noise_ref(self, expert: ExpertSpec, e_index: int, name: str, shape: tuple[int, ...]) -> SourceRef:
+        """The expert's noise for tensor `name`, from one in-memory NoiseSource per expert (seeded per expert and
+        tensor, so the noise never depends on which other tensors exist)."""
+        nkey = f"moe:noise:{e_index}"
+        if nkey not in self.comp.sources:
+            self.comp.sources[nkey] = NoiseSource(self.seed, e_index, Path(f"<noise of {expert.where}>"))
+        self.comp.sources[nkey].add(name, shape)
+        return SourceRef(nkey, name, 0)
+
+    def _routers(self, base: "_Base", out_code: str | None) -> RouterSource:
+        """The router tensors described, not computed: computing them runs the base model (hidden), which is
+        `lazymerge.moe.routers`' job above the planner; the plan only holds the source they will fill."""
+        cfg, n, layers = self.cfg, len(self.cfg.experts), base.layers
+        embed = base.src.tensors.get("model.embed_tokens.weight")
         if embed is None and cfg.gate_mode == "cheap_embed":
-            raise CheckpointError(f"{base.path}: tensor 'model.embed_tokens.weight' is missing (cheap_embed)")
-        router_code = out_code or (embed.dtype if embed is not None else "F32")
-        shapes = {nm: (n, hidden) for nm in router_names}
-        shapes.update({nm: (len(cfg.shared_experts), hidden) for nm in shared_gate})
-        compute = self._router_fn(base_key, base, router_names, shared_gate, layers)
-        routers = RouterSource(shapes, router_code, compute, Path(f"<routers of {base.path}>"))
-        comp.sources[ROUTER_KEY] = routers
-        for nm, shape in shapes.items():
-            jobs.append(CopyJob(nm, shape, router_code, [SourceRef(ROUTER_KEY, nm, 0)]))
-        jobs.sort(key=lambda j: _order_key(j.name))
-        qkv_bias = "model.layers.0.self_attn.q_proj.bias" in base.tensors
-        config = arch.config(bcfg, n, cfg.experts_per_token, qkv_bias, str(base.path))
-        aux = base.aux_files()
-        info = MoEInfo(arch, str(model_type), tuple(e.model for e in cfg.experts),
-                       tuple(e.model for e in cfg.shared_experts), cfg.experts_per_token, cfg.gate_mode,
-                       n_prompts, self._router_peak(base, layers))
-        # CopyJob has the interface of TensorJob that emit.emit_plan uses
-        st = StagePlan(self.r, MOE_METHOD, jobs, config, aux, list(comp.src_keys),  # type: ignore[arg-type]
-                       base_key, base_key)
-        return st, info, routers, warnings
-
-    def _router_fn(self, base_key: str, base: Any, names: list[str], shared: list[str],
-                   layers: int) -> Callable[[], dict]:
-        cfg, seed, budget = self.cfg, self.seed, self.budget
+            raise CheckpointError(f"{base.src.path}: tensor 'model.embed_tokens.weight' is missing (cheap_embed)")
+        tensors = [RouterTensor(base.arch.router_name(i), (n, base.hidden), i, (0, n)) for i in range(layers)]
+        if cfg.shared_experts:
+            m = len(cfg.shared_experts)
+            tensors += [RouterTensor(f"model.layers.{i}.mlp.shared_expert_gate.weight", (m, base.hidden), i,
+                                     (n, n + m)) for i in range(layers)]
         # what the layer-streaming forward runs: the directory, or base+adapter as a merge-and-unload recipe
-        target: Any = base_key if "+" not in base_key or Path(base_key).is_dir() else \
-            {"merge_method": "passthrough", "models": [{"model": base_key}]}
-
-        def compute() -> dict:
-            n = len(cfg.experts)
-            if cfg.gate_mode not in PROMPT_MODES:
-                out = {nm: random_router(cfg.gate_mode, seed, nm, (n, base.config["hidden_size"])) for nm in names}
-                out.update({nm: random_router(cfg.gate_mode, seed, nm, (len(cfg.shared_experts),
-                                                                        base.config["hidden_size"]))
-                            for nm in shared})
-                return out
-            vecs = prompt_gates(cfg.gate_mode, base, target, Path(base.path),
-                                [e.prompts for e in cfg.experts + cfg.shared_experts], layers,
-                                memory=budget if budget is not None else "unlimited")
-            out = {nm: vecs[i, :n] for i, nm in enumerate(names)}
-            out.update({nm: vecs[i, n:] for i, nm in enumerate(shared)})
-            return out
-        return compute
+        target: Any = base.key if "+" not in base.key or Path(base.key).is_dir() else \
+            {"merge_method": "passthrough", "models": [{"model": base.key}]}
+        spec = RouterPass(cfg.gate_mode, self.seed, base.key, Path(base.src.path), target,
+                          tuple(e.prompts for e in cfg.experts + cfg.shared_experts), layers,
+                          self.budget if self.budget is not None else "unlimited", tuple(tensors))
+        router_code = out_code or (embed.dtype if embed is not None else "F32")
+        return RouterSource(spec, router_code, Path(f"<routers of {base.src.path}>"))
 
     def _router_peak(self, base: Any, layers: int) -> int:
         """Bytes the router pass holds: hidden: the larger of one decoder layer and the embedding, in bfloat16;
