@@ -39,7 +39,8 @@ def _warm() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=6000, help="eval tokens per trial (sets a trial's cost)")
+    ap.add_argument("--docs", type=int, default=128, help="eval documents of 127 words sampled from ft1")
+    ap.add_argument("--max-tokens", type=int, default=16000, help="eval tokens per trial (sets a trial's cost)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--memory", default="1MiB", help="--memory of each trial")
     ap.add_argument("--out", type=Path)
@@ -49,22 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import lazymerge
-    from evalkit import make_finetune, make_model, sample_text
+    from evalkit import make_search_set
 
     torch.set_num_threads(1)
     out = args.out or HERE / "results" / f"search-cluster-{time.strftime('%Y%m%d-%H%M')}"
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        base = make_model(root / "base", "llama", seed=5, word_level=True)
-        ft1 = make_finetune(base, root / "ft1", seed=51, std=0.2)
-        ft2 = make_finetune(base, root / "ft2", seed=52, std=0.2)
-        data = root / "data.txt"
-        data.write_text(" ".join(sample_text(ft1, 48, 127)))
-        recipe = {"merge_method": "linear", "dtype": "float32",
-                  "models": [{"model": str(ft1), "parameters": {"weight": 0.5}},
-                             {"model": str(ft2), "parameters": {"weight": 0.5}}]}
+        s = make_search_set(Path(tmp), n_docs=args.docs)
+        recipe, data, root = s["recipe"], s["data"], s["root"]
         space = ["models[0].parameters.weight=0..1", "models[1].parameters.weight=0..1"]
         for n in (1, 2):
             with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
@@ -92,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     lines = ["# lazymerge search --cluster: trials per hour, 1 vs 2 workers (LocalCluster)", "",
              f"{time.strftime('%Y-%m-%d %H:%M')} · {os.cpu_count()} CPUs (shared with other work) · commit "
-             f"`{results['commit']}` · tiny llama, {args.max_tokens} eval tokens/trial, seq-len {args.seq_len}", "",
+             f"`{results['commit']}` · tiny llama, up to {args.max_tokens} eval tokens/trial, seq-len {args.seq_len}", "",
              "| workers | completed trials | wall s | trials/hour |", "|---:|---:|---:|---:|"]
     for r in runs.values():
         lines.append(f"| {r['workers']} | {r['trials']} | {r['wall_s']:.1f} | {r['trials_per_hour']:.0f} |")

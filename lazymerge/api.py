@@ -99,6 +99,13 @@ def search(recipe: RecipeLike, data: "str | Path", space: list, *, trials: int =
     (DASK_SCHEDULER_ADDRESS), as for `merge`."""
     from .evaluate.search import search as run_search
 
+    trials_on = None
+    if cluster is not None:
+        import functools
+
+        from .cluster.search import run_trials
+
+        trials_on = functools.partial(run_trials, cluster=cluster)
     return run_search(recipe, data, space, trials=trials, study=study, sampler=sampler, seed=seed, memory=memory,
                       seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, best_file=best_file,
-                      out=out, on_trial=on_trial, progress=progress, cluster=cluster)
+                      out=out, on_trial=on_trial, progress=progress, run_trials=trials_on)

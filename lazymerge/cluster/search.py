@@ -90,7 +90,7 @@ def _inputs(doc: dict[str, Any], memory: Any, data: Path) -> list[Path]:
         plan.close()
 
 
-def run_trials(study: Any, doc: dict[str, Any], dims: list[SpaceDim], cluster: Any, trials: int, *,
+def run_trials(study: Any, doc: dict[str, Any], dims: list[SpaceDim], trials: int, *, cluster: Any,
                data: "str | Path", memory: Any, seq_len: int | None, max_tokens: int, batch: int, device: str,
                seed: int, on_trial: Callable[[Trial], None] | None = None) -> None:
     """Ask/tell `study` until it holds `trials` completed trials, each evaluated on a worker of `cluster`."""

@@ -204,12 +204,13 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
            seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
            best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
            on_trial: Callable[[Trial], None] | None = None, progress: Callable[[Any], None] | None = None,
-           cluster: Any = None) -> SearchReport:
+           run_trials: Callable[..., None] | None = None) -> SearchReport:
     """Search `space` (`PATH=LOW..HIGH` strings or SpaceDims) for the recipe values with the lowest perplexity
     on `data`, until `trials` trials have completed in the study (a re-run with the same `study` file continues).
-    Writes the best recipe to `best_file`, and merges it into `out` when given. `cluster` (a `distributed.Client`,
-    `local:N`, a scheduler address or `env`) evaluates the trials on Dask workers, one at a time per worker (see
-    `lazymerge.cluster.search`); the study stays here."""
+    Writes the best recipe to `best_file`, and merges it into `out` when given. `run_trials` completes the
+    trials elsewhere instead of one by one here: called as run_trials(study, doc, dims, trials, data=, memory=,
+    seq_len=, max_tokens=, batch=, device=, seed=, on_trial=), it asks and tells the opened study
+    (`lazymerge.cluster.search.run_trials` on Dask workers); the study, its resume and the report stay here."""
     try:
         import optuna
     except ImportError:
@@ -218,10 +219,8 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
 
     doc, dims = _read_search(recipe, space)
     st = open_study(optuna, study, sampler, seed, dims)
-    if cluster is not None:
-        from ..cluster.search import run_trials
-
-        run_trials(st, doc, dims, cluster, trials, data=data, memory=memory, seq_len=seq_len,
+    if run_trials is not None:
+        run_trials(st, doc, dims, trials, data=data, memory=memory, seq_len=seq_len,
                    max_tokens=max_tokens, batch=batch, device=device, seed=seed, on_trial=on_trial)
         return _finish(st, doc, dims, best_file=best_file, out=out, memory=memory, seed=seed, device=device)
     windows_box: dict[str, Any] = {}
