@@ -86,3 +86,18 @@ def test_missing_data_is_one_line(search_set, client, tmp_path):
     with pytest.raises(LazyMergeError, match="gone.txt") as err:
         lazymerge.search(search_set["recipe"], data, SPACE, trials=1, best_file=None, cluster=client)
     assert "\n" not in str(err.value)
+
+
+def test_cli_bad_cluster_is_one_line_error(search_set, tmp_path):
+    from click.testing import CliRunner
+
+    import yaml
+
+    from lazymerge.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(search_set["recipe"]))
+    res = CliRunner().invoke(main, ["search", str(recipe), "--data", str(search_set["data"]), "--space", SPACE[0],
+                                    "--study", str(tmp_path / "s.db"), "--cluster", "nowhere", "-q"])
+    assert res.exit_code != 0
+    assert "neither local:N nor a scheduler address" in res.output and len(res.output.strip().splitlines()) == 1
