@@ -33,9 +33,12 @@ def _load(db):
 def test_cluster_trials_equal_local_evaluation(search_set, client, tmp_path):
     s = search_set
     seen = []
-    report = lazymerge.search(s["recipe"], s["data"], SPACE, trials=4, seed=0, study=tmp_path / "s.db",
-                              memory="64KiB", seq_len=SEQ, max_tokens=MAX, best_file=tmp_path / "best.yaml",
-                              cluster=client, on_trial=seen.append)
+    with distributed.get_task_stream(client) as stream:
+        report = lazymerge.search(s["recipe"], s["data"], SPACE, trials=4, seed=0, study=tmp_path / "s.db",
+                                  memory="64KiB", seq_len=SEQ, max_tokens=MAX, best_file=tmp_path / "best.yaml",
+                                  cluster=client, on_trial=seen.append)
+    ran = [d for d in stream.data if str(d["key"]).startswith("lazymerge-trial")]
+    assert len(ran) == 4 and len({d["worker"] for d in ran}) == 2          # both workers evaluated trials
     done = [t for t in report.trials if t.state == "COMPLETE"]
     assert len(done) == 4 and len(seen) == 4
     assert len({t.params[SPACE[0].split("=")[0]] for t in done}) == 4         # four different candidates

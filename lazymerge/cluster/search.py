@@ -1,7 +1,7 @@
 """`lazymerge search --cluster`: the trials of a parameter search evaluated on Dask workers.
 
 The client keeps the optuna study (SQLite, as a local search does) and drives it with ask/tell: it keeps one
-trial in flight per worker, each a task that evaluates one candidate recipe with the local evaluator (layer by
+trial in flight per worker (placed on a worker with none), each a task that evaluates one candidate recipe with the local evaluator (layer by
 layer, within --memory, nothing written), and as each finishes it tells the study and asks for the next, until
 the study holds the requested number of completed trials. A trial's value depends only on its candidate values
 (evaluation is deterministic), never on the worker that ran it.
@@ -110,12 +110,19 @@ def run_trials(study: Any, doc: dict[str, Any], dims: list[SpaceDim], trials: in
         pending = distributed.as_completed()
         done = completed_count(study)
 
+        free = list(workers)
+        placed: dict[Any, str] = {}
+
         def launch() -> None:
+            # one trial per worker: each goes to a worker with none in flight (a worker with many threads would
+            # otherwise take two); loosely, so that a trial whose worker died runs elsewhere
             trial = study.ask()
             recipe = candidate(doc, dims, suggest(trial, dims))
+            addr = free.pop(0)
             fut = client.submit(evaluate_trial, job, recipe, key=f"lazymerge-trial-{token}-{trial.number}",
-                                pure=False)
+                                pure=False, workers=[addr], allow_other_workers=True)
             inflight[fut] = trial
+            placed[fut] = addr
             pending.add(fut)
 
         try:
@@ -123,6 +130,7 @@ def run_trials(study: Any, doc: dict[str, Any], dims: list[SpaceDim], trials: in
                 launch()
             for fut in pending:
                 trial = inflight.pop(fut)
+                free.append(placed.pop(fut))
                 try:
                     nll, ppl = fut.result()
                 except distributed.KilledWorker:
