@@ -88,14 +88,24 @@ def search(recipe: RecipeLike, data: "str | Path", space: list, *, trials: int =
            study: "str | Path | None" = None, sampler: str = "tpe", seed: int = 0, memory: int | str | None = None,
            seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
            best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
-           on_trial: Callable[[Any], None] | None = None, progress: Callable[[Any], None] | None = None):
+           on_trial: Callable[[Any], None] | None = None, progress: Callable[[Any], None] | None = None,
+           cluster: Any = None):
     """Search recipe values (`space`: ["models[0].parameters.weight=0..1", ...]) for the lowest perplexity of
     the merge on `data`, each candidate evaluated layer by layer and never written. `study`: an SQLite file that
     keeps every completed trial, so an interrupted search continues where it stopped. Returns a SearchReport;
     writes the best recipe to `best_file` and merges it into `out` when given. Needs optuna
-    (pip install 'lazymerge[search]')."""
+    (pip install 'lazymerge[search]'). `cluster` evaluates the trials on Dask workers, one per worker at a time,
+    the study staying here: a `distributed.Client`, `"local:N"`, `"tcp://HOST:PORT"` or `"env"`
+    (DASK_SCHEDULER_ADDRESS), as for `merge`."""
     from .evaluate.search import search as run_search
 
+    trials_on = None
+    if cluster is not None:
+        import functools
+
+        from .cluster.search import run_trials
+
+        trials_on = functools.partial(run_trials, cluster=cluster)
     return run_search(recipe, data, space, trials=trials, study=study, sampler=sampler, seed=seed, memory=memory,
                       seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, best_file=best_file,
-                      out=out, on_trial=on_trial, progress=progress)
+                      out=out, on_trial=on_trial, progress=progress, run_trials=trials_on)

@@ -448,11 +448,15 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
               show_default=True, help="Where to write the best recipe.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Merge the best recipe into OUT.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
+              help="Evaluate trials on Dask workers, one trial per worker at a time: local:N, tcp://HOST:8786, "
+                   "or none (default: local, or DASK_SCHEDULER_ADDRESS). Data and models must be at the same "
+                   "paths on every worker; the study stays here.")
 @_friendly
 def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
                memory: str | None, device: str, seed: int, space: tuple[str, ...], space_file: Path | None,
                trials: int | None, study: Path, sampler: str | None, best_file: Path, out: Path | None,
-               quiet: bool) -> None:
+               quiet: bool, cluster: str | None) -> None:
     """Search RECIPE's parameters for the merge with the lowest perplexity on --data.
 
     Each trial puts sampled values into the recipe and evaluates that merge layer by layer, never writing it
@@ -462,6 +466,10 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
     \b
     lazymerge search recipe.yaml --data eval.jsonl --space 'models[0].parameters.weight=0..1' --trials 12
     lazymerge search recipe.yaml --data eval.txt -s 'parameters.t[0]=0..1' -s 'parameters.t[1]=0..1' --out ./best
+    lazymerge search recipe.yaml --data eval.txt -s 'parameters.t=0..1' --cluster local:2 --memory 2GiB
+
+    With --cluster, the completed trials' values are reproducible but a seeded sampler's proposals depend on the
+    order trials finish in.
     """
     from .api import search
     from .evaluate.search import parse_space, read_space_file
@@ -483,11 +491,12 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
             click.echo(f"trial {t.number:>3}  perplexity {ppl}  {vals}", err=True)
 
     try:
-        report = search(recipe, data, dims, trials=trials or int(extra.get("trials", 20)), study=study,
-                        sampler=sampler or str(extra.get("sampler", "tpe")),
-                        seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
-                        max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
-                        on_trial=on_trial, progress=bar)
+        with _cluster_client(cluster) as client:
+            report = search(recipe, data, dims, trials=trials or int(extra.get("trials", 20)), study=study,
+                            sampler=sampler or str(extra.get("sampler", "tpe")),
+                            seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
+                            max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
+                            on_trial=on_trial, progress=bar, cluster=client)
     finally:
         bar.close()
     click.echo(report.summary())

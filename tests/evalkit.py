@@ -162,3 +162,17 @@ def sample_text(model_dir: Path, n_docs: int, length: int, seed: int = 0) -> lis
             logits[:, :4] = -float("inf")                 # <pad> <s> </s> <unk>
             ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1, generator=g)], 1)
     return [tok.decode(row[1:]) for row in ids]
+
+
+def make_search_set(root: Path, n_docs: int = 4) -> dict:
+    """base, two fine-tunes far apart, and eval text sampled from ft1 (the best linear mix leans to ft1), with a
+    linear recipe of the two: what the search tests and benches/search_cluster.py search over."""
+    base = make_model(root / "base", "llama", seed=5, word_level=True)
+    ft1 = make_finetune(base, root / "ft1", seed=51, std=0.2)
+    ft2 = make_finetune(base, root / "ft2", seed=52, std=0.2)
+    data = root / "data.txt"
+    data.write_text(" ".join(sample_text(ft1, n_docs, 127)))
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(ft1), "parameters": {"weight": 0.5}},
+                         {"model": str(ft2), "parameters": {"weight": 0.25}}]}
+    return {"root": root, "data": data, "recipe": recipe, "ft1": ft1, "ft2": ft2}

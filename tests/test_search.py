@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 optuna = pytest.importorskip("optuna")
 
-from evalkit import make_finetune, make_model, one_thread, sample_text  # noqa: E402,F401
+from evalkit import make_search_set, one_thread  # noqa: E402,F401
 
 import lazymerge  # noqa: E402
 from lazymerge.errors import RecipeError  # noqa: E402
@@ -26,16 +26,7 @@ SEQ, MAX = 32, 480
 @pytest.fixture(scope="module")
 def search_set(tmp_path_factory):
     """base, two fine-tunes far apart, and eval text sampled from ft1: the best linear mix leans to ft1."""
-    root = tmp_path_factory.mktemp("search")
-    base = make_model(root / "base", "llama", seed=5, word_level=True)
-    ft1 = make_finetune(base, root / "ft1", seed=51, std=0.2)
-    ft2 = make_finetune(base, root / "ft2", seed=52, std=0.2)
-    data = root / "data.txt"
-    data.write_text(" ".join(sample_text(ft1, 4, 127)))
-    recipe = {"merge_method": "linear", "dtype": "float32",
-              "models": [{"model": str(ft1), "parameters": {"weight": 0.5}},
-                         {"model": str(ft2), "parameters": {"weight": 0.25}}]}
-    return {"root": root, "data": data, "recipe": recipe, "ft1": ft1, "ft2": ft2}
+    return make_search_set(tmp_path_factory.mktemp("search"))
 
 
 def test_search_finds_the_model_the_data_came_from(search_set, tmp_path):

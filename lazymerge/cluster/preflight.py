@@ -15,10 +15,11 @@ from typing import Any
 from ..errors import CheckpointError, LazyMergeError, OutputError
 
 
-def probe(inputs: list[str], tmp_dir: str, shard_files: list[str]) -> dict[str, Any]:
+def probe(inputs: list[str], tmp_dir: str | None, shard_files: list[str]) -> dict[str, Any]:
     """Runs on a worker: read every input's header, create and delete a file in the temporary output directory,
-    open one of its shard files for writing. Returns sizes and versions for the client to compare, or the first
-    problem as {"error": message, "kind": "input"|"output"}."""
+    open one of its shard files for writing (no output check when `tmp_dir` is None: a search writes nothing on
+    the workers). Returns sizes and versions for the client to compare, or the first problem as
+    {"error": message, "kind": "input"|"output"}."""
     from .._version import __version__
     from ..io.shards import read_header
 
@@ -36,6 +37,8 @@ def probe(inputs: list[str], tmp_dir: str, shard_files: list[str]) -> dict[str, 
             return {"kind": "input", "error": str(exc)}
         except OSError as exc:
             return {"kind": "input", "error": f"{path}: cannot read: {exc.strerror or exc}"}
+    if tmp_dir is None:
+        return {"sizes": sizes, "version": __version__}
     probe_file = Path(tmp_dir) / f".probe-{socket.gethostname()}-{os.getpid()}"
     try:
         fd = os.open(probe_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -49,14 +52,14 @@ def probe(inputs: list[str], tmp_dir: str, shard_files: list[str]) -> dict[str, 
     return {"sizes": sizes, "version": __version__}
 
 
-def check_workers(client: Any, inputs: list[Path], tmp_dir: Path, shard_files: list[str]) -> list[str]:
+def check_workers(client: Any, inputs: list[Path], tmp_dir: Path | None, shard_files: list[str]) -> list[str]:
     """Run `probe` on every worker; raise a one-line CheckpointError/OutputError naming the first worker that
     cannot see an input or write the output. Returns the workers' addresses."""
     from .._version import __version__
 
     expected = {str(f): f.stat().st_size for f in inputs}
     try:
-        answers = client.run(probe, list(expected), str(tmp_dir), shard_files)
+        answers = client.run(probe, list(expected), None if tmp_dir is None else str(tmp_dir), shard_files)
     except Exception as exc:             # a worker that cannot even unpickle the probe: no lazymerge there
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise OutputError(f"a worker cannot run lazymerge ({type(exc).__name__}: {first}); install the same "

@@ -203,17 +203,47 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
            study: "str | Path | None" = None, sampler: str = "tpe", seed: int = 0, memory: Any = None,
            seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
            best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
-           on_trial: Callable[[Trial], None] | None = None, progress: Callable[[Any], None] | None = None
-           ) -> SearchReport:
+           on_trial: Callable[[Trial], None] | None = None, progress: Callable[[Any], None] | None = None,
+           run_trials: Callable[..., None] | None = None) -> SearchReport:
     """Search `space` (`PATH=LOW..HIGH` strings or SpaceDims) for the recipe values with the lowest perplexity
     on `data`, until `trials` trials have completed in the study (a re-run with the same `study` file continues).
-    Writes the best recipe to `best_file`, and merges it into `out` when given."""
+    Writes the best recipe to `best_file`, and merges it into `out` when given. `run_trials` completes the
+    trials elsewhere instead of one by one here: called as run_trials(study, doc, dims, trials, data=, memory=,
+    seq_len=, max_tokens=, batch=, device=, seed=, on_trial=), it asks and tells the opened study
+    (`lazymerge.cluster.search.run_trials` on Dask workers); the study, its resume and the report stay here."""
     try:
         import optuna
     except ImportError:
         raise LazyMergeError("search needs optuna: pip install 'lazymerge[search]'") from None
     from .runner import _evaluate
 
+    doc, dims = _read_search(recipe, space)
+    st = open_study(optuna, study, sampler, seed, dims)
+    if run_trials is not None:
+        run_trials(st, doc, dims, trials, data=data, memory=memory, seq_len=seq_len,
+                   max_tokens=max_tokens, batch=batch, device=device, seed=seed, on_trial=on_trial)
+        return _finish(st, doc, dims, best_file=best_file, out=out, memory=memory, seed=seed, device=device)
+    windows_box: dict[str, Any] = {}
+
+    def objective(trial: Any) -> float:
+        values = suggest(trial, dims)
+        report, win = _evaluate(candidate(doc, dims, values), data, memory=memory, seq_len=seq_len,
+                                max_tokens=max_tokens, batch=batch, device=device, seed=seed, progress=progress,
+                                windows=windows_box.get("w"))
+        windows_box["w"] = win
+        trial.set_user_attr("perplexity", report.perplexity)
+        return report.nll
+
+    def report_trial(_study: Any, frozen: Any) -> None:
+        if on_trial is not None:
+            on_trial(trial_of(frozen))
+
+    while completed_count(st) < trials:
+        st.optimize(objective, n_trials=1, catch=(), callbacks=[report_trial])
+    return _finish(st, doc, dims, best_file=best_file, out=out, memory=memory, seed=seed, device=device)
+
+
+def _read_search(recipe: Any, space: Sequence["str | SpaceDim"]) -> tuple[dict[str, Any], list[SpaceDim]]:
     docs, source = read_documents(recipe)
     if len(docs) != 1 or not isinstance(docs[0], dict):
         raise RecipeError(f"{source}: search takes a single-document recipe")
@@ -224,7 +254,12 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
     if len({d.path for d in dims}) != len(dims):
         raise RecipeError("search: the same path is given twice in the space")
     check_space(doc, dims, source)
+    return doc, dims
 
+
+def open_study(optuna: Any, study: "str | Path | None", sampler: str, seed: int, dims: list[SpaceDim]) -> Any:
+    """Create or reopen the study. Trials a killed run left RUNNING are marked FAILED (one client per study:
+    nobody else is running them), so the search asks for new ones; completed trials are kept, local or cluster."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = None
     if study is not None:
@@ -238,32 +273,28 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
                               "file for a different space")
     for t in st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         st.tell(t.number, state=optuna.trial.TrialState.FAIL)     # left by a killed run: one process per study
-    windows_box: dict[str, Any] = {}
+    return st
 
-    def objective(trial: Any) -> float:
-        values = {d.path: trial.suggest_float(d.path, d.low, d.high, log=d.log) for d in dims}
-        report, win = _evaluate(candidate(doc, dims, values), data, memory=memory, seq_len=seq_len,
-                                max_tokens=max_tokens, batch=batch, device=device, seed=seed, progress=progress,
-                                windows=windows_box.get("w"))
-        windows_box["w"] = win
-        trial.set_user_attr("perplexity", report.perplexity)
-        return report.nll
 
-    def report_trial(_study: Any, frozen: Any) -> None:
-        if on_trial is not None:
-            on_trial(_trial(frozen))
+def suggest(trial: Any, dims: list[SpaceDim]) -> dict[str, float]:
+    return {d.path: trial.suggest_float(d.path, d.low, d.high, log=d.log) for d in dims}
 
-    def done() -> int:
-        return len(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
-    while done() < trials:
-        st.optimize(objective, n_trials=1, catch=(), callbacks=[report_trial])
+def completed_count(st: Any) -> int:
+    import optuna
+
+    return len(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def _finish(st: Any, doc: dict[str, Any], dims: list[SpaceDim], *, best_file: "str | Path | None",
+            out: "str | Path | None", memory: Any, seed: int, device: str) -> SearchReport:
+    import optuna
 
     completed = [t for t in st.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     best = min(completed, key=lambda t: (t.value, t.number))
     best_recipe = candidate(doc, dims, best.params)
     report = SearchReport(best_params=dict(best.params), best_perplexity=best.user_attrs["perplexity"],
-                          best_recipe=best_recipe, trials=[_trial(t) for t in st.get_trials(deepcopy=False)])
+                          best_recipe=best_recipe, trials=[trial_of(t) for t in st.get_trials(deepcopy=False)])
     if best_file is not None:
         report.best_file = Path(best_file)
         report.best_file.write_text(yaml.safe_dump(best_recipe, sort_keys=False))
@@ -275,6 +306,6 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
     return report
 
 
-def _trial(t: Any) -> Trial:
+def trial_of(t: Any) -> Trial:
     ppl = t.user_attrs.get("perplexity")
     return Trial(t.number, dict(t.params), ppl, t.value, t.state.name)
