@@ -25,7 +25,22 @@ def _info(name: str, shape: tuple[int, ...], code: str, path: Path) -> TensorInf
     return TensorInfo(name, code, tuple(shape), path, 0, math.prod(shape) * DTYPES[code][1])
 
 
-class RouterSource:
+class _ComputedSource:
+    """What the engine asks of any input besides its tensors: such a source has no tokenizer or config files to
+    copy, no data file for the run's fingerprint, and nothing to close."""
+
+    def aux_files(self) -> list[Path]:
+        return []
+
+    def data_files(self) -> set[Path]:
+        """None: its values are computed, not read from a file."""
+        return set()
+
+    def close(self) -> None:
+        pass
+
+
+class RouterSource(_ComputedSource):
     """Router weights, described by the plan (`spec`, a `RouterPass`) and filled by the router pass
     (`lazymerge.moe.routers`): it binds the pass with `bind(fn)` and computes it once, before the graph runs
     (`compute()`) or on first read, then holds the values in memory.
@@ -68,18 +83,8 @@ class RouterSource:
             x = x[rows[0]:rows[1]]
         return x.to(device=device, dtype=dtype or x.dtype, copy=True)
 
-    def aux_files(self) -> list[Path]:
-        return []
 
-    def data_files(self) -> set[Path]:
-        """None: its values are computed, not read from a file."""
-        return set()
-
-    def close(self) -> None:
-        pass
-
-
-class NoiseSource:
+class NoiseSource(_ComputedSource):
     """Gaussian noise N(0, 1) for an expert's weights (mergekit-moe's `noise_scale`), drawn per (seed, expert,
     tensor, row group) like DARE's masks, so a block's noise never depends on blocking or schedule."""
 
@@ -102,13 +107,3 @@ class NoiseSource:
         u2 = uniform_rows(derive_seed(self.seed, "moe-noise", self.expert, name, 2), shape, rows)
         z = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos((2.0 * math.pi) * u2)
         return z.to(device=device, dtype=dtype or torch.float32)
-
-    def aux_files(self) -> list[Path]:
-        return []
-
-    def data_files(self) -> set[Path]:
-        """None: its values are computed, not read from a file."""
-        return set()
-
-    def close(self) -> None:
-        pass
