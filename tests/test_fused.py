@@ -114,3 +114,41 @@ def test_all_finite_matches_isfinite(dtype) -> None:
     y = x.clone()
     y[7] = torch.finfo(dtype).max                   # huge but finite
     assert fused.all_finite(y)
+
+
+def test_widen_matches_torch_conversion_bit_for_bit() -> None:
+    """Every one of the 65536 bfloat16 bit patterns (NaNs with payloads, infinities, subnormals, -0.0) widens to
+    the float32 torch makes, and the finiteness count matches torch.isfinite."""
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = torch.cat([patterns, patterns.flip(0)]).reshape(2, -1)
+    got, finite = fused.widen_checked(x)
+    ref = x.float()
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+    assert finite is False
+    ok = x[:, :1000].clone()
+    ok[~torch.isfinite(ok)] = 1.0
+    assert fused.widen_checked(ok)[1] is True
+
+
+def test_load_converts_and_checks_bf16_in_one_pass(tmp_path, monkeypatch) -> None:
+    """The load op's fused path gives the same float32 block as the plain read, and still reports a NaN."""
+    from safetensors.torch import save_file
+
+    from lazymerge.engine import ops
+    from lazymerge.engine.context import RunContext
+    from lazymerge.io.checkpoint import Checkpoint
+
+    w = grid(5).reshape(3, -1).to(torch.bfloat16)
+    w[2, 11] = float("nan")
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    fused.topk_hist(grid(3))                        # the fused path is taken once a fused kernel has run
+    ckpt = Checkpoint.open(tmp_path)
+    seen: list[tuple[str, str]] = []
+    ctx = RunContext(sources={"m": ckpt}, writer=None, device=torch.device("cpu"))
+    monkeypatch.setattr(ctx, "non_finite", lambda model, name: seen.append((model, name)))
+    a = ops.Load("m", "w", (0, 3), w.numel() * 2)
+    assert ops._widen_in_one_pass(ctx, ckpt, a)
+    x = ops.run_task(ctx, a, [], ())
+    assert torch.equal(x.view(torch.int32), ckpt.read("w", (0, 3), torch.float32).view(torch.int32))
+    assert seen == [("m", "w")]

@@ -130,6 +130,17 @@ if numba is not None:
             k += (bits[i] & exp) == exp
         return k
 
+    @njit(parallel=True, nogil=True, cache=True)
+    def _widen_bf16(src, dst):
+        """dst = src as float32 bits (bfloat16 is the top half of a float32: the shift is exact, NaN payloads
+        included, which is what torch's conversion does) and how many entries are NaN or +-Inf."""
+        k = 0
+        for i in prange(src.size):
+            v = np.uint32(src[i])
+            dst[i] = v << np.uint32(16)
+            k += (v & np.uint32(0x7F80)) == np.uint32(0x7F80)
+        return k
+
     _TILE = 4096
 
     @njit(parallel=True, nogil=True, cache=True)
@@ -231,6 +242,11 @@ def finite_checkable(x: Tensor) -> bool:
             and x.numel() >= MIN_NUMEL)
 
 
+def finite_checkable_dtype(dtype: torch.dtype) -> bool:
+    """`finite_checkable` for a block not read yet (its size aside)."""
+    return _jit_loaded and available() and dtype in _EXPONENTS
+
+
 def _loaded() -> None:
     global _jit_loaded
     _jit_loaded = True
@@ -241,6 +257,15 @@ def all_finite(x: Tensor) -> bool:
     itype, exp = _EXPONENTS[x.dtype]
     return _nonfinite(x.reshape(-1).view(torch.int32 if itype is np.int32 else torch.int16).numpy(),
                       itype(exp)) == 0
+
+
+def widen_checked(raw: Tensor) -> tuple[Tensor, bool]:
+    """`raw.float()` of a bfloat16 block and whether it is all finite, in one pass (a load's conversion and its
+    check, which otherwise each read the block)."""
+    out = memory.empty(tuple(raw.shape), torch.float32)
+    bad = _widen_bf16(raw.reshape(-1).view(torch.int16).numpy().view(np.uint16),
+                      out.reshape(-1).view(torch.int32).numpy().view(np.uint32))
+    return out, bad == 0
 
 
 def topk_hist(d: Tensor, high_bin: int = -1) -> Tensor:

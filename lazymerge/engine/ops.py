@@ -24,6 +24,7 @@ import torch
 
 from .. import memory
 from ..dtypes import torch_dtype
+from ..io.checkpoint import Checkpoint
 from . import kernels as K
 from .context import RunContext
 from .vocab_rows import VocabRows, load_block, read_token_rows
@@ -97,6 +98,7 @@ class Load(Attrs):
     read_bytes: int
     raw: bool = False
     vocab: VocabRows | None = None
+    evict: bool = True                   # False: a later phase reads these rows again; leave them in the page cache
 
 
 def _finite(x: Tensor) -> bool:
@@ -114,12 +116,29 @@ def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Te
             return read_token_rows(ctx.sources[key], a.name, rows, ctx.device)
 
         x = load_block(read, a.model, a.vocab)
+    elif _widen_in_one_pass(ctx, ckpt, a):
+        raw = ckpt.read(a.name, rows=a.rows, dtype=None, evict=a.evict)      # conversion and check in one pass
+        x, finite = K.fused.widen_checked(raw)
+        ctx.count(read=a.read_bytes)
+        if not finite:
+            ctx.non_finite(a.model, a.name)
+        return x
     else:
-        x = ckpt.read(a.name, rows=a.rows, dtype=None if a.raw else torch.float32, device=ctx.device)
+        x = ckpt.read(a.name, rows=a.rows, dtype=None if a.raw else torch.float32, device=ctx.device,
+                      evict=a.evict)
     ctx.count(read=a.read_bytes)
     if x.is_floating_point() and not _finite(x):
         ctx.non_finite(a.model, a.name)
     return x
+
+
+def _widen_in_one_pass(ctx: RunContext, ckpt: Any, a: Load) -> bool:
+    """Whether to read the block as stored and convert + check it in one fused pass: bfloat16 on a checkpoint
+    (whose stored bits are the file's: an adapted or computed source rounds when asked for its stored dtype)."""
+    if a.raw or ctx.device.type != "cpu" or type(ckpt) is not Checkpoint or a.read_bytes < 2 * K.fused.MIN_NUMEL:
+        return False
+    info = ckpt.tensors.get(a.name)
+    return info is not None and info.dtype == "BF16" and K.fused.finite_checkable_dtype(torch.bfloat16)
 
 
 @dataclass(frozen=True)

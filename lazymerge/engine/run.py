@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import memory
 from ..errors import MergeAborted, OutputError
 from ..io.writer import CheckpointWriter
 from . import fused
@@ -22,6 +23,9 @@ from .context import RunContext
 from .ops import run_task
 from .report import Progress, Report, RssSampler
 from .scheduler import ScheduleStats, execute
+
+
+POOL_IDLE_UNBUDGETED = 512 << 20    # idle recycled buffers kept when the run has no --memory budget
 
 
 def release_freed_memory() -> None:
@@ -148,7 +152,17 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done, cancel=cancel)
+        with memory.pooled() as pool:
+            def on_start(live: int) -> None:
+                # idle recycled buffers fit in what the budget has left, and take at most a quarter of it: the
+                # scheduler's `live` is an upper bound (scratch estimates), so a pool filling all the headroom
+                # would turn the budget's slack into resident memory
+                if pool is not None:
+                    idle = POOL_IDLE_UNBUDGETED if plan.budget is None else min(plan.budget - live, plan.budget // 4)
+                    pool.trim(idle)
+
+            stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done,
+                            on_start=on_start, cancel=cancel)
     finally:
         torch.set_num_threads(torch_threads)
     return stats, ctx

@@ -48,10 +48,12 @@ def _links(keys: Sequence[str], tasks: Sequence[Any]
 
 def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[Any], tuple[bool, ...]], Any], *,
             budget: int | None, workers: int = 2, on_done: Callable[[Any, Any], None] | None = None,
-            cancel: threading.Event | None = None) -> ScheduleStats:
+            on_start: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> ScheduleStats:
     """Execute `tasks` (each with `.inputs`, `.nbytes`, `.scratch`), keyed by `keys`, listed in a topological order
     that is also their priority. `run(task, input_values, own)` computes one task (`own[k]`: input k is donated);
-    `on_done(task, result)` is called on the scheduling thread after each task (progress). Raises the first task error, or MergeAborted on cancel."""
+    `on_done(task, result)` is called on the scheduling thread after each task (progress); `on_start(live)` before
+    each task starts, with the bytes now held, its own included (the buffer pool trims itself to the rest of the
+    budget). Raises the first task error, or MergeAborted on cancel."""
     index, waiting, consumers, refs = _links(keys, tasks)
     n = len(keys)
     ready = [i for i in range(n) if waiting[i] == 0]
@@ -85,6 +87,8 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
                     stats.over_budget_tasks += 1
                 live += need
                 stats.peak_live_bytes = max(stats.peak_live_bytes, live)
+                if on_start is not None:
+                    on_start(live)
                 srcs = [index[s] for s in t.inputs]
                 # donate an input's buffer when this task is its last reader (and reads it only once)
                 own = tuple(refs[s] == 1 and srcs.count(s) == 1 for s in srcs)

@@ -250,9 +250,9 @@ class Adapter:
         return LoraModule(a=a, b=b, scale=scale, fan_in_fan_out=fan_in_fan_out, rank=int(rank))
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+             device: str | torch.device = "cpu", evict: bool = True) -> torch.Tensor:
         """Rows of one adapter tensor (a factor or a replacement), as `Checkpoint.read` reads them."""
-        return self._weights.read(info.name, rows, dtype, device)
+        return self._weights.read(info.name, rows, dtype, device, evict)
 
     def check_against(self, base_tensors: dict[str, TensorInfo]) -> None:
         """Refuse an adapter that does not fit its base, before any merge work starts."""
@@ -313,28 +313,28 @@ class AdaptedCheckpoint:
         self.tensors = {**base.tensors, **adapter.replaced}
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+             device: str | torch.device = "cpu", evict: bool = True) -> torch.Tensor:
         """Rows [a, b) of the adapted tensor, W + delta summed in float32 and then cast to `dtype` (None: the
         stored dtype). Only those rows of the delta are formed, with the block-invariant `lora_rows`, so a
         row's bits do not depend on the block it is read in."""
         mod = self.adapter.lora.get(name)
         if mod is None:
-            return self._read_weight(name, rows, dtype, device)
+            return self._read_weight(name, rows, dtype, device, evict)
         info = self.tensors[name]
         span = (0, info.rows) if rows is None else rows
         a = self.adapter.read(mod.a)
         b = self.adapter.read(mod.b)
-        w = self._read_weight(name, span, torch.float32, "cpu")
+        w = self._read_weight(name, span, torch.float32, "cpu", evict)
         out = w + lora_rows(a, b, mod.scale, span, mod.fan_in_fan_out)
         return out.to(device=device, dtype=info.torch_dtype if dtype is None else dtype)
 
     def _read_weight(self, name: str, rows: tuple[int, int] | None, dtype: torch.dtype | None,
-                     device: str | torch.device) -> torch.Tensor:
+                     device: str | torch.device, evict: bool) -> torch.Tensor:
         """W before the LoRA delta: the adapter's saved copy when it has one, else the base's."""
         saved = self.adapter.replaced.get(name)
         if saved is not None:
-            return self.adapter.read(saved, rows, dtype, device)
-        return self.base.read(name, rows, dtype, device)
+            return self.adapter.read(saved, rows, dtype, device, evict)
+        return self.base.read(name, rows, dtype, device, evict)
 
     def aux_files(self) -> list[Path]:
         return self.base.aux_files()

@@ -190,7 +190,7 @@ class Checkpoint:
         return tensors, loaded
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+             device: str | torch.device = "cpu", evict: bool = True) -> torch.Tensor:
         """Rows [a, b) of a tensor as a new tensor (see ShardReader.read)."""
         info = self.tensors.get(name)
         if info is None:
@@ -202,7 +202,7 @@ class Checkpoint:
                     raise ValueError(f"{name}: rows {rows} out of range for {info.rows} rows")
                 t = t[rows[0]:rows[1]] if t.dim() >= 2 else (t if rows[1] - rows[0] == 1 else t.reshape(-1)[:0])
             return t.to(device=device, dtype=dtype or t.dtype, copy=True)
-        return self._reader(info.file).read(info, rows, dtype, device)
+        return self._reader(info.file).read(info, rows, dtype, device, evict)
 
     def _reader(self, file: Path) -> ShardReader:
         with self._lock:

@@ -1,8 +1,8 @@
-"""One safetensors file: strict header parsing and memory-mapped row reads.
+"""One safetensors file: strict header parsing and positional row reads.
 
 The header is untrusted input: every inconsistency (a length past the end of the file, a size that contradicts
-the dtype, overlapping ranges) is rejected here, so that later reads can slice the map without ever touching a
-byte beyond the end of the file (which would be a SIGBUS, not an exception).
+the dtype, overlapping ranges) is rejected here, so that later reads never reach beyond the data the header
+declares; a file truncated after it was opened is reported, not read short.
 """
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 
 from lazymerge import memory, shapes
+from lazymerge.io import pagecache
 from lazymerge.dtypes import DTYPES
 from lazymerge.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000
+STAGING_BYTES = 16 << 20       # per reading thread; outside the --memory budget, like the interpreter
+_local = threading.local()
 
 
 class ShapedTensor:
@@ -175,37 +178,41 @@ def _check_tiling(path: Path, ordered: list[TensorInfo], data_start: int, data_s
 
 
 class ShardReader:
-    """A memory-mapped safetensors file.
+    """One safetensors file, read with positional reads.
 
-    Reads return fresh tensors, never views of the map: callers may keep or mutate them freely, and the page
-    range is dropped from our resident set right after the copy so that reading a model does not grow RSS.
+    Reads return fresh tensors: callers may keep or mutate them freely. Input pages that a read brought into the
+    page cache are dropped right after it (`lazymerge.io.pagecache`), so streaming a model leaves neither our
+    RSS nor the cache bigger than it found them. The file is also memory-mapped, but only to ask the kernel which
+    of its pages were cached at open (pages are never touched through the map).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                # ACCESS_COPY gives a writable-looking buffer (torch.frombuffer wants one) without copying; we
-                # never write, so no page is ever duplicated.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        except (OSError, ValueError) as exc:
-            raise _fail(self.path, f"cannot memory-map: {exc}") from None
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise _fail(self.path, f"cannot open: {exc.strerror or exc}") from None
         try:
-            # no read-around: on a cold fault the kernel would also read up to half a readahead window *before*
-            # the block (bytes of the previous tensor, long consumed and, under a memory cap, evicted: read twice)
-            self._map.madvise(mmap.MADV_SEQUENTIAL)
-        except (OSError, ValueError, AttributeError):
-            pass  # advisory only
+            # ACCESS_COPY: mincore's address comes from a writable buffer; nothing is ever written or read here
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            os.close(self._fd)
+            raise _fail(self.path, f"cannot memory-map: {exc}") from None
+        self._size = len(self._map)
+        self._cached_at_open = pagecache.ResidentSnapshot(self._map)
+        pagecache.no_readahead(self._fd)
         self._closed = False
         self._lock = threading.Lock()
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
-             dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Rows [a, b) of `info` as a new tensor in `dtype` (None keeps the stored dtype)."""
+             dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
+             evict: bool = True) -> torch.Tensor:
+        """Rows [a, b) of `info` as a new tensor in `dtype` (None keeps the stored dtype). `evict=False` leaves
+        the pages in the page cache, for a range that will be read again soon."""
         a, b = (0, info.rows) if rows is None else rows
         if not 0 <= a <= b <= info.rows:
             raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
-        if info.start + info.nbytes > len(self._map):
+        if info.start + info.nbytes > self._size:
             raise _fail(self.path, f"tensor {info.name!r} lies beyond the end of the file")
         shape = shapes.block_shape(info.shape, a, b)
         stored = info.torch_dtype
@@ -215,38 +222,56 @@ class ShardReader:
             return torch.empty(shape, dtype=out_dtype, device=device)
         offset = info.start + a * info.row_nbytes
         nbytes = count * info.itemsize
-        self._advise(mmap.MADV_WILLNEED, offset, nbytes)    # read exactly this range ahead, in large requests
         out = memory.empty(count, out_dtype)     # huge pages: see lazymerge/memory.py
-        if offset % info.itemsize == 0:
-            out.copy_(torch.frombuffer(self._map, dtype=stored, count=count, offset=offset))
+        if out_dtype == stored:
+            self._pread(info, _bytes_of(out), offset)
         else:
-            # safetensors does not align data; copy the bytes to an aligned buffer before reinterpreting them.
-            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=offset).clone()
-            out.copy_(raw.view(stored))
-        self._drop_pages(offset, nbytes)
+            # through a small per-thread buffer that stays mapped: the bytes are converted while still in cache
+            stage = _staging(nbytes, info.itemsize)
+            per = len(stage) // info.itemsize
+            for i in range(0, count, per):
+                n = min(per, count - i)
+                self._pread(info, stage[: n * info.itemsize], offset + i * info.itemsize)
+                out[i:i + n].copy_(torch.frombuffer(stage, dtype=stored, count=n))
+        if evict:
+            self._cached_at_open.forget(self._fd, offset, nbytes)
         out = out.reshape(shape)
         return out if torch.device(device).type == "cpu" else out.to(device)
 
-    def _drop_pages(self, offset: int, nbytes: int) -> None:
-        """Tell the kernel we are done with these file pages so they leave our RSS (the page cache keeps them)."""
-        self._advise(mmap.MADV_DONTNEED, offset, nbytes)
-
-    def _advise(self, advice: int, offset: int, nbytes: int) -> None:
-        start = offset - offset % mmap.PAGESIZE
-        length = min(offset + nbytes, len(self._map)) - start
-        try:
-            self._map.madvise(advice, start, length)
-        except (OSError, ValueError, AttributeError):
-            pass  # advisory only
+    def _pread(self, info: TensorInfo, view: memoryview, offset: int) -> None:
+        while view:
+            try:
+                n = os.preadv(self._fd, [view], offset)
+            except OSError as exc:
+                raise _fail(self.path, f"tensor {info.name!r}: read failed: {exc.strerror or exc}") from None
+            if n <= 0:
+                raise _fail(self.path, f"tensor {info.name!r}: the file ends before its data does (truncated?)")
+            view, offset = view[n:], offset + n
 
     def close(self) -> None:
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._map.close()
+                os.close(self._fd)
 
     def __enter__(self) -> "ShardReader":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, without a copy."""
+    return memoryview(t.view(torch.uint8).numpy()) if t.dtype != torch.uint8 else memoryview(t.numpy())
+
+
+def _staging(nbytes: int, itemsize: int) -> memoryview:
+    """This thread's conversion buffer, at most STAGING_BYTES: reused for every read, so that its pages are
+    faulted in once (chunks much smaller than 16 MiB cost measurably more per byte, `benches/results/io-read-*`)."""
+    want = min(max(nbytes, 1 << 16), STAGING_BYTES)
+    buf = getattr(_local, "staging", None)
+    if buf is None or len(buf) < want:
+        buf = _local.staging = memoryview(memory.empty(want, torch.uint8).numpy())
+    return buf[: len(buf) - len(buf) % itemsize]

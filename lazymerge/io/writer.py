@@ -24,6 +24,7 @@ import torch
 from lazymerge.dtypes import DTYPES
 from lazymerge.errors import OutputError
 from lazymerge.units import human
+from lazymerge.io import pagecache
 from lazymerge.io.shards import ShapedTensor
 
 JOURNAL = "journal.json"
@@ -219,6 +220,7 @@ class CheckpointWriter:
         self._lock = threading.Lock()
         self._journal_lock = threading.Lock()
         self._fds: dict[int, int] = {}
+        self._behind = pagecache.WriteBehind()     # the output leaves the cache as it is written, not at the end
         self._shard_written = [0] * len(self.layout)
         self._tensor_reserved: dict[str, int] = {}
         self._done: set[int] = set()
@@ -402,6 +404,7 @@ class CheckpointWriter:
         at = offset + row_start * out.row_nbytes
         digest = hashlib.sha256(data).digest() if nbytes else b""    # hashlib drops the GIL for big buffers
         self._pwrite(fd, data, at, self.layout[i].filename)
+        self._behind.wrote(fd, at, nbytes)
         self._count_written(i, nbytes, (at, nbytes, digest))
 
     def _count_written(self, i: int, nbytes: int, piece: tuple[int, int, bytes] | None = None) -> None:
@@ -461,6 +464,7 @@ class CheckpointWriter:
             self._done.add(i)
         shard = self.layout[i]
         if fd is not None:
+            self._behind.forget_fd(fd)
             try:
                 os.fsync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

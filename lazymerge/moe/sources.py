@@ -75,7 +75,7 @@ class RouterSource(_ComputedSource):
                 self._values = {n: values[n].to(dtype).contiguous() for n in self.tensors}
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+             device: str | torch.device = "cpu", evict: bool = True) -> torch.Tensor:
         self.compute()
         assert self._values is not None
         x = self._values[name]
@@ -99,7 +99,7 @@ class NoiseSource(_ComputedSource):
         self.tensors[name] = _info(name, shape, "F32", self.path)
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+             device: str | torch.device = "cpu", evict: bool = True) -> torch.Tensor:
         shape = self.tensors[name].shape
         rows = rows or (0, shapes.rows(shape))
         # Box-Muller on two block-invariant uniform streams

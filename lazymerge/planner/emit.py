@@ -8,7 +8,7 @@ from typing import Any
 from .. import shapes
 from ..dtypes import FLOAT_CODES, torch_name
 from ..io.writer import OutTensor, plan_layout
-from .graph import TaskList, TensorBuilder, share_loads
+from .graph import TaskList, TensorBuilder, mark_rereads, share_loads
 from .methods import emit_tensor
 from .plan import Plan
 from .stage_compiler import StagePlan, TensorJob
@@ -18,9 +18,16 @@ def _blocks(rows: int, block_rows: int) -> list[tuple[int, int]]:
 
 
 def _read_once(tb: TensorBuilder, share: int | None, build: Any) -> tuple[TaskList, int]:
+    """Each input block read from disk once: kept between phases when that fits, else re-read from the cache."""
+    tl, n = _share_or_reread(tb, share, build)
+    return mark_rereads(tl), n
+
+
+def _share_or_reread(tb: TensorBuilder, share: int | None, build: Any) -> tuple[TaskList, int]:
     """The tensor's tasks with each input block read once (`share_loads`) when that still fits the share: the
     stored blocks stay live across phases, so the row blocks are made smaller to leave them room, as long as they
-    take at most three quarters of the share. Otherwise the phases read their blocks again (from the page cache, mostly)."""
+    take at most three quarters of the share. Otherwise the phases read their blocks again, from the page cache
+    (`mark_rereads`)."""
     n = len(tb.blocks)
     if n == 1:
         return tb.out, n

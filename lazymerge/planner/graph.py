@@ -7,7 +7,7 @@ bytes) for one tensor, block by block. The order in which tasks are emitted is a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import networkx as nx
@@ -125,6 +125,23 @@ def share_loads(tl: TaskList) -> tuple[TaskList, int]:
         out.keys.append(k)
         out.tasks.append(Task(ops.Cast(), (raw_key,), t.nbytes, t.tensor, t.block, 0))
     return out, kept
+
+
+def mark_rereads(tl: TaskList) -> TaskList:
+    """Where phases read the same input block again (the blocks were too big to keep, `_read_once`), every read
+    but the last leaves the block's pages in the page cache (`Load.evict=False`): the next phase finds them
+    there instead of on disk. The last read drops them, so the cache ends as the merge found it. "Last" is the
+    task order, which is the phase order (each phase waits on the statistics of the one before)."""
+    def block(t: Task) -> tuple | None:
+        a = t.attrs
+        return (a.model, a.name, a.rows) if isinstance(a, ops.Load) and a.vocab is None else None
+
+    last = {block(t): idx for idx, t in enumerate(tl.tasks)}
+    keep = [block(t) is not None and last[block(t)] != idx for idx, t in enumerate(tl.tasks)]
+    if not any(keep):
+        return tl
+    return TaskList(list(tl.keys), [replace(t, attrs=replace(t.attrs, evict=False)) if k else t
+                                    for k, t in zip(keep, tl.tasks)])
 
 
 class TensorBuilder:
