@@ -120,3 +120,33 @@ def test_reads_leave_the_page_cache_as_they_found_it(tmp_path) -> None:
             assert torch.equal(ckpt.read(name, (0, info.rows)), ref.float())
     assert pagecache.cached_fraction(cold) < 0.1              # the pages the reads brought in are gone again
     assert pagecache.cached_fraction(warm) > 0.9              # the user's cached pages are still there
+
+
+def test_direct_reads_equal_cached_reads_at_any_offset(tmp_path) -> None:
+    """Ranges not cached at open are read with O_DIRECT into an aligned buffer: tensors at odd offsets, one
+    ending at the end of the file (a short read), and rows in the middle all come back as safetensors stores them."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a_odd": torch.randint(0, 255, (4099,), dtype=torch.uint8, generator=g),     # shifts what follows
+               "b_bf16": torch.randn(3000, 700, generator=g).to(torch.bfloat16),
+               "c_f32": torch.randn(513, 1031, generator=g),
+               "z_last": torch.randn(4097, generator=g).to(torch.bfloat16)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    if not _droppable(tmp_path):
+        pytest.skip("this file system keeps clean pages cached (tmpfs?)")
+    ref = {k: v.clone() for k, v in load_file(str(path)).items()}
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    pagecache.drop(fd, 0, path.stat().st_size)          # out of the cache: the reads below go around it
+    os.close(fd)
+    with Checkpoint.open(tmp_path) as ckpt:
+        reader = ckpt._reader(ckpt.tensors["b_bf16"].file)
+        for name, t in ref.items():
+            info = ckpt.tensors[name]
+            assert torch.equal(ckpt.read(name, dtype=None), t), name
+            rows = (info.rows // 3, info.rows // 3 + 5) if t.dim() > 1 else (0, 1)   # 1-d: one row
+            assert torch.equal(ckpt.read(name, rows, dtype=None), t[rows[0]:rows[1]] if t.dim() > 1 else t), name
+        if reader._direct_ok:                                 # the file system took direct reads
+            assert reader._direct_fd is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import ctypes
+import gc
 import os
 import threading
 from pathlib import Path
@@ -151,6 +152,9 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
 
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    # the plan's objects (tasks, graph, headers) live for the whole run: keep the cycle collector from tracing
+    # them again on every collection (2-3% of a 1b TIES merge's CPU time went to that)
+    gc.freeze()
     try:
         with memory.pooled() as pool:
             def on_start(live: int) -> None:
@@ -164,6 +168,7 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
             stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done,
                             on_start=on_start, cancel=cancel)
     finally:
+        gc.unfreeze()
         torch.set_num_threads(torch_threads)
     return stats, ctx
 

@@ -99,6 +99,13 @@ class ResidentSnapshot:
         # b"": nothing was cached (the usual cold start), so a range is dropped whole without a scan
         self._resident = resident if resident is None or b"\x01" in resident else b""
 
+    def cold(self, offset: int, nbytes: int) -> bool:
+        """No page of the range was cached at open (and the kernel could tell us so)."""
+        if self._resident is None:
+            return False
+        return not self._resident or self._resident.find(b"\x01", offset // PAGE,
+                                                         (offset + nbytes - 1) // PAGE + 1) < 0
+
     def forget(self, fd: int, offset: int, nbytes: int) -> None:
         if self._resident is None or nbytes <= 0:
             return

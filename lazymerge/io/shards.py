@@ -6,6 +6,7 @@ declares; a file truncated after it was opened is reported, not read short.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -23,6 +24,7 @@ from lazymerge.dtypes import DTYPES
 from lazymerge.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000
+DIRECT_ALIGN = 4096             # O_DIRECT: file offsets, lengths and buffer addresses in whole blocks
 STAGING_BYTES = 16 << 20       # per reading thread; outside the --memory budget, like the interpreter
 _local = threading.local()
 
@@ -203,6 +205,12 @@ class ShardReader:
         pagecache.no_readahead(self._fd)
         self._closed = False
         self._lock = threading.Lock()
+        # ranges with no page cached at open are read around the cache (O_DIRECT) where the file system allows:
+        # no copy out of the cache, no pages to add and drop (2.5 vs 4 CPU-seconds of kernel time for the 1b
+        # preset's inputs); cached ranges, and ranges a later phase reads again, go through the cache
+        self._direct_fd: int | None = None
+        self._direct_ok = hasattr(os, "O_DIRECT")
+        self._kept: set[tuple[int, int]] = set()     # ranges read with evict=False: a later read finds them cached
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
              dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
@@ -222,6 +230,17 @@ class ShardReader:
             return torch.empty(shape, dtype=out_dtype, device=device)
         offset = info.start + a * info.row_nbytes
         nbytes = count * info.itemsize
+        if out_dtype == stored and evict and device_is_cpu(device) and offset % info.itemsize == 0:
+            with self._lock:
+                was_kept = (offset, nbytes) in self._kept
+                self._kept.discard((offset, nbytes))
+            cold = not was_kept and self._cached_at_open.cold(offset, nbytes)
+            raw = self._read_direct(info, offset, nbytes) if cold else None
+            if raw is not None:
+                return raw.view(stored).view(shape)
+        elif not evict:
+            with self._lock:
+                self._kept.add((offset, nbytes))
         out = memory.empty(count, out_dtype)     # huge pages: see lazymerge/memory.py
         if out_dtype == stored:
             self._pread(info, _bytes_of(out), offset)
@@ -237,6 +256,46 @@ class ShardReader:
             self._cached_at_open.forget(self._fd, offset, nbytes)
         out = out.reshape(shape)
         return out if torch.device(device).type == "cpu" else out.to(device)
+
+    def _read_direct(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor | None:
+        """Bytes [offset, offset + nbytes) read with O_DIRECT: the enclosing aligned span goes into an aligned
+        buffer, and the result is a view of it (no copy). None where the file system refuses direct reads."""
+        fd = self._direct()
+        if fd is None:
+            return None
+        lo = offset - offset % DIRECT_ALIGN
+        need = offset + nbytes - lo
+        span = -(-need // DIRECT_ALIGN) * DIRECT_ALIGN
+        raw = memory.empty(span + DIRECT_ALIGN, torch.uint8)
+        shift = -raw.data_ptr() % DIRECT_ALIGN
+        view = _bytes_of(raw)[shift:shift + span]
+        got = 0
+        while got < need:
+            try:
+                n = os.preadv(fd, [view[got:]], lo + got)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and got == 0:       # alignment or file system: read through the cache
+                    self._direct_ok = False
+                    return None
+                raise _fail(self.path, f"tensor {info.name!r}: read failed: {exc.strerror or exc}") from None
+            if n <= 0:
+                break
+            got += n
+            if n % DIRECT_ALIGN:                                 # the end of the file: nothing more to read
+                break
+        if got < need:
+            raise _fail(self.path, f"tensor {info.name!r}: the file ends before its data does (truncated?)")
+        start = shift + offset - lo
+        return raw[start:start + nbytes]
+
+    def _direct(self) -> int | None:
+        with self._lock:
+            if self._direct_fd is None and self._direct_ok and not self._closed:
+                try:
+                    self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    self._direct_ok = False
+            return self._direct_fd if self._direct_ok else None
 
     def _pread(self, info: TensorInfo, view: memoryview, offset: int) -> None:
         while view:
@@ -254,12 +313,18 @@ class ShardReader:
                 self._closed = True
                 self._map.close()
                 os.close(self._fd)
+                if self._direct_fd is not None:
+                    os.close(self._direct_fd)
 
     def __enter__(self) -> "ShardReader":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def device_is_cpu(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cpu"
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
