@@ -291,7 +291,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "write_bytes": median([(r["io"] or {}).get("write_bytes") for r in ok]),
             "rchar": median([(r["io"] or {}).get("rchar") for r in ok]),
             "wchar": median([(r["io"] or {}).get("wchar") for r in ok]),
-            "budget_bytes": M.parse_size(memory) if memory else None,
+            "budget_bytes": M.parse_size(memory) if memory and tool != "floor" else None,   # floor: its mode
             "cold_cache": all(r["cold_cache"] for r in rs),
         }
         rows.append(row)

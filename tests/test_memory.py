@@ -150,3 +150,31 @@ def test_direct_reads_equal_cached_reads_at_any_offset(tmp_path) -> None:
             assert torch.equal(ckpt.read(name, rows, dtype=None), t[rows[0]:rows[1]] if t.dim() > 1 else t), name
         if reader._direct_ok:                                 # the file system took direct reads
             assert reader._direct_fd is not None
+
+
+def test_a_block_read_by_several_phases_stays_cached_until_its_last_read(tmp_path) -> None:
+    """When a multi-pass method cannot keep its input blocks (`share_loads` does not fit), every load of a block
+    but the last asks to leave it in the page cache; the last one drops it."""
+    from lazymerge.engine import ops
+    from lazymerge.planner.graph import TaskList, Task, mark_rereads
+
+    def load(rows: tuple[int, int]) -> Task:
+        return Task(ops.Load("m", "w", rows, 8), (), 8, "w", 0, 0)
+
+    tl = TaskList(["a0", "a1", "b0", "b1", "c0"], [load((0, 2)), load((2, 4)), load((0, 2)), load((2, 4)),
+                                                   load((0, 2))])
+    marked = mark_rereads(tl)
+    assert [t.attrs.evict for t in marked.tasks] == [False, False, False, True, True]
+    assert marked.keys == tl.keys
+    models = _big_models(tmp_path / "in")
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "ties", "base_model": str(models["base"]), "dtype": "bfloat16",
+        "models": [{"model": str(models[k]), "parameters": {"weight": 0.5, "density": 0.4}} for k in ("ft1", "ft2")]})
+    plan = lazymerge.plan(recipe, memory="3MiB")               # blocks too big to keep: phases read again
+    loads = [t.attrs for t in plan.tasks.tasks if isinstance(t.attrs, ops.Load)]
+    by_block: dict[tuple, list[bool]] = {}
+    for a in loads:
+        by_block.setdefault((a.model, a.name, a.rows), []).append(a.evict)
+    multi = [v for v in by_block.values() if len(v) > 1]
+    assert multi and all(v == [False] * (len(v) - 1) + [True] for v in multi)
+    assert all(v == [True] for v in by_block.values() if len(v) == 1)

@@ -122,6 +122,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            # only the header: readahead would pull megabytes of tensor data into the cache, which reads that go
+            # around the cache (O_DIRECT) then fetch from disk a second time (1.5% more bytes read on the 1b preset)
+            pagecache.no_readahead(f.fileno())
             file_size = os.fstat(f.fileno()).st_size
             if file_size < 8:
                 raise _fail(path, f"file is {file_size} bytes, too short for a safetensors header")
