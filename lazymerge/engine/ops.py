@@ -117,7 +117,7 @@ def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Te
 
         x = load_block(read, a.model, a.vocab)
     elif _widen_in_one_pass(ctx, ckpt, a):
-        raw = ckpt.read(a.name, rows=a.rows, dtype=None, evict=a.evict)      # conversion and check in one pass
+        raw = ckpt.read_stored(a.name, rows=a.rows, evict=a.evict)      # conversion and check in one pass
         x, finite = K.fused.widen_checked(raw)
         ctx.count(read=a.read_bytes)
         if not finite:

@@ -204,6 +204,16 @@ class Checkpoint:
             return t.to(device=device, dtype=dtype or t.dtype, copy=True)
         return self._reader(info.file).read(info, rows, dtype, device, evict)
 
+    def read_stored(self, name: str, rows: tuple[int, int] | None = None, evict: bool = True) -> torch.Tensor:
+        """Rows of a safetensors tensor in its stored dtype, possibly as an unaligned view of a read buffer: for a
+        caller that converts it at once (the engine's fused load), which a copy to aligned memory would only slow."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        if info.file in self._pickled:
+            return self.read(name, rows, None, "cpu", evict)
+        return self._reader(info.file).read(info, rows, None, "cpu", evict, aligned=False)
+
     def _reader(self, file: Path) -> ShardReader:
         with self._lock:
             reader = self._readers.get(file)

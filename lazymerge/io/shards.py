@@ -24,6 +24,7 @@ from lazymerge.dtypes import DTYPES
 from lazymerge.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000
+ALIGNMENT = 64                 # what torch's CPU allocator guarantees, and what its kernels may rely on
 DIRECT_ALIGN = 4096             # O_DIRECT: file offsets, lengths and buffer addresses in whole blocks
 STAGING_BYTES = 16 << 20       # per reading thread; outside the --memory budget, like the interpreter
 _local = threading.local()
@@ -217,9 +218,12 @@ class ShardReader:
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
              dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
-             evict: bool = True) -> torch.Tensor:
+             evict: bool = True, aligned: bool = True) -> torch.Tensor:
         """Rows [a, b) of `info` as a new tensor in `dtype` (None keeps the stored dtype). `evict=False` leaves
-        the pages in the page cache, for a range that will be read again soon."""
+        the pages in the page cache, for a range that will be read again soon. `aligned=False` accepts a tensor
+        whose data does not start on a 64-byte boundary (a direct read's view of its buffer), for a caller that
+        converts it at once; otherwise such a view is copied, because matrix kernels round differently on
+        unaligned data (an evaluation would then not match the same weights read another way)."""
         a, b = (0, info.rows) if rows is None else rows
         if not 0 <= a <= b <= info.rows:
             raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
@@ -240,7 +244,11 @@ class ShardReader:
             cold = not was_kept and self._cached_at_open.cold(offset, nbytes)
             raw = self._read_direct(info, offset, nbytes) if cold else None
             if raw is not None:
-                return raw.view(stored).view(shape)
+                if not aligned or raw.data_ptr() % ALIGNMENT == 0:
+                    return raw.view(stored).view(shape)
+                out = memory.empty(nbytes, torch.uint8)
+                out.copy_(raw)
+                return out.view(stored).view(shape)
         elif not evict:
             with self._lock:
                 self._kept.add((offset, nbytes))
