@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import threading
 from typing import Iterator, Sequence
 
@@ -125,10 +126,7 @@ def empty(shape: Sequence[int] | int, dtype: torch.dtype) -> torch.Tensor:
     if pool is None:
         return _fresh(shape, dtype)
     dims = (shape,) if isinstance(shape, int) else tuple(shape)
-    numel = 1
-    for d in dims:
-        numel *= d
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(dims) * dtype.itemsize
     if nbytes < _MIN_BYTES:                   # small blocks: the allocator's own reuse is fine
         return _fresh(dims, dtype)
     return pool.take(nbytes).view(dtype).view(dims)

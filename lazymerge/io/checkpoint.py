@@ -192,9 +192,7 @@ class Checkpoint:
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
              device: str | torch.device = "cpu", evict: bool = True) -> torch.Tensor:
         """Rows [a, b) of a tensor as a new tensor (see ShardReader.read)."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        info = self._info(name)
         if info.file in self._pickled:
             t = self._pickled[info.file][name]
             if rows is not None:
@@ -207,12 +205,16 @@ class Checkpoint:
     def read_stored(self, name: str, rows: tuple[int, int] | None = None, evict: bool = True) -> torch.Tensor:
         """Rows of a safetensors tensor in its stored dtype, possibly as an unaligned view of a read buffer: for a
         caller that converts it at once (the engine's fused load), which a copy to aligned memory would only slow."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        info = self._info(name)
         if info.file in self._pickled:
             return self.read(name, rows, None, "cpu", evict)
         return self._reader(info.file).read(info, rows, None, "cpu", evict, aligned=False)
+
+    def _info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        return info
 
     def _reader(self, file: Path) -> ShardReader:
         with self._lock:

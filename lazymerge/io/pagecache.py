@@ -4,7 +4,8 @@ Why: a merge streams inputs several times larger than the memory it may use. Pag
 not free: under a cgroup limit (``memcap``, containers) they count against the limit and must be reclaimed
 under pressure, and on virtual machines every page the cache grows into is a fresh guest page that the host has
 to fault in (on the reference 2-core VM, reading 6.6 GB of inputs through a growing cache cost 29 CPU-seconds;
-reading them through a few recycled pages cost 8, `benches/results/io-read-*`). So:
+reading them through a few recycled pages cost 8, in a one-off measurement recorded in issue 14's closing note;
+the merge-level effect is in `benches/results/1b-io-*`). So:
 
 * reads (`ResidentSnapshot`): which pages of a file were cached *before* we opened it is recorded once
   (``mincore``); after a block is read, the pages of its range that we brought in are dropped

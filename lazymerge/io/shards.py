@@ -237,21 +237,22 @@ class ShardReader:
             return torch.empty(shape, dtype=out_dtype, device=device)
         offset = info.start + a * info.row_nbytes
         nbytes = count * info.itemsize
-        if out_dtype == stored and evict and device_is_cpu(device) and offset % info.itemsize == 0:
-            with self._lock:
-                was_kept = (offset, nbytes) in self._kept
+        with self._lock:                          # a range kept for a later phase is read through the cache
+            was_kept = (offset, nbytes) in self._kept
+            if evict:
                 self._kept.discard((offset, nbytes))
-            cold = not was_kept and self._cached_at_open.cold(offset, nbytes)
-            raw = self._read_direct(info, offset, nbytes) if cold else None
+            else:
+                self._kept.add((offset, nbytes))
+        on_cpu = torch.device(device).type == "cpu"
+        if (out_dtype == stored and evict and on_cpu and offset % info.itemsize == 0 and not was_kept
+                and self._cached_at_open.cold(offset, nbytes)):
+            raw = self._read_direct(info, offset, nbytes)
             if raw is not None:
                 if not aligned or raw.data_ptr() % ALIGNMENT == 0:
                     return raw.view(stored).view(shape)
                 out = memory.empty(nbytes, torch.uint8)
                 out.copy_(raw)
                 return out.view(stored).view(shape)
-        elif not evict:
-            with self._lock:
-                self._kept.add((offset, nbytes))
         out = memory.empty(count, out_dtype)     # huge pages: see lazymerge/memory.py
         if out_dtype == stored:
             self._pread(info, _bytes_of(out), offset)
@@ -266,7 +267,7 @@ class ShardReader:
         if evict:
             self._cached_at_open.forget(self._fd, offset, nbytes)
         out = out.reshape(shape)
-        return out if torch.device(device).type == "cpu" else out.to(device)
+        return out if on_cpu else out.to(device)
 
     def _read_direct(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor | None:
         """Bytes [offset, offset + nbytes) read with O_DIRECT: the enclosing aligned span goes into an aligned
@@ -334,10 +335,6 @@ class ShardReader:
         self.close()
 
 
-def device_is_cpu(device: str | torch.device) -> bool:
-    return torch.device(device).type == "cpu"
-
-
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, writable, without a copy."""
     return memoryview(t.view(torch.uint8).numpy()) if t.dtype != torch.uint8 else memoryview(t.numpy())
@@ -345,7 +342,7 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 def _staging(nbytes: int, itemsize: int) -> memoryview:
     """This thread's conversion buffer, at most STAGING_BYTES: reused for every read, so that its pages are
-    faulted in once (chunks much smaller than 16 MiB cost measurably more per byte, `benches/results/io-read-*`)."""
+    faulted in once (in a one-off measurement, 4 MiB chunks cost more CPU per byte than 16 MiB ones)."""
     want = min(max(nbytes, 1 << 16), STAGING_BYTES)
     buf = getattr(_local, "staging", None)
     if buf is None or len(buf) < want:

@@ -136,8 +136,9 @@ def mark_rereads(tl: TaskList) -> TaskList:
         a = t.attrs
         return (a.model, a.name, a.rows) if isinstance(a, ops.Load) and a.vocab is None else None
 
-    last = {block(t): idx for idx, t in enumerate(tl.tasks)}
-    keep = [block(t) is not None and last[block(t)] != idx for idx, t in enumerate(tl.tasks)]
+    blocks = [block(t) for t in tl.tasks]
+    last = {b: idx for idx, b in enumerate(blocks)}
+    keep = [b is not None and last[b] != idx for idx, b in enumerate(blocks)]
     if not any(keep):
         return tl
     return TaskList(list(tl.keys), [replace(t, attrs=replace(t.attrs, evict=False)) if k else t
