@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..engine.report import RssSampler
+from ..planner.recipe import pin_refs
 from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
 from .report import EvalReport, bootstrap_ppl
@@ -76,22 +77,22 @@ def score_windows(stream: LayerStream, windows: torch.Tensor, *, batch: int = DE
 def evaluate(target: Any, data: "str | Path", *, memory: int | str | None = None, seq_len: int | None = None,
              max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH, device: "str | torch.device" = "cpu",
              seed: int = 0, progress: Callable[[EvalProgress], None] | None = None,
-             windows: torch.Tensor | None = None) -> EvalReport:
+             windows: torch.Tensor | None = None, stream_inputs: bool = False) -> EvalReport:
     """Perplexity of `target` (a checkpoint directory, or a recipe merged on the fly and never written) on
     `data` (text file, .jsonl with `text`, or a saved `datasets` directory), out of core within `memory`.
 
     `windows` ([W, seq_len] token ids) skips tokenization (search evaluates many candidates on the same data).
     """
     return _evaluate(target, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                     device=device, seed=seed, progress=progress, windows=windows)[0]
+                     device=device, seed=seed, progress=progress, windows=windows, stream_inputs=stream_inputs)[0]
 
 
 def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_len: int | None, max_tokens: int,
               batch: int, device: "str | torch.device", seed: int,
               progress: Callable[[EvalProgress], None] | None,
-              windows: torch.Tensor | None = None) -> tuple[EvalReport, torch.Tensor]:
+              windows: torch.Tensor | None = None, stream_inputs: bool = False) -> tuple[EvalReport, torch.Tensor]:
     with RssSampler() as rss:
-        stream = open_stream(target, memory=memory, device=device, seed=seed)
+        stream = open_stream(target, memory=memory, device=device, seed=seed, stream_inputs=stream_inputs)
         # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
         start_rss = rss.peak = rss.proc.memory_info().rss
         try:
@@ -126,7 +127,8 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
 def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None = None, seq_len: int | None = None,
                    max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH,
                    device: "str | torch.device" = "cpu", seed: int = 0,
-                   progress: Callable[[EvalProgress], None] | None = None) -> list[EvalReport]:
+                   progress: Callable[[EvalProgress], None] | None = None,
+                   stream_inputs: bool = False) -> list[EvalReport]:
     """The merge of `recipe` and each of its input models, evaluated on the same windows (tokenized with the
     merge's tokenizer): one report each, inputs first, the merge last."""
     from ..planner.compile import compile_plan
@@ -140,13 +142,15 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
     try:
         inputs = []
         for key, src in p.sources.items():
+            # the reference that reopens exactly this input: hub ids pinned to the commit the merge reads
+            ref = pin_refs(key, p.pins)
             adapter = getattr(src, "adapter", None)
-            inputs.append({"merge_method": "passthrough", "models": [{"model": key}]} if adapter is not None
-                          else Path(src.path))
+            inputs.append({"merge_method": "passthrough", "models": [{"model": ref}]} if adapter is not None
+                          else (Path(src.path) if getattr(src, "hub", None) is None else ref))
     finally:
         p.close()
     merged, windows = _evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                                device=device, seed=seed, progress=progress)
+                                device=device, seed=seed, progress=progress, stream_inputs=stream_inputs)
     reports = [evaluate(t, data, memory=memory, batch=batch, device=device, seed=seed, progress=progress,
-                        windows=windows) for t in inputs]
+                        windows=windows, stream_inputs=stream_inputs) for t in inputs]
     return reports + [merged]

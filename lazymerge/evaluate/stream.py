@@ -203,14 +203,15 @@ class LayerStream:
 
 
 def open_stream(target: Any, *, memory: Any = None, device: "str | torch.device" = "cpu",
-                dtype: torch.dtype = torch.float32, seed: int = 0, workers: int = 2) -> LayerStream:
+                dtype: torch.dtype = torch.float32, seed: int = 0, workers: int = 2,
+                stream_inputs: bool = False) -> LayerStream:
     from ..engine.run import release_freed_memory, resolve_device
     from ..planner.plan import resolve_budget
 
     release_freed_memory()                  # freed weights go back to the OS: RSS follows what is live
     budget = resolve_budget(memory)
     dev = resolve_device(device)
-    source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers)
+    source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers, stream=stream_inputs)
     try:
         return LayerStream(source, budget=budget, device=dev, dtype=dtype)
     except BaseException:

@@ -34,6 +34,7 @@ from ..dtypes import FLOAT_CODES, RECIPE_NAMES
 from ..engine import ops
 from ..errors import CheckpointError, RecipeError
 from ..io.checkpoint import Checkpoint
+from ..io.models import ModelOpener
 from ..moe.sources import NoiseSource, RouterSource
 from ..units import human
 from .emit import emit_plan
@@ -205,12 +206,12 @@ def _dtype_of_config(cfg: dict[str, Any] | None) -> str | None:
 
 
 def compile_moe(r: Recipe, sources: dict[str, Any], stages: dict[str, Any], *, budget: int | None,
-                shard_bytes: int, seed: int = 0, allow_pickle: bool = False,
+                shard_bytes: int, seed: int = 0, opener: ModelOpener | None = None,
                 max_block_rows: int | None = None) -> MoEPlan:
     """Compile the MoE recipe `r` into a Plan, against the checkpoints opened so far and the earlier stages'
     outputs (`plan.compile_plan` compiles those and closes the sources on failure)."""
     cfg = parse_moe(r.raw, r.source)
-    comp = StageCompiler(r, MOE_METHOD, sources, stages, allow_pickle)
+    comp = StageCompiler(r, MOE_METHOD, sources, stages, opener or ModelOpener())
     stage_plan, info, routers, warnings = _MoECompiler(cfg, r, comp, budget, seed).compile()
     p = emit_plan(stage_plan, sources, budget, shard_bytes, seed, max_block_rows)
     out = MoEPlan(**{f.name: getattr(p, f.name) for f in fields(p)}, moe=info, routers=routers)

@@ -53,7 +53,7 @@ from typing import Any, Iterable, Mapping
 
 from ..engine.vocab_rows import Fill, VocabRows, row_runs
 from ..errors import CheckpointError, RecipeError
-from ..io.adapters import parse_model_ref
+from ..io.models import source_key
 from .keys import check_keys, closest
 from .params import layer_index
 from .recipe import tokenizer_setting
@@ -132,12 +132,6 @@ class VocabPlan:
 
 
 # -- planning ----------------------------------------------------------------------------------------------
-
-
-def source_key(ref: str) -> str:
-    """The key the planner gives a model reference in `Plan.sources` (resolved path, `+adapter` kept)."""
-    base, adapter = parse_model_ref(Path(ref).expanduser())
-    return str(base.resolve()) + (f"+{adapter.resolve()}" if adapter is not None else "")
 
 
 def _safe_key(ref: Any) -> str | None:

@@ -1,0 +1,292 @@
+"""Safetensors files read straight from the hub with HTTP range requests: headers for plans, row blocks for runs.
+
+A plan needs only each file's header (its first 8 + N bytes: two range requests), and a streamed run needs only
+the byte ranges the engine reads, in the blocks it reads them. `RemoteShardReader` has `ShardReader.read`'s
+interface, so the planner and the engine never know whether a tensor comes from a disk or from the network.
+All HTTP goes through huggingface_hub (`http_backoff` on its shared session: authentication, `HF_ENDPOINT`,
+retries with backoff on timeouts, dropped connections, 429 and 5xx); nothing here is an HTTP client of its own.
+
+`ReadAhead` keeps the network busy while the CPU merges: a run announces the ranges it will read, in the order
+its tasks are prioritised, and a few threads fetch them a bounded number of bytes ahead. A range that a later
+phase reads again (`evict=False`, the page cache's job for a local file) is kept in memory until its last read,
+so each input byte crosses the network once.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import memory, shapes
+from ..errors import CheckpointError, LazyMergeError
+from ..units import parse_size
+from .shards import TensorInfo, header_length, parse_header
+
+THREADS = 4                          # range requests in flight at once
+WINDOW_MAX = 256 << 20               # bytes fetched ahead of the engine, at most (outside the --memory budget)
+
+
+class _Counter:
+    """Bytes received by range requests in this process (tests and reports; a download's bytes are its files)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
+
+
+TRANSFERRED = _Counter()
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a repository pinned at a commit, as huggingface_hub addresses it."""
+
+    url: str                         # hf_hub_url(repo, name, revision=sha, endpoint=...)
+    size: int
+    label: str                       # "org/name@sha12: file", for messages
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        """Bytes [offset, offset + nbytes) in one range request (retried by huggingface_hub on transient
+        errors); any other failure is one line naming the file."""
+        from huggingface_hub.utils import build_hf_headers, http_backoff, hf_raise_for_status
+
+        if nbytes <= 0:
+            return b""
+        if offset < 0 or offset + nbytes > self.size:
+            raise CheckpointError(f"{self.label}: bytes {offset}..{offset + nbytes} lie beyond its {self.size} bytes")
+        headers = build_hf_headers()           # HF_TOKEN or the saved login, as huggingface_hub finds it
+        headers["Range"] = f"bytes={offset}-{offset + nbytes - 1}"
+        headers["Accept-Encoding"] = "identity"
+        try:
+            from huggingface_hub import constants
+
+            r = http_backoff("GET", self.url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            hf_raise_for_status(r)
+        except Exception as exc:             # huggingface_hub and httpx raise many types; all mean "cannot read"
+            raise hub_error(exc, self.label) from None
+        data = r.content
+        TRANSFERRED.add(len(data))
+        if r.status_code == 200 and len(data) == self.size:      # a server that ignores Range: take our part
+            data = data[offset:offset + nbytes]
+        if len(data) != nbytes:
+            raise CheckpointError(f"{self.label}: asked for {nbytes} bytes at {offset}, the hub sent {len(data)}")
+        return data
+
+
+def hub_error(exc: BaseException, what: str, settings: Any = None) -> LazyMergeError:
+    """One line for a failed hub call about `what` (a repository, or a repository's file); `settings` (an
+    io.hub.HubSettings) names the endpoint and says whether HF_HUB_OFFLINE is set."""
+    from huggingface_hub import errors as he
+
+    if isinstance(exc, LazyMergeError):
+        return exc
+    endpoint = settings.endpoint if settings is not None else "the hub"
+    if isinstance(exc, he.GatedRepoError):
+        return CheckpointError(f"{what}: gated repository; accept its conditions on the hub and set HF_TOKEN to a "
+                               "token that has access")
+    if isinstance(exc, he.RepositoryNotFoundError):
+        return CheckpointError(f"{what}: no such model repository on {endpoint} (a private one needs HF_TOKEN), "
+                               "and no such local directory")
+    if isinstance(exc, he.RevisionNotFoundError):
+        return CheckpointError(f"{what}: no such revision (branch, tag or commit) on {endpoint}")
+    if isinstance(exc, he.RemoteEntryNotFoundError):
+        return CheckpointError(f"{what}: no such file in the repository")
+    if isinstance(exc, (he.LocalEntryNotFoundError, he.OfflineModeIsEnabled)):
+        if settings is not None and settings.offline:
+            return CheckpointError(f"{what}: not in the Hugging Face cache ({settings.cache_dir}), and "
+                                   "HF_HUB_OFFLINE=1 forbids downloading it")
+        return CheckpointError(f"{what}: cannot reach {endpoint}, and it is not in the Hugging Face cache")
+    if isinstance(exc, he.HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        detail = (exc.server_message or "").strip().splitlines()
+        return CheckpointError(f"{what}: the hub answered HTTP {status}" + (f" ({detail[0]})" if detail else ""))
+    if isinstance(exc, OSError) and not type(exc).__module__.startswith("httpx"):
+        return CheckpointError(f"{what}: {exc.strerror or exc}")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return CheckpointError(f"{what}: cannot reach {endpoint} ({type(exc).__name__}: {first})")
+
+
+def read_remote_header(rf: RemoteFile, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
+    """A remote file's header through two range requests (its length, then its JSON), validated as strictly as
+    a local one. Returns the tensors (their `file` is `path`), the metadata, and the raw first 8 + N bytes."""
+    first = rf.read(0, min(8, rf.size)) if rf.size >= 8 else b""
+    n = header_length(first, rf.size, rf.label)
+    raw = rf.read(8, n)
+    tensors, metadata = parse_header(raw, rf.size, path, label=rf.label)
+    return tensors, metadata, first + raw
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    """The bytes in a (pooled) uint8 tensor of our own: the engine may keep or modify what it is given."""
+    out = memory.empty(len(data), torch.uint8)
+    if data:
+        out.numpy()[:] = memoryview(data).cast("B")
+    return out
+
+
+class ReadAhead:
+    """Fetches announced ranges ahead of the reads that will ask for them.
+
+    `schedule` lists (file, offset, nbytes) in the order the run is expected to read them; up to `window` bytes
+    are fetched or held ahead at a time by `threads` threads. `get` hands out a prefetched range (waiting if it
+    is still in flight) or fetches an unannounced one itself. The schedule is a forecast, not a contract: the
+    scheduler may read in another order, and that only costs waiting, never a wrong byte.
+    """
+
+    def __init__(self, schedule: list[tuple[RemoteFile, int, int]], window: int, threads: int = THREADS) -> None:
+        self.window = max(1, window)
+        self._queue = collections.deque(schedule)
+        self._pending: dict[tuple[str, int, int], Future] = {}
+        self._held = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lazymerge-readahead")
+        self.announced = {(rf.url, o, n) for rf, o, n in schedule}
+        self._fill()
+
+    def _fill(self) -> None:
+        with self._lock:
+            while self._queue and not self._closed:
+                rf, offset, nbytes = self._queue[0]
+                key = (rf.url, offset, nbytes)
+                if key in self._pending:
+                    self._queue.popleft()
+                    continue
+                if self._held and self._held + nbytes > self.window:
+                    return
+                self._queue.popleft()
+                self._held += nbytes
+                self._pending[key] = self._pool.submit(rf.read, offset, nbytes)
+
+    def take(self, rf: RemoteFile, offset: int, nbytes: int) -> bytes | None:
+        """The prefetched bytes of this range (waiting for them if in flight), or None if it was not fetched
+        ahead; either way the window moves on."""
+        key = (rf.url, offset, nbytes)
+        with self._lock:
+            fut = self._pending.pop(key, None)
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        finally:
+            with self._lock:
+                self._held -= nbytes
+            self._fill()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            pending, self._pending = list(self._pending.values()), {}
+            self._held = 0
+        for fut in pending:
+            fut.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RemoteShardReader:
+    """`ShardReader`'s interface over a file on the hub: each read is one range request (or a prefetched one),
+    and a range read with `evict=False` is kept in memory until its last read, as the page cache would keep it."""
+
+    def __init__(self, rf: RemoteFile) -> None:
+        self.rf = rf
+        self.path = rf.label
+        self._aheads: list[ReadAhead] = []
+        self._kept: dict[tuple[int, int], bytes] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, ahead: ReadAhead) -> None:
+        with self._lock:
+            self._aheads.append(ahead)
+
+    def detach(self, ahead: ReadAhead) -> None:
+        with self._lock:
+            if ahead in self._aheads:
+                self._aheads.remove(ahead)
+            if not self._aheads:
+                self._kept.clear()           # a run's kept ranges end with it
+
+    def fetch(self, offset: int, nbytes: int, keep: bool) -> bytes:
+        with self._lock:
+            kept = self._kept.get((offset, nbytes))
+            if kept is not None and not keep:
+                del self._kept[(offset, nbytes)]
+            aheads = list(self._aheads)
+        if kept is not None:
+            return kept
+        data = None
+        for ahead in aheads:
+            data = ahead.take(self.rf, offset, nbytes)
+            if data is not None:
+                break
+        if data is None:
+            data = self.rf.read(offset, nbytes)
+        if keep:
+            with self._lock:
+                if self._aheads:             # outside a run nothing would ever release it
+                    self._kept[(offset, nbytes)] = data
+        return data
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
+             dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
+             evict: bool = True, aligned: bool = True) -> torch.Tensor:
+        """Rows [a, b) of `info`, as `ShardReader.read` returns them (a new tensor the caller owns)."""
+        a, b = (0, info.rows) if rows is None else rows
+        if not 0 <= a <= b <= info.rows:
+            raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
+        shape = shapes.block_shape(info.shape, a, b)
+        stored = info.torch_dtype
+        out_dtype = stored if dtype is None else dtype
+        count = (b - a) * info.row_numel
+        if count == 0:
+            return torch.empty(shape, dtype=out_dtype, device=device)
+        offset = info.start + a * info.row_nbytes
+        raw = _as_tensor(self.fetch(offset, count * info.itemsize, keep=not evict)).view(stored).view(shape)
+        if out_dtype != stored:
+            raw = raw.to(out_dtype)
+        return raw if torch.device(device).type == "cpu" else raw.to(device)
+
+    def close(self) -> None:
+        with self._lock:
+            self._kept.clear()
+
+
+def schedule_window(budget: int | None) -> int:
+    """Bytes to fetch ahead: enough to cover a few row blocks, a quarter of the budget at most; the environment
+    variable LAZYMERGE_READAHEAD sets it (e.g. 1GiB on a fast, distant network; 0 turns read-ahead off)."""
+    env = os.environ.get("LAZYMERGE_READAHEAD", "").strip()
+    if env:
+        try:
+            return 0 if env in ("0", "off") else parse_size(env)
+        except ValueError as exc:
+            raise CheckpointError(f"LAZYMERGE_READAHEAD: {exc}") from None
+    if budget is None:
+        return WINDOW_MAX
+    return max(16 << 20, min(WINDOW_MAX, budget // 4))
+
+
+def start_read_ahead(ranges: list[tuple[RemoteShardReader, int, int]], window: int) -> Any:
+    """A ReadAhead over `ranges` attached to their readers; returns a function that stops it."""
+    if not ranges or window <= 0:
+        return lambda: None
+    ahead = ReadAhead([(r.rf, o, n) for r, o, n in ranges], window)
+    readers = {id(r): r for r, _, _ in ranges}
+    for r in readers.values():
+        r.attach(ahead)
+
+    def stop() -> None:
+        for r in readers.values():
+            r.detach(ahead)
+        ahead.close()
+
+    return stop
