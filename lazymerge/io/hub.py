@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants       # light; the client (httpx) is imported when the hub is first used
+
 from ..errors import CheckpointError
 from .remote import TRANSFERRED, RemoteFile, RemoteShardReader, _Counter, hub_error, read_remote_header
 from .shards import ShardReader, TensorInfo, header_length, parse_header, read_header
@@ -87,8 +89,6 @@ class HubSettings:
 
     @classmethod
     def from_env(cls) -> "HubSettings":
-        from huggingface_hub import constants
-
         endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
         cache = os.environ.get("HF_HUB_CACHE")
         if not cache and os.environ.get("HF_HOME"):
