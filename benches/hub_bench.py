@@ -182,7 +182,8 @@ def table(meta: dict, runs: list[dict]) -> str:
     by = {r["mode"]: r for r in runs}
     lines = [f"# Hub models: download-then-merge vs --stream-inputs ({meta['preset']}, {meta['method']}, "
              f"--memory {meta['memory']})", "",
-             f"{meta['date']} · {meta['machine']} · commit `{meta['commit']}` · inputs {M.fmt_bytes(meta['inputs_bytes'])} (3 repos, served by "
+             f"{meta['date']} · {meta['machine']} · commit `{meta['commit']}` · "
+             f"inputs {M.fmt_bytes(meta['inputs_bytes'])} (3 repos, served by "
              f"tests/hubserver.py on 127.0.0.1 in its own process) · outputs byte-identical across modes: "
              f"**{'yes' if meta['outputs_identical'] else 'NO'}**", "",
              "| mode | wall s | × local | CPU s | hub served | ÷ bytes read | peak disk | peak RSS | cold cache |",

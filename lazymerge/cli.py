@@ -136,6 +136,14 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
         click.echo(p.summary())
         for ref, sha in sorted(p.pins.items()):
             click.echo(f"input         {ref} at {sha}")
+        if p.pins:
+            from .engine.inputs import planned_reads
+            from .io.models import files_to_fetch
+
+            need = [(hub, n) for hub, names in files_to_fetch(planned_reads(p.sources, p.tasks.tasks)) for n in names]
+            size = sum(hub.files.get(n) or 0 for hub, n in need)
+            click.echo(f"download      {human(size)} in {len(need)} file(s) not in the Hugging Face cache "
+                       "(none with --stream-inputs)")
         where = (out.parent if out is not None else Path.cwd()).resolve()
         while not where.exists():
             where = where.parent
@@ -422,9 +430,10 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
              max_new_tokens: int, quiet: bool, stream_inputs: bool) -> None:
     """Perplexity of TARGET on --data, without ever holding the whole model.
 
-    TARGET is a checkpoint directory, a hub id (org/name[@revision]) or a merge recipe. A recipe is merged one decoder layer at a time, in
-    memory, and never written; the result equals evaluating the written merge. Each decoder layer's weights are
-    loaded (or merged), every window goes through it, and they are freed before the next layer.
+    TARGET is a checkpoint directory, a hub id (org/name[@revision]) or a merge recipe. A recipe is merged one
+    decoder layer at a time, in memory, and never written; the result equals evaluating the written merge. Each
+    decoder layer's weights are loaded (or merged), every window goes through it, and they are freed before the
+    next layer.
 
     \b
     lazymerge eval ./merged --data wiki.txt --memory 512MiB
@@ -435,37 +444,38 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
 
     from .api import evaluate, generate
 
-    if prompt is not None:
-        text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
-                        progress=_EvalBar(enabled=not quiet, label="generating"), stream_inputs=stream_inputs)
-        click.echo(json.dumps({"prompt": prompt, "completion": text}) if as_json else prompt + text)
+    with _hub_progress(not quiet):       # huggingface_hub's download bars, as the merge's own
+        if prompt is not None:
+            text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
+                            progress=_EvalBar(enabled=not quiet, label="generating"), stream_inputs=stream_inputs)
+            click.echo(json.dumps({"prompt": prompt, "completion": text}) if as_json else prompt + text)
+            if data is None:
+                return
         if data is None:
-            return
-    if data is None:
-        raise click.UsageError("--data is required (or --prompt)")
-    kwargs = dict(memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, seed=seed,
-                  stream_inputs=stream_inputs)
-    if compare_inputs:
-        from .api import compare_inputs as compare
+            raise click.UsageError("--data is required (or --prompt)")
+        kwargs = dict(memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, seed=seed,
+                      stream_inputs=stream_inputs)
+        if compare_inputs:
+            from .api import compare_inputs as compare
 
+            bar = _EvalBar(enabled=not quiet)
+            try:
+                reports = compare(target, data, progress=bar, **kwargs)
+            finally:
+                bar.close()
+            if as_json:
+                click.echo(json.dumps([json.loads(r.to_json()) for r in reports], indent=2))
+            else:
+                from .evaluate.report import comparison_table
+
+                click.echo(comparison_table(reports))
+            return
         bar = _EvalBar(enabled=not quiet)
         try:
-            reports = compare(target, data, progress=bar, **kwargs)
+            report = evaluate(target, data, progress=bar, **kwargs)
         finally:
             bar.close()
-        if as_json:
-            click.echo(json.dumps([json.loads(r.to_json()) for r in reports], indent=2))
-        else:
-            from .evaluate.report import comparison_table
-
-            click.echo(comparison_table(reports))
-        return
-    bar = _EvalBar(enabled=not quiet)
-    try:
-        report = evaluate(target, data, progress=bar, **kwargs)
-    finally:
-        bar.close()
-    click.echo(report.to_json() if as_json else report.summary())
+        click.echo(report.to_json() if as_json else report.summary())
 
 
 @main.command("search")

@@ -17,7 +17,8 @@ from .engine.report import Progress, Report
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
 from .planner.compile import compile_plan
-from .planner.recipe import Recipe, dump_recipe, pin_refs, read_documents
+from .io.models import pin_refs
+from .planner.recipe import Recipe, dump_recipe, read_documents
 
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..engine.report import RssSampler
-from ..planner.recipe import pin_refs
+from ..io.models import pin_refs
 from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
 from .report import EvalReport, bootstrap_ppl

@@ -7,9 +7,10 @@ same commit, and `pins()` says which (the report and the saved recipe record it)
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import CheckpointError
 from .adapters import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, AdaptedCheckpoint, _read_config,
@@ -18,6 +19,7 @@ from .checkpoint import (AUX_NAMES, PICKLE_INDEX, SAFETENSORS_INDEX, Checkpoint,
                          load_pickle)
 from .hub import HubRef, HubRepo, HubSettings, parse_hub_ref, resolve
 from .remote import RemoteShardReader, schedule_window, start_read_ahead
+from .shards import row_span
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,46 @@ def _split(ref: str) -> tuple[str, str | None]:
         base, adapter = parse_model_ref(ref)
         return str(base), (str(adapter) if adapter is not None else None)
     return ref, None
+
+
+def pin_refs(data: Any, pins: Mapping[str, str]) -> Any:
+    """`data` (a recipe document, or a list of them) with every hub reference that resolved (`pins`:
+    `org/name@revision` -> commit) rewritten as `org/name@<commit>`, in `base+adapter` pairs too: the same
+    recipe, naming exactly the inputs that were read."""
+    if isinstance(data, Mapping):
+        return {k: pin_refs(v, pins) for k, v in data.items()}
+    if isinstance(data, list):
+        return [pin_refs(v, pins) for v in data]
+    if not isinstance(data, str) or not pins:
+        return data
+    parts = data.split("+")
+    out = []
+    for part in parts:
+        ref = parse_hub_ref(part)
+        key = f"{ref.repo_id}@{ref.revision or 'main'}" if ref is not None else None
+        out.append(f"{ref.repo_id}@{pins[key]}" if key in pins and not Path(part).expanduser().exists() else part)
+    return "+".join(out)
+
+
+def resolve_refs(data: Any, opener: "ModelOpener | None" = None) -> dict[str, str]:
+    """The commits of the hub references among `data`'s strings (see pin_refs), resolved now; a string that
+    only looks like one (no such repository) is left for the planner to report where it is used."""
+    opener = opener or ModelOpener()
+    if isinstance(data, Mapping):
+        for v in data.values():
+            resolve_refs(v, opener)
+    elif isinstance(data, list):
+        for v in data:
+            resolve_refs(v, opener)
+    elif isinstance(data, str):
+        for part in data.split("+"):
+            ref = parse_hub_ref(part)
+            if ref is not None and not Path(part).expanduser().exists():
+                try:
+                    opener.repo(ref)
+                except CheckpointError:
+                    pass
+    return opener.pins()
 
 
 class ModelOpener:
@@ -207,9 +249,13 @@ def open_hub_checkpoint(repo: HubRepo, *, allow_pickle: bool = False) -> Checkpo
 
 
 def _headers(repo: HubRepo, names: list[str]) -> dict[str, Any]:
+    """Every shard's header, read concurrently (each is two range requests when not cached: a 30-shard repo
+    costs two round trips, not sixty)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names))), thread_name_prefix="lazymerge-headers") as pool:
+        headers = list(pool.map(repo.header, names))
     tensors: dict[str, Any] = {}
-    for rel in names:
-        for name, info in repo.header(rel)[0].items():
+    for rel, (found, _) in zip(names, headers):
+        for name, info in found.items():
             if name in tensors:
                 raise CheckpointError(f"{repo.label()}: tensor {name!r} appears in both "
                                       f"{repo.name_of(tensors[name].file)} and {rel}")
@@ -246,14 +292,8 @@ def model_directory(ref: str | Path, *, allow_pickle: bool = False) -> tuple[Pat
 Read = tuple[Any, str, "tuple[int, int] | None", bool]     # (source, tensor, rows or None: all, exact range)
 
 
-def prepare_reads(reads: Iterable[Read], budget: int | None) -> Callable[[], None]:
-    """Make hub inputs ready for a run that will make `reads`, in that order: download the files they need and
-    the cache lacks (only those: the plan chose them, so a slice of the first layers never fetches the last
-    shard), or, for inputs opened to stream, start fetching their byte ranges ahead (`exact` reads only: a
-    read whose ranges depend on the data, such as a vocabulary's rows, is fetched when it is made). Returns the
-    function that ends the read-ahead. Local inputs have nothing to prepare."""
-    fetch: dict[int, tuple[HubRepo, list[str]]] = {}
-    ranges: list[tuple[RemoteShardReader, int, int]] = []
+def _hub_parts(reads: Iterable[Read]) -> Iterator[tuple[Checkpoint, HubRepo, str, Any, Any, bool]]:
+    """(checkpoint, its repo, file name, tensor info, rows, exact) of each read of a hub file not in the cache."""
     cached: dict[tuple[int, str], bool] = {}
     for src, name, rows, exact in reads:
         parts = getattr(src, "parts", None)
@@ -264,17 +304,35 @@ def prepare_reads(reads: Iterable[Read], budget: int | None) -> Callable[[], Non
             rel = hub.name_of(info.file)
             if (id(hub), rel) not in cached:
                 cached[(id(hub), rel)] = hub.cached(rel) is not None
-            if cached[(id(hub), rel)]:
-                continue
-            if not hub.stream:
-                names = fetch.setdefault(id(hub), (hub, []))[1]
-                if rel not in names:
-                    names.append(rel)
-            elif exact:
-                reader = ck.reader(info.file)
-                a, b = (0, info.rows) if r is None else r
-                if isinstance(reader, RemoteShardReader) and b > a:
-                    ranges.append((reader, info.start + a * info.row_nbytes, (b - a) * info.row_nbytes))
-    for hub, names in fetch.values():
-        hub.ensure(names)
+            if not cached[(id(hub), rel)]:
+                yield ck, hub, rel, info, r, exact
+
+
+def files_to_fetch(reads: Iterable[Read]) -> list[tuple[HubRepo, list[str]]]:
+    """The hub files these reads need and the cache lacks, per repository, in first-read order."""
+    fetch: dict[int, tuple[HubRepo, list[str]]] = {}
+    for _, hub, rel, _, _, _ in _hub_parts(reads):
+        names = fetch.setdefault(id(hub), (hub, []))[1]
+        if rel not in names:
+            names.append(rel)
+    return list(fetch.values())
+
+
+def prepare_reads(reads: Iterable[Read], budget: int | None) -> Callable[[], None]:
+    """Make hub inputs ready for a run that will make `reads`, in that order: download the files they need and
+    the cache lacks (only those: the plan chose them, so a slice of the first layers never fetches the last
+    shard), or, for inputs opened to stream, start fetching their byte ranges ahead (`exact` reads only: a
+    read whose ranges depend on the data, such as a vocabulary's rows, is fetched when it is made). Returns the
+    function that ends the read-ahead. Local inputs have nothing to prepare."""
+    reads = list(reads)
+    for hub, names in files_to_fetch(reads):
+        if not hub.stream:
+            hub.ensure(names)
+    ranges: list[tuple[RemoteShardReader, int, int]] = []
+    for ck, hub, _, info, r, exact in _hub_parts(reads):
+        if hub.stream and exact:
+            reader = ck.reader(info.file)
+            offset, nbytes, _ = row_span(info, r)
+            if isinstance(reader, RemoteShardReader) and nbytes:
+                ranges.append((reader, offset, nbytes))
     return start_read_ahead(ranges, schedule_window(budget))

@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-from .. import memory, shapes
+from .. import memory
 from ..errors import CheckpointError, LazyMergeError
 from ..units import parse_size
-from .shards import TensorInfo, header_length, parse_header
+from .shards import TensorInfo, header_length, parse_header, row_span
 
 THREADS = 4                          # range requests in flight at once
 WINDOW_MAX = 256 << 20               # bytes fetched ahead of the engine, at most (outside the --memory budget)
@@ -241,19 +241,14 @@ class RemoteShardReader:
              dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
              evict: bool = True, aligned: bool = True) -> torch.Tensor:
         """Rows [a, b) of `info`, as `ShardReader.read` returns them (a new tensor the caller owns)."""
-        a, b = (0, info.rows) if rows is None else rows
-        if not 0 <= a <= b <= info.rows:
-            raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
-        shape = shapes.block_shape(info.shape, a, b)
+        offset, nbytes, shape = row_span(info, rows)
         stored = info.torch_dtype
         out_dtype = stored if dtype is None else dtype
-        count = (b - a) * info.row_numel
-        if count == 0:
+        if nbytes == 0:
             return torch.empty(shape, dtype=out_dtype, device=device)
-        offset = info.start + a * info.row_nbytes
-        raw = _as_tensor(self.fetch(offset, count * info.itemsize, keep=not evict)).view(stored).view(shape)
+        raw = _as_tensor(self.fetch(offset, nbytes, keep=not evict)).view(stored).view(shape)
         if out_dtype != stored:
-            raw = raw.to(out_dtype)
+            raw = memory.empty(shape, out_dtype).copy_(raw)
         return raw if torch.device(device).type == "cpu" else raw.to(device)
 
     def close(self) -> None:

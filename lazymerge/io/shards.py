@@ -74,6 +74,15 @@ class TensorInfo(ShapedTensor):
     nbytes: int
 
 
+def row_span(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
+    """Where rows [a, b) of a tensor lie in its file (all of them when `rows` is None): the byte offset, the
+    byte count, and the block's shape; rows outside the tensor are a ValueError (a planner bug, not bad input)."""
+    a, b = (0, info.rows) if rows is None else rows
+    if not 0 <= a <= b <= info.rows:
+        raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
+    return info.start + a * info.row_nbytes, (b - a) * info.row_nbytes, shapes.block_shape(info.shape, a, b)
+
+
 def _fail(path: Path | str, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: {what}")
 
@@ -242,19 +251,14 @@ class ShardReader:
         whose data does not start on a 64-byte boundary (a direct read's view of its buffer), for a caller that
         converts it at once; otherwise such a view is copied, because matrix kernels round differently on
         unaligned data (an evaluation would then not match the same weights read another way)."""
-        a, b = (0, info.rows) if rows is None else rows
-        if not 0 <= a <= b <= info.rows:
-            raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
+        offset, nbytes, shape = row_span(info, rows)
         if info.start + info.nbytes > self._size:
             raise _fail(self.path, f"tensor {info.name!r} lies beyond the end of the file")
-        shape = shapes.block_shape(info.shape, a, b)
         stored = info.torch_dtype
         out_dtype = stored if dtype is None else dtype
-        count = (b - a) * info.row_numel
+        count = nbytes // info.itemsize
         if count == 0:
             return torch.empty(shape, dtype=out_dtype, device=device)
-        offset = info.start + a * info.row_nbytes
-        nbytes = count * info.itemsize
         with self._lock:                          # a range kept for a later phase is read through the cache
             was_kept = (offset, nbytes) in self._kept
             if evict:

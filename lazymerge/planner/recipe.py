@@ -14,7 +14,7 @@ import yaml
 
 from ..dtypes import RECIPE_NAMES
 from ..errors import RecipeError
-from ..io.hub import parse_hub_ref
+from ..io.models import pin_refs
 from .keys import check_keys, mapping, model_fields
 from .slices import OutputSlice, parse_slices
 
@@ -234,25 +234,6 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
         raw=dict(data),
         name=name,
     )
-
-
-def pin_refs(data: Any, pins: Mapping[str, str]) -> Any:
-    """`data` (a recipe document, or a list of them) with every hub reference that resolved (`pins`:
-    `org/name@revision` -> commit) rewritten as `org/name@<commit>`, in `base+adapter` pairs too: the same
-    recipe, naming exactly the inputs that were read."""
-    if isinstance(data, Mapping):
-        return {k: pin_refs(v, pins) for k, v in data.items()}
-    if isinstance(data, list):
-        return [pin_refs(v, pins) for v in data]
-    if not isinstance(data, str) or not pins:
-        return data
-    parts = data.split("+")
-    out = []
-    for part in parts:
-        ref = parse_hub_ref(part)
-        key = f"{ref.repo_id}@{ref.revision or 'main'}" if ref is not None else None
-        out.append(f"{ref.repo_id}@{pins[key]}" if key in pins and not Path(part).expanduser().exists() else part)
-    return "+".join(out)
 
 
 def dump_recipe(recipe: Recipe, pins: Mapping[str, str] | None = None) -> str:
