@@ -202,3 +202,36 @@ def test_hub_errors_are_one_line(published, hub_env: Path, tmp_path: Path, monke
     published.hub.reset()
     one_line_error(tmp_path, with_model("org/ft3"), "org/ft3", "model-0000", ".safetensors", "HF_HUB_OFFLINE=1")
     assert published.hub.requests == []
+
+
+# -- other places a model is named ----------------------------------------------------------------------------
+def test_moe_experts_from_the_hub(published, hub_env: Path, tmp_path: Path) -> None:
+    moe = {"base_model": "org/base", "gate_mode": "random", "experts_per_token": 1, "dtype": "bfloat16",
+           "experts": [{"source_model": "org/ft1"}, {"source_model": "org/ft2@main", "noise_scale": 0.01}]}
+    want = local_merge(moe, published, tmp_path / "local")
+    report = lazymerge.merge(moe, tmp_path / "hub")
+    assert shard_hashes(tmp_path / "hub") == want
+    assert set(report.inputs) == {"org/base@main", "org/ft1@main", "org/ft2@main"}
+
+
+def test_extract_lora_and_fisher_take_hub_ids(published, hub_env: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lazymerge.extract import extract_lora
+
+    extract_lora("org/ft1", "org/base", tmp_path / "hub_lora", 2)
+    extract_lora(published.local["ft1"], published.local["base"], tmp_path / "local_lora", 2)
+    assert shard_hashes(tmp_path / "hub_lora") == shard_hashes(tmp_path / "local_lora")
+    cfg = json.loads((tmp_path / "hub_lora" / "adapter_config.json").read_text())
+    assert (cfg["base_model_name_or_path"], cfg["revision"]) == ("org/base", published.shas["base"])
+
+    pytest.importorskip("transformers")
+    from lazymerge.fisher import compute_fisher
+
+    data = tmp_path / "data.txt"
+    data.write_text(" ".join(f"tok{i % 90 + 3}" for i in range(200)))
+    compute_fisher("org/ft2", data, tmp_path / "hub_fisher", max_samples=2, seq_len=16)
+    compute_fisher(published.local["ft2"], data, tmp_path / "local_fisher", max_samples=2, seq_len=16)
+    got, want = load_file(tmp_path / "hub_fisher" / "model.safetensors"), \
+        load_file(tmp_path / "local_fisher" / "model.safetensors")
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)

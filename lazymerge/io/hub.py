@@ -268,7 +268,8 @@ def resolve(ref: HubRef, settings: HubSettings, *, stream: bool = False) -> HubR
     from huggingface_hub import errors as he
 
     try:
-        info = HfApi(endpoint=settings.endpoint).model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+        info = HfApi(endpoint=settings.endpoint).model_info(ref.repo_id, revision=ref.revision, files_metadata=True,
+                                                         timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except (he.HfHubHTTPError, he.OfflineModeIsEnabled) as exc:
         raise hub_error(exc, str(ref), settings) from None
     except Exception as exc:                  # cannot connect: what the cache has at that revision, if anything

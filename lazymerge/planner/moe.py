@@ -34,7 +34,7 @@ from ..dtypes import FLOAT_CODES, RECIPE_NAMES
 from ..engine import ops
 from ..errors import CheckpointError, RecipeError
 from ..io.checkpoint import Checkpoint
-from ..io.models import ModelOpener
+from ..io.models import ModelOpener, pin_refs
 from ..moe.sources import NoiseSource, RouterSource
 from ..units import human
 from .emit import emit_plan
@@ -396,8 +396,9 @@ class _MoECompiler:
             tensors += [RouterTensor(f"model.layers.{i}.mlp.shared_expert_gate.weight", (m, base.hidden), i,
                                      (n, n + m)) for i in range(layers)]
         # what the layer-streaming forward runs: the directory, or base+adapter as a merge-and-unload recipe
-        target: Any = base.key if "+" not in base.key or Path(base.key).is_dir() else \
-            {"merge_method": "passthrough", "models": [{"model": base.key}]}
+        ref = pin_refs(base.key, self.comp.opener.pins())     # a hub base: the commit this plan read
+        target: Any = ref if "+" not in base.key or Path(base.key).is_dir() else \
+            {"merge_method": "passthrough", "models": [{"model": ref}]}
         spec = RouterPass(cfg.gate_mode, self.seed, base.key, Path(base.src.path), target,
                           tuple(e.prompts for e in cfg.experts + cfg.shared_experts), layers,
                           self.budget if self.budget is not None else "unlimited", tuple(tensors))
