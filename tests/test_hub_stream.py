@@ -37,8 +37,8 @@ def data_served(hub) -> int:
     return hub.bytes_served(suffix=".safetensors")
 
 
-def test_streamed_run_stores_nothing_and_transfers_each_byte_once(published, hub_env: Path,
-                                                                   tmp_path: Path) -> None:
+def test_streamed_run_stores_nothing_and_transfers_each_byte_once(published, hub_env: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
     local = tmp_path / "local"
     lazymerge.merge(rewrite(TIES, published.local), local, **BLOCKED)
     plan = lazymerge.plan(TIES, **BLOCKED)
@@ -60,7 +60,14 @@ def test_streamed_run_stores_nothing_and_transfers_each_byte_once(published, hub
                for f in published.local[m].glob("*.safetensors"))
     assert served <= data                                   # each byte about once, though blocks are reread
     assert report.bytes_transferred == served
+    # a read-ahead window too small to keep the reread blocks: they are fetched again, the bytes are the same
+    monkeypatch.setenv("LAZYMERGE_READAHEAD", "4KiB")
+    published.hub.reset()
+    lazymerge.merge(TIES, tmp_path / "small_window", stream_inputs=True, **BLOCKED)
+    assert shard_hashes(tmp_path / "small_window") == shard_hashes(local)
+    assert data_served(published.hub) > served
     # with the default budget (no row blocks) and read-ahead, the same bytes
+    monkeypatch.delenv("LAZYMERGE_READAHEAD")
     published.hub.reset()
     lazymerge.merge(TIES, tmp_path / "streamed2", stream_inputs=True)
     assert shard_hashes(tmp_path / "streamed2") == shard_hashes(local)

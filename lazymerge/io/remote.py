@@ -9,7 +9,8 @@ retries with backoff on timeouts, dropped connections, 429 and 5xx); nothing her
 `ReadAhead` keeps the network busy while the CPU merges: a run announces the ranges it will read, in the order
 its tasks are prioritised, and a few threads fetch them a bounded number of bytes ahead. A range that a later
 phase reads again (`evict=False`, the page cache's job for a local file) is kept in memory until its last read,
-so each input byte crosses the network once.
+within the same bounded window (beyond it, it is fetched again), so each input byte crosses the network about
+once and the memory outside the budget stays bounded.
 """
 from __future__ import annotations
 
@@ -135,11 +136,14 @@ def _as_tensor(data: bytes) -> torch.Tensor:
 
 
 class ReadAhead:
-    """Fetches announced ranges ahead of the reads that will ask for them.
+    """Fetches announced ranges ahead of the reads that will ask for them, and keeps the ranges a later read
+    will ask for again.
 
-    `schedule` lists (file, offset, nbytes) in the order the run is expected to read them; up to `window` bytes
-    are fetched or held ahead at a time by `threads` threads. `get` hands out a prefetched range (waiting if it
-    is still in flight) or fetches an unannounced one itself. The schedule is a forecast, not a contract: the
+    `schedule` lists (file, offset, nbytes) in the order the run is expected to read them; `threads` threads fetch
+    them ahead while the bytes fetched and not yet taken, plus the bytes kept, fit in `window`. `take` hands out
+    a range (waiting if it is still in flight); a range taken with `keep` (the engine's `evict=False`: a later
+    phase reads it again, which is the page cache's job for a local file) stays in the window until its last
+    read, or, when the window is full, is fetched again then. The schedule is a forecast, not a contract: the
     scheduler may read in another order, and that only costs waiting, never a wrong byte.
     """
 
@@ -147,11 +151,11 @@ class ReadAhead:
         self.window = max(1, window)
         self._queue = collections.deque(schedule)
         self._pending: dict[tuple[str, int, int], Future] = {}
-        self._held = 0
+        self._kept: dict[tuple[str, int, int], bytes] = {}
+        self._held = 0                       # bytes pending, fetched and not taken, or kept
         self._lock = threading.Lock()
         self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lazymerge-readahead")
-        self.announced = {(rf.url, o, n) for rf, o, n in schedule}
         self._fill()
 
     def _fill(self) -> None:
@@ -159,7 +163,7 @@ class ReadAhead:
             while self._queue and not self._closed:
                 rf, offset, nbytes = self._queue[0]
                 key = (rf.url, offset, nbytes)
-                if key in self._pending:
+                if key in self._pending or key in self._kept:      # a reread of a range held already
                     self._queue.popleft()
                     continue
                 if self._held and self._held + nbytes > self.window:
@@ -168,26 +172,47 @@ class ReadAhead:
                 self._held += nbytes
                 self._pending[key] = self._pool.submit(rf.read, offset, nbytes)
 
-    def take(self, rf: RemoteFile, offset: int, nbytes: int) -> bytes | None:
-        """The prefetched bytes of this range (waiting for them if in flight), or None if it was not fetched
-        ahead; either way the window moves on."""
+    def take(self, rf: RemoteFile, offset: int, nbytes: int, keep: bool) -> bytes | None:
+        """The bytes of this range if it was fetched ahead or kept (waiting if in flight), else None; with
+        `keep` they stay held for the next read of the same range."""
         key = (rf.url, offset, nbytes)
         with self._lock:
-            fut = self._pending.pop(key, None)
-        if fut is None:
+            data = self._kept.get(key) if keep else self._kept.pop(key, None)
+            fut = self._pending.pop(key, None) if data is None else None
+            if data is not None and not keep:
+                self._held -= nbytes
+        if data is None and fut is None:
             return None
         try:
-            return fut.result()
-        finally:
+            if fut is not None:
+                data = fut.result()
+                with self._lock:
+                    if keep and not self._closed:
+                        self._kept[key] = data
+                    else:
+                        self._held -= nbytes
+            return data
+        except BaseException:
             with self._lock:
                 self._held -= nbytes
+            raise
+        finally:
             self._fill()
+
+    def keep(self, rf: RemoteFile, offset: int, nbytes: int, data: bytes) -> None:
+        """Hold a range read on demand for its next read, if the window has room for it."""
+        with self._lock:
+            key = (rf.url, offset, nbytes)
+            if not self._closed and key not in self._kept and self._held + nbytes <= self.window:
+                self._kept[key] = data
+                self._held += nbytes
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._queue.clear()
             pending, self._pending = list(self._pending.values()), {}
+            self._kept.clear()
             self._held = 0
         for fut in pending:
             fut.cancel()
@@ -195,14 +220,13 @@ class ReadAhead:
 
 
 class RemoteShardReader:
-    """`ShardReader`'s interface over a file on the hub: each read is one range request (or a prefetched one),
-    and a range read with `evict=False` is kept in memory until its last read, as the page cache would keep it."""
+    """`ShardReader`'s interface over a file on the hub: each read is one range request, unless a run's
+    read-ahead fetched it already or kept it for this reread."""
 
     def __init__(self, rf: RemoteFile) -> None:
         self.rf = rf
         self.path = rf.label
         self._aheads: list[ReadAhead] = []
-        self._kept: dict[tuple[int, int], bytes] = {}
         self._lock = threading.Lock()
 
     def attach(self, ahead: ReadAhead) -> None:
@@ -213,28 +237,17 @@ class RemoteShardReader:
         with self._lock:
             if ahead in self._aheads:
                 self._aheads.remove(ahead)
-            if not self._aheads:
-                self._kept.clear()           # a run's kept ranges end with it
 
     def fetch(self, offset: int, nbytes: int, keep: bool) -> bytes:
         with self._lock:
-            kept = self._kept.get((offset, nbytes))
-            if kept is not None and not keep:
-                del self._kept[(offset, nbytes)]
             aheads = list(self._aheads)
-        if kept is not None:
-            return kept
-        data = None
         for ahead in aheads:
-            data = ahead.take(self.rf, offset, nbytes)
+            data = ahead.take(self.rf, offset, nbytes, keep)
             if data is not None:
-                break
-        if data is None:
-            data = self.rf.read(offset, nbytes)
-        if keep:
-            with self._lock:
-                if self._aheads:             # outside a run nothing would ever release it
-                    self._kept[(offset, nbytes)] = data
+                return data
+        data = self.rf.read(offset, nbytes)
+        if keep and aheads:
+            aheads[0].keep(self.rf, offset, nbytes, data)
         return data
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
@@ -252,13 +265,13 @@ class RemoteShardReader:
         return raw if torch.device(device).type == "cpu" else raw.to(device)
 
     def close(self) -> None:
-        with self._lock:
-            self._kept.clear()
+        pass
 
 
 def schedule_window(budget: int | None) -> int:
-    """Bytes to fetch ahead: enough to cover a few row blocks, a quarter of the budget at most; the environment
-    variable LAZYMERGE_READAHEAD sets it (e.g. 1GiB on a fast, distant network; 0 turns read-ahead off)."""
+    """Bytes to fetch ahead and to keep for rereads: enough to cover a few row blocks, a quarter of the budget at
+    most; the environment variable LAZYMERGE_READAHEAD sets it (e.g. 1GiB on a fast, distant network; 0 turns
+    read-ahead and keeping off: every read is then its own request, rereads included)."""
     env = os.environ.get("LAZYMERGE_READAHEAD", "").strip()
     if env:
         try:
