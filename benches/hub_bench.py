@@ -107,6 +107,10 @@ def run_mode(mode: str, args: argparse.Namespace, url: str, recipes: dict[str, P
     env.pop("HF_HUB_CACHE", None)
     env.pop("HF_HUB_OFFLINE", None)
     cold = M.drop_caches()
+    # cold means cold checkpoint data: the libraries' files are read back in a throwaway process (as run.py does)
+    subprocess.run([sys.executable, "-c", "import torch, numba, huggingface_hub.file_download, lazymerge.cli"],
+                   env=env, capture_output=True)
+    load1 = os.getloadavg()[0]
     rusage = scratch / f"rusage-{mode}.json"
     before = served(url)
     sampler = DiskSampler([hf_home, out, out.parent / f".{out.name}.lazymerge-tmp"])
@@ -120,7 +124,7 @@ def run_mode(mode: str, args: argparse.Namespace, url: str, recipes: dict[str, P
         raise SystemExit(f"{mode}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
     ru = json.loads(rusage.read_text())
     report = json.loads((out / "lazymerge_report.json").read_text())
-    return {"mode": mode, "command": cmd, "cold_cache": cold, "wall_s": wall, "cpu_s": ru["ru_utime"] + ru["ru_stime"],
+    return {"mode": mode, "command": cmd, "cold_cache": cold, "load1_before": load1, "wall_s": wall, "cpu_s": ru["ru_utime"] + ru["ru_stime"],
             "peak_rss": ru["ru_maxrss_kib"] * 1024, "peak_disk": peak_disk, "hub_served": served(url) - before,
             "bytes_read": report["bytes_read"], "bytes_written": report["bytes_written"],
             "bytes_transferred": report.get("bytes_transferred", 0), "inputs": report.get("inputs", {}),
@@ -186,19 +190,22 @@ def table(meta: dict, runs: list[dict]) -> str:
              f"inputs {M.fmt_bytes(meta['inputs_bytes'])} (3 repos, served by "
              f"tests/hubserver.py on 127.0.0.1 in its own process) · outputs byte-identical across modes: "
              f"**{'yes' if meta['outputs_identical'] else 'NO'}**", "",
-             "| mode | wall s | × local | CPU s | hub served | ÷ bytes read | peak disk | peak RSS | cold cache |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| mode | wall s | × local | CPU s | hub served | ÷ bytes read | peak disk | peak RSS | cold cache | "
+             "load before |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in runs:
         ratio = f"{r['wall_s'] / by['local']['wall_s']:.2f}" if "local" in by else "–"
         per_read = f"{r['hub_served'] / r['bytes_read']:.3f}" if r["hub_served"] else "–"
         lines.append(f"| {r['mode']} | {r['wall_s']:.1f} | {ratio} | {r['cpu_s']:.1f} | {M.fmt_bytes(r['hub_served'])} "
                      f"| {per_read} | {M.fmt_bytes(r['peak_disk'])} | {M.fmt_bytes(r['peak_rss'])} | "
-                     f"{'yes' if r['cold_cache'] else 'no'} |")
+                     f"{'yes' if r['cold_cache'] else 'no'} | {r['load1_before']:.2f} |")
     lines += ["", "wall s: the `lazymerge run` subprocess from start to exit (for `download`, the downloads included); "
               "CPU s: its user + system time (the hub's own CPU is not included); hub served: body bytes the "
               "loopback hub sent (headers, small files and tensor data); ÷ bytes read: that over the bytes of "
               "tensor data the merge read (its report); peak disk: the Hugging Face cache + the output and its "
-              "temporary directory, sampled every 0.2 s; peak RSS: wait4's ru_maxrss.", ""]
+              "temporary directory, sampled every 0.2 s; peak RSS: wait4's ru_maxrss; cold cache: page cache dropped "
+              "before the run (the libraries then read back by a throwaway import); load before: the 1-minute load "
+              "average when it started.", ""]
     return "\n".join(lines)
 
 

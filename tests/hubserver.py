@@ -15,7 +15,8 @@ utils/_http.py):
 
 It counts the body bytes it serves per (repo, file) and every request, so that tests can assert what was
 transferred; `hold(n, fn)` calls `fn` when the n-th tensor-data range request arrives (a run killed at a known
-point), and `fail_next(k)` answers the next k resolve requests 503 (a transient error to retry).
+point), `fail_next(k)` answers the next k resolve requests 503 (a transient error to retry), and `cut_next(n)`
+breaks the next tensor-data response off after n bytes (a dropped connection, to resume).
 
 Run as a script it serves directories until killed (`python tests/hubserver.py org/name=DIR ...`), printing its
 URL, with the counts at `GET /_stats` (the bench serves from another process than the merge it measures).
@@ -73,6 +74,8 @@ class LoopbackHub:
         self.requests: list[tuple[str, str, str | None]] = []      # (method, path, Range header)
         self._lock = threading.Lock()
         self._fail = 0
+        self._cut: int | None = None
+        self.faults = 0                       # 503s sent and responses cut, so far
         self._hold: tuple[int, Callable[[], None]] | None = None
         self._data_gets = 0
         self._server: ThreadingHTTPServer | None = None
@@ -113,6 +116,11 @@ class LoopbackHub:
         """Answer the next k `resolve` requests with 503 (huggingface_hub retries them)."""
         with self._lock:
             self._fail = k
+
+    def cut_next(self, nbytes: int) -> None:
+        """Break off the next tensor-data response after `nbytes` bytes of its body (a dropped connection)."""
+        with self._lock:
+            self._cut = nbytes
 
     def hold(self, n: int, fn: Callable[[], None]) -> None:
         """Call `fn` (once) when the n-th range request for tensor data arrives, before it is answered (a header
@@ -243,6 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             fail = hub._fail > 0
             hub._fail -= fail
+            hub.faults += fail
         if fail:
             return self._error(503, "ServiceUnavailable", "try again")
         found = self._commit(repo_id, rev)
@@ -287,21 +296,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        sent = 0
-        try:
-            with open(file, "rb") as f:
-                f.seek(start)
-                left = end - start + 1
-                while left:
-                    chunk = f.read(min(CHUNK, left))
-                    if not chunk:
-                        break
-                    self.wfile.write(chunk)
-                    sent += len(chunk)
-                    left -= len(chunk)
-        finally:
-            with hub._lock:
-                hub.served[(repo_id, name)] += sent
+        self.wfile.flush()
+        count = end - start + 1
+        with hub._lock:
+            if hub._cut is not None and start > 8 and count > hub._cut:
+                count, hub._cut = hub._cut, None
+                hub.faults += 1
+                self.close_connection = True
+        with open(file, "rb") as f:        # sendfile: the stand-in must not be what a benchmark measures
+            sent = self.connection.sendfile(f, offset=start, count=count)
+        with hub._lock:
+            hub.served[(repo_id, name)] += sent
 
 
 def main(argv: list[str]) -> None:

@@ -2,7 +2,7 @@
 
 - the output is the local run's, byte for byte; no file holding tensor data lands in the cache; the hub serves
   at most 1.1x the safetensors bytes the run reads (each byte about once, rereads of a row block included);
-- a transient error (503) is retried;
+- a transient error (503) is retried, a response broken off midway is resumed;
 - a run killed (SIGKILL) at a known point of its transfers — the hub kills it when a given range request
   arrives — and resumed gives the same bytes again, and keeps the shards it had finished;
 - `eval` of a hub model streams it layer by layer to the local model's perplexity.
@@ -50,7 +50,6 @@ def test_streamed_run_stores_nothing_and_transfers_each_byte_once(published, hub
     finally:
         plan.close()
     published.hub.reset()                                   # the headers are kept: only tensor data from here
-    published.hub.fail_next(1)                              # a transient error, retried by huggingface_hub
     report = lazymerge.merge(TIES, tmp_path / "streamed", stream_inputs=True, **BLOCKED)
     assert shard_hashes(tmp_path / "streamed") == shard_hashes(local)
     assert not cached_shards(hub_env)
@@ -60,6 +59,13 @@ def test_streamed_run_stores_nothing_and_transfers_each_byte_once(published, hub
                for f in published.local[m].glob("*.safetensors"))
     assert served <= data                                   # each byte about once, though blocks are reread
     assert report.bytes_transferred == served
+    # a transient error, retried by huggingface_hub, and a response broken off, resumed where it stopped
+    faults = published.hub.faults
+    published.hub.fail_next(1)
+    published.hub.cut_next(1000)
+    lazymerge.merge(TIES, tmp_path / "faults", stream_inputs=True, **BLOCKED)
+    assert published.hub.faults == faults + 2
+    assert shard_hashes(tmp_path / "faults") == shard_hashes(local)
     # a read-ahead window too small to keep the reread blocks: they are fetched again, the bytes are the same
     monkeypatch.setenv("LAZYMERGE_READAHEAD", "4KiB")
     published.hub.reset()

@@ -125,7 +125,7 @@ def _is_targeted(cfg: dict, module: str) -> bool:
     return found and _layer_index_ok(cfg, module)
 
 
-def _read_config(path: Path) -> dict:
+def read_adapter_config(path: Path) -> dict:
     file = path / CONFIG_NAME
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
@@ -198,7 +198,7 @@ class Adapter:
             raise CheckpointError(f"{root}: adapter directory does not exist")
         if not is_adapter_dir(root):
             raise CheckpointError(f"{root}: not a PEFT adapter (no {CONFIG_NAME})")
-        return cls(root, _read_config(root), _open_weights(root, allow_pickle))
+        return cls(root, read_adapter_config(root), _open_weights(root, allow_pickle))
 
     @property
     def base_model_path(self) -> Path | None:

@@ -45,7 +45,7 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(resolved.is_relative_to(r) for r in roots)
 
 
-def _member_name(rel: object, source: Path) -> str:
+def member_name(rel: object, source: Path) -> str:
     """A shard name from an index, refused unless it is a plain relative path with no '..' (checks on the name
     alone: for a hub repository, where the file may not be on disk yet)."""
     if not isinstance(rel, str) or not rel:
@@ -61,7 +61,7 @@ def _member_name(rel: object, source: Path) -> str:
 
 def _member(root: Path, rel: object, source: Path) -> Path:
     """A file named by an index, refused unless it is a plain relative path staying inside the model directory."""
-    path = root / _member_name(rel, source)
+    path = root / member_name(rel, source)
     if not _inside(path, _allowed_roots(root.resolve())):
         raise CheckpointError(f"{source}: shard {rel!r} resolves to {path.resolve()}, outside the model directory")
     if not path.exists():
@@ -80,7 +80,7 @@ def _load_json(path: Path) -> object:
         raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
-def _weight_names(index: Path) -> dict[str, str]:
+def weight_names(index: Path) -> dict[str, str]:
     """An index's weight_map: tensor name -> shard name as written."""
     data = _load_json(index)
     wmap = data.get("weight_map") if isinstance(data, dict) else None
@@ -95,7 +95,7 @@ def _weight_names(index: Path) -> dict[str, str]:
 def _weight_map(index: Path, root: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     out: dict[str, Path] = {}
-    for name, rel in _weight_names(index).items():
+    for name, rel in weight_names(index).items():
         if rel not in files:
             files[rel] = _member(root, rel, index)
         out[name] = files[rel]
@@ -128,7 +128,7 @@ class Checkpoint:
             raise CheckpointError(f"{root}: does not exist")
         if not root.is_dir():
             raise CheckpointError(f"{root}: not a directory")
-        config = cls._read_config(root)
+        config = cls.read_config(root)
         index = root / SAFETENSORS_INDEX
         if index.exists():
             return cls(root, cls._indexed(root, index), config)
@@ -150,7 +150,7 @@ class Checkpoint:
         return cls(root, tensors, config, loaded)
 
     @staticmethod
-    def _read_config(root: Path) -> dict | None:
+    def read_config(root: Path) -> dict | None:
         cfg = root / "config.json"
         if not cfg.exists():
             return None

@@ -50,6 +50,11 @@ class HubRef:
     repo_id: str
     revision: str | None = None
 
+    @property
+    def key(self) -> str:
+        """`org/name@revision`, `main` when no revision is given: one spelling per repository and revision."""
+        return f"{self.repo_id}@{self.revision or 'main'}"
+
     def __str__(self) -> str:
         return self.repo_id if self.revision is None else f"{self.repo_id}@{self.revision}"
 
@@ -119,11 +124,6 @@ class HubRepo:
         self.snapshot = self.storage / "snapshots" / sha
         self._lock = threading.Lock()
         self._file_locks: dict[str, threading.Lock] = {}
-
-    @property
-    def pinned(self) -> str:
-        """The reference that names exactly this commit: `org/name@<sha>`."""
-        return f"{self.repo_id}@{self.sha}"
 
     def label(self, name: str | None = None) -> str:
         at = f"{self.repo_id}@{self.ref.revision}" if self.ref.revision else self.repo_id
@@ -208,9 +208,6 @@ class HubRepo:
         except OSError:
             pass                                  # a read-only cache: the header is simply read again next time
         return tensors, metadata
-
-    def header_cached(self, name: str) -> bool:
-        return self.cached(name) is not None or self._header_cache(name).is_file()
 
     # -- reading -------------------------------------------------------------------------------------------
     def reader(self, path: Path) -> Any:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..errors import CheckpointError
-from .adapters import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, AdaptedCheckpoint, _read_config,
+from .adapters import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, AdaptedCheckpoint, read_adapter_config,
                        is_adapter_dir, parse_model_ref)
-from .checkpoint import (AUX_NAMES, PICKLE_INDEX, SAFETENSORS_INDEX, Checkpoint, _member_name, _weight_names,
+from .checkpoint import (AUX_NAMES, PICKLE_INDEX, SAFETENSORS_INDEX, Checkpoint, member_name, weight_names,
                          load_pickle)
 from .hub import HubRef, HubRepo, HubSettings, parse_hub_ref, resolve
 from .remote import RemoteShardReader, schedule_window, start_read_ahead
@@ -30,16 +30,18 @@ class OpenOptions:
     stream: bool = False             # hub files not in the cache are read with range requests, never stored
 
 
+def hub_ref(text: str) -> HubRef | None:
+    """One part of a reference as a hub id, None when it is not one or names an existing local path (which wins)."""
+    ref = parse_hub_ref(text)
+    return ref if ref is not None and not Path(text).expanduser().exists() else None
+
+
 def part_key(text: str) -> str:
     """The planner's key for one part of a reference, without touching the network: an existing local path's
     resolved path, a hub id's `org/name@revision` (revision `main` when none is given), else the resolved path
     of the directory that does not exist (opening it then says so)."""
-    p = Path(text).expanduser()
-    if not p.exists():
-        hub = parse_hub_ref(text)
-        if hub is not None:
-            return f"{hub.repo_id}@{hub.revision or 'main'}"
-    return str(p.resolve())
+    ref = hub_ref(text)
+    return ref.key if ref is not None else str(Path(text).expanduser().resolve())
 
 
 def source_key(ref: str) -> str:
@@ -65,12 +67,10 @@ def pin_refs(data: Any, pins: Mapping[str, str]) -> Any:
         return [pin_refs(v, pins) for v in data]
     if not isinstance(data, str) or not pins:
         return data
-    parts = data.split("+")
     out = []
-    for part in parts:
-        ref = parse_hub_ref(part)
-        key = f"{ref.repo_id}@{ref.revision or 'main'}" if ref is not None else None
-        out.append(f"{ref.repo_id}@{pins[key]}" if key in pins and not Path(part).expanduser().exists() else part)
+    for part in data.split("+"):
+        ref = hub_ref(part)
+        out.append(f"{ref.repo_id}@{pins[ref.key]}" if ref is not None and ref.key in pins else part)
     return "+".join(out)
 
 
@@ -85,13 +85,11 @@ def resolve_refs(data: Any, opener: "ModelOpener | None" = None) -> dict[str, st
         for v in data:
             resolve_refs(v, opener)
     elif isinstance(data, str):
-        for part in data.split("+"):
-            ref = parse_hub_ref(part)
-            if ref is not None and not Path(part).expanduser().exists():
-                try:
-                    opener.repo(ref)
-                except CheckpointError:
-                    pass
+        for ref in filter(None, map(hub_ref, data.split("+"))):
+            try:
+                opener.repo(ref)
+            except CheckpointError:
+                pass
     return opener.pins()
 
 
@@ -114,25 +112,24 @@ class ModelOpener:
         return {key: repo.sha for key, repo in self._repos.items()}
 
     def repo(self, ref: HubRef, where: str | None = None) -> HubRepo:
-        key = f"{ref.repo_id}@{ref.revision or 'main'}"
-        repo = self._repos.get(key)
+        repo = self._repos.get(ref.key)
         if repo is None:
             try:
                 repo = resolve(ref, self.settings, stream=self.options.stream)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc} ({where})" if where else str(exc)) from None
-            self._repos[key] = repo
+            self._repos[ref.key] = repo
         return repo
 
     def locate(self, text: str, where: str | None = None) -> Path | HubRepo:
         """One part of a reference: an existing local path, else a hub repository pinned to a commit."""
+        ref = hub_ref(text)
+        if ref is not None:
+            return self.repo(ref, where)
         p = Path(text).expanduser()
-        if p.exists():
-            return p
-        hub = parse_hub_ref(text)
-        if hub is None:
+        if not p.exists():
             raise CheckpointError(f"{p}: model directory does not exist" + (f" ({where})" if where else ""))
-        return self.repo(hub, where)
+        return p
 
     def open(self, ref: str, where: str | None = None) -> Checkpoint | AdaptedCheckpoint:
         """Open a model entry: a checkpoint, `base+adapter`, or an adapter whose `base_model_name_or_path`
@@ -176,7 +173,7 @@ class ModelOpener:
         if not loc.has(CONFIG_NAME):
             raise CheckpointError(f"{loc.label()}: not a PEFT adapter (no {CONFIG_NAME})")
         loc.ensure([CONFIG_NAME])
-        config = _read_config(loc.snapshot)
+        config = read_adapter_config(loc.snapshot)
         if loc.has(WEIGHTS_NAME):
             weights = Checkpoint(loc.snapshot, loc.header(WEIGHTS_NAME)[0], None, hub=loc)
             return Adapter(loc.snapshot, config, weights, weights_file=loc.path(WEIGHTS_NAME))
@@ -214,12 +211,12 @@ def open_hub_checkpoint(repo: HubRepo, *, allow_pickle: bool = False) -> Checkpo
     safetensors headers (from the cache, or by range requests): no shard is downloaded here."""
     repo.ensure([n for n in ("config.json", SAFETENSORS_INDEX, *AUX_NAMES) if repo.has(n)])
     root = repo.snapshot
-    config = Checkpoint._read_config(root)
+    config = Checkpoint.read_config(root)
     if repo.has(SAFETENSORS_INDEX):
         index = repo.path(SAFETENSORS_INDEX)
-        names = _weight_names(index)
+        names = weight_names(index)
         for rel in set(names.values()):
-            _member_name(rel, index)
+            member_name(rel, index)
             if not repo.has(rel):
                 raise CheckpointError(f"{repo.label(rel)}: shard named in {SAFETENSORS_INDEX} is not in the "
                                       "repository" + (" cache (HF_HUB_OFFLINE=1)" if repo.settings.offline else ""))

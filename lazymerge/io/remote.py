@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from ..units import parse_size
 from .shards import TensorInfo, header_length, parse_header, row_span
 
 THREADS = 4                          # range requests in flight at once
+CHUNK = 1 << 20                      # a response is copied into its buffer in pieces of this size
+RESUMES = 5                          # a response broken off midway is resumed this many times at most
 WINDOW_MAX = 256 << 20               # bytes fetched ahead of the engine, at most (outside the --memory budget)
 
 
@@ -56,32 +59,48 @@ class RemoteFile:
     size: int
     label: str                       # "org/name@sha12: file", for messages
 
-    def read(self, offset: int, nbytes: int) -> bytes:
-        """Bytes [offset, offset + nbytes) in one range request (retried by huggingface_hub on transient
-        errors); any other failure is one line naming the file."""
-        from huggingface_hub.utils import build_hf_headers, http_backoff, hf_raise_for_status
+    def read(self, offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes [offset, offset + nbytes) as a new uint8 tensor, streamed into it from one range request (no
+        copy of the whole body on the way). huggingface_hub retries a request that fails to start (timeouts,
+        refused connections, 429, 5xx, with backoff); a response that breaks off midway is resumed where it
+        stopped, a few times. Any other failure is one line naming the file."""
+        from huggingface_hub import constants
+        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
-        if nbytes <= 0:
-            return b""
-        if offset < 0 or offset + nbytes > self.size:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise CheckpointError(f"{self.label}: bytes {offset}..{offset + nbytes} lie beyond its {self.size} bytes")
-        headers = build_hf_headers()           # HF_TOKEN or the saved login, as huggingface_hub finds it
-        headers["Range"] = f"bytes={offset}-{offset + nbytes - 1}"
-        headers["Accept-Encoding"] = "identity"
-        try:
-            from huggingface_hub import constants
-
-            r = http_backoff("GET", self.url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-            hf_raise_for_status(r)
-        except Exception as exc:             # huggingface_hub and httpx raise many types; all mean "cannot read"
-            raise hub_error(exc, self.label) from None
-        data = r.content
-        TRANSFERRED.add(len(data))
-        if r.status_code == 200 and len(data) == self.size:      # a server that ignores Range: take our part
-            data = data[offset:offset + nbytes]
-        if len(data) != nbytes:
-            raise CheckpointError(f"{self.label}: asked for {nbytes} bytes at {offset}, the hub sent {len(data)}")
-        return data
+        out = memory.empty(nbytes, torch.uint8)
+        view = memoryview(out.numpy()) if nbytes else memoryview(bytearray())
+        got, breaks = 0, 0
+        while got < nbytes:
+            headers = build_hf_headers()       # HF_TOKEN or the saved login, as huggingface_hub finds it
+            headers.update({"Range": f"bytes={offset + got}-{offset + nbytes - 1}", "Accept-Encoding": "identity"})
+            started = False
+            try:
+                with http_stream_backoff("GET", self.url, headers=headers,
+                                         timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+                    hf_raise_for_status(r)
+                    started = True
+                    skip = offset + got if r.status_code == 200 else 0     # a server that ignores Range
+                    for chunk in r.iter_bytes(CHUNK):
+                        TRANSFERRED.add(len(chunk))
+                        part = memoryview(chunk)[min(skip, len(chunk)):][:nbytes - got]
+                        skip = max(0, skip - len(chunk))
+                        view[got:got + len(part)] = part
+                        got += len(part)
+                        if got == nbytes:
+                            break
+                    if got < nbytes:
+                        raise ConnectionError(f"the response ended {nbytes - got} bytes early")
+            except (LazyMergeError, HfHubHTTPError) as exc:
+                raise hub_error(exc, self.label) from None
+            except Exception as exc:           # the connection broke: resume where it stopped, or give up
+                breaks += 1
+                if not started or breaks > RESUMES:
+                    raise hub_error(exc, self.label) from None
+                time.sleep(min(8.0, 0.5 * 2 ** breaks))
+        return out
 
 
 def hub_error(exc: BaseException, what: str, settings: Any = None) -> LazyMergeError:
@@ -120,19 +139,11 @@ def hub_error(exc: BaseException, what: str, settings: Any = None) -> LazyMergeE
 def read_remote_header(rf: RemoteFile, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
     """A remote file's header through two range requests (its length, then its JSON), validated as strictly as
     a local one. Returns the tensors (their `file` is `path`), the metadata, and the raw first 8 + N bytes."""
-    first = rf.read(0, min(8, rf.size)) if rf.size >= 8 else b""
+    first = rf.read(0, 8).numpy().tobytes() if rf.size >= 8 else b""
     n = header_length(first, rf.size, rf.label)
-    raw = rf.read(8, n)
+    raw = rf.read(8, n).numpy().tobytes()
     tensors, metadata = parse_header(raw, rf.size, path, label=rf.label)
     return tensors, metadata, first + raw
-
-
-def _as_tensor(data: bytes) -> torch.Tensor:
-    """The bytes in a (pooled) uint8 tensor of our own: the engine may keep or modify what it is given."""
-    out = memory.empty(len(data), torch.uint8)
-    if data:
-        out.numpy()[:] = memoryview(data).cast("B")
-    return out
 
 
 class ReadAhead:
@@ -151,7 +162,7 @@ class ReadAhead:
         self.window = max(1, window)
         self._queue = collections.deque(schedule)
         self._pending: dict[tuple[str, int, int], Future] = {}
-        self._kept: dict[tuple[str, int, int], bytes] = {}
+        self._kept: dict[tuple[str, int, int], torch.Tensor] = {}
         self._held = 0                       # bytes pending, fetched and not taken, or kept
         self._lock = threading.Lock()
         self._closed = False
@@ -172,7 +183,7 @@ class ReadAhead:
                 self._held += nbytes
                 self._pending[key] = self._pool.submit(rf.read, offset, nbytes)
 
-    def take(self, rf: RemoteFile, offset: int, nbytes: int, keep: bool) -> bytes | None:
+    def take(self, rf: RemoteFile, offset: int, nbytes: int, keep: bool) -> torch.Tensor | None:
         """The bytes of this range if it was fetched ahead or kept (waiting if in flight), else None; with
         `keep` they stay held for the next read of the same range."""
         key = (rf.url, offset, nbytes)
@@ -199,7 +210,7 @@ class ReadAhead:
         finally:
             self._fill()
 
-    def keep(self, rf: RemoteFile, offset: int, nbytes: int, data: bytes) -> None:
+    def keep(self, rf: RemoteFile, offset: int, nbytes: int, data: torch.Tensor) -> None:
         """Hold a range read on demand for its next read, if the window has room for it."""
         with self._lock:
             key = (rf.url, offset, nbytes)
@@ -238,16 +249,18 @@ class RemoteShardReader:
             if ahead in self._aheads:
                 self._aheads.remove(ahead)
 
-    def fetch(self, offset: int, nbytes: int, keep: bool) -> bytes:
+    def fetch(self, offset: int, nbytes: int, keep: bool) -> torch.Tensor:
+        """The range's bytes as a uint8 tensor the caller owns (a range kept for a later read hands out a copy)."""
         with self._lock:
             aheads = list(self._aheads)
         for ahead in aheads:
             data = ahead.take(self.rf, offset, nbytes, keep)
             if data is not None:
-                return data
+                return memory.empty(nbytes, torch.uint8).copy_(data) if keep else data
         data = self.rf.read(offset, nbytes)
         if keep and aheads:
             aheads[0].keep(self.rf, offset, nbytes, data)
+            data = memory.empty(nbytes, torch.uint8).copy_(data)
         return data
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
@@ -259,7 +272,7 @@ class RemoteShardReader:
         out_dtype = stored if dtype is None else dtype
         if nbytes == 0:
             return torch.empty(shape, dtype=out_dtype, device=device)
-        raw = _as_tensor(self.fetch(offset, nbytes, keep=not evict)).view(stored).view(shape)
+        raw = self.fetch(offset, nbytes, keep=not evict).view(stored).view(shape)
         if out_dtype != stored:
             raw = memory.empty(shape, out_dtype).copy_(raw)
         return raw if torch.device(device).type == "cpu" else raw.to(device)
