@@ -31,7 +31,6 @@ from ..units import parse_size
 from .shards import TensorInfo, header_length, parse_header, row_span
 
 THREADS = 4                          # range requests in flight at once
-CHUNK = 1 << 20                      # a response is copied into its buffer in pieces of this size
 RESUMES = 5                          # a response broken off midway is resumed this many times at most
 WINDOW_MAX = 256 << 20               # bytes fetched ahead of the engine, at most (outside the --memory budget)
 
@@ -83,7 +82,7 @@ class RemoteFile:
                     hf_raise_for_status(r)
                     started = True
                     skip = offset + got if r.status_code == 200 else 0     # a server that ignores Range
-                    for chunk in r.iter_bytes(CHUNK):
+                    for chunk in r.iter_bytes():     # as the client reads them: re-chunking copies
                         TRANSFERRED.add(len(chunk))
                         part = memoryview(chunk)[min(skip, len(chunk)):][:nbytes - got]
                         skip = max(0, skip - len(chunk))
