@@ -166,6 +166,17 @@ def test_untargeted_modules_are_ignored_like_peft(tmp_path: Path, toy: dict) -> 
     ad = Adapter.open(adapter)
     assert set(ad.lora) == {"m.fc.weight"}
     assert ad.ignored == ["base_model.model.m.out.lora_A.weight", "base_model.model.m.out.lora_B.weight"]
+    # and the plan says so, naming them (issue 27): an adapter whose config lost a target must not merge
+    # silently without it
+    import lazymerge
+
+    p = lazymerge.plan({"merge_method": "passthrough", "models": [{"model": f"{toy['dir']}+{adapter}"}]})
+    try:
+        notes = [w for w in p.warnings if "target_modules" in w]
+    finally:
+        p.close()
+    assert len(notes) == 1 and "m.out" in notes[0] and "m.fc" not in notes[0], p.warnings
+    assert str(adapter / "adapter_model.safetensors") in notes[0] and "\n" not in notes[0]
 
 
 def test_adapter_dir_alone_uses_local_base(tmp_path: Path, toy: dict) -> None:
@@ -284,27 +295,6 @@ def test_two_adapters_merge_like_full_finetunes(tmp_path: Path) -> None:
     assert ya.keys() == yb.keys()
     for name in ya:
         torch.testing.assert_close(ya[name], yb[name], atol=1e-5, rtol=0, msg=name)
-
-
-def test_ignored_factors_are_reported_by_name(tmp_path: Path, toy: dict) -> None:
-    """Factors of modules PEFT would not load (outside target_modules) are skipped as PEFT skips them, and the
-    plan says so, naming them: an adapter whose config lost a target must not merge silently without it."""
-    import lazymerge
-
-    g = toy["g"]
-    adapter = _write_adapter(tmp_path / "ad", {
-        "base_model.model.m.fc.lora_A.weight": torch.randn(2, 8, generator=g),
-        "base_model.model.m.fc.lora_B.weight": torch.randn(12, 2, generator=g),
-        "base_model.model.m.out.lora_A.weight": torch.randn(2, 12, generator=g),
-        "base_model.model.m.out.lora_B.weight": torch.randn(5, 2, generator=g),
-    }, r=2, lora_alpha=2, target_modules=["fc"])
-    p = lazymerge.plan({"merge_method": "passthrough", "models": [{"model": f"{toy['dir']}+{adapter}"}]})
-    try:
-        notes = [w for w in p.warnings if "target_modules" in w]
-    finally:
-        p.close()
-    assert len(notes) == 1 and "m.out" in notes[0] and "m.fc" not in notes[0], p.warnings
-    assert str(adapter / "adapter_model.safetensors") in notes[0] and "\n" not in notes[0]
 
 
 def test_ignored_factors_of_many_layers_are_summarised() -> None:

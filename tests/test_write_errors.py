@@ -135,3 +135,35 @@ def test_disk_filled_mid_run_fails_the_run(thin_disk, two_models, tmp_path: Path
     _fill(back, 4 << 20)
     code, lines = _merge(tmp_path, two_models, mnt / "out")
     _assert_failed_cleanly(code, lines, mnt)
+
+
+def test_write_behind_raises_each_error_and_again_at_forget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a device to break (no root): sync_file_range answering EIO for one file's range is raised by the
+    call that waits on it and again by forget_fd, which the writer calls right before that file's fsync; a call
+    the file system does not support (EINVAL) stays advisory."""
+    import ctypes
+    import errno
+
+    bad = {}
+
+    def fake(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        err = bad.get(fd)
+        if err and flags & 4:                     # fails when waited on, as writeback errors are reported
+            ctypes.set_errno(err)
+            return -1
+        return 0
+
+    monkeypatch.setattr(pagecache, "_sync_file_range", fake)
+    wb = pagecache.WriteBehind(lag=10)
+    with open(tmp_path / "a", "wb") as a, open(tmp_path / "b", "wb") as b:
+        bad[a.fileno()] = errno.EIO
+        bad[b.fileno()] = errno.EINVAL
+        wb.wrote(b.fileno(), 0, 8)
+        wb.wrote(b.fileno(), 8, 8)                # settles b's first range: EINVAL, not an error
+        wb.wrote(a.fileno(), 0, 8)
+        with pytest.raises(pagecache.WritebackError) as exc:
+            wb.wrote(b.fileno(), 16, 8)           # settles a's range on b's write: EIO
+        assert exc.value.fd == a.fileno() and exc.value.errno == errno.EIO
+        with pytest.raises(pagecache.WritebackError):
+            wb.forget_fd(a.fileno())
+        wb.forget_fd(b.fileno())

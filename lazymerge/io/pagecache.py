@@ -182,19 +182,13 @@ class WriteBehind:
                 done.append(old)
                 self._settling[old[0]] += 1
         try:
-            for i, (fd_, off, n) in enumerate(done):
-                try:
-                    self._settle(fd_, off, n)
-                finally:
-                    with self._lock:
-                        self._settling[fd_] -= 1
-                        self._idle.notify_all()
-        except BaseException:
-            with self._lock:              # ranges not reached: nobody settles them now
-                for fd_, _, _ in done[i + 1:]:
+            for fd_, off, n in done:
+                self._settle(fd_, off, n)
+        finally:                          # after an error, the ranges not reached are settled by nobody
+            with self._lock:
+                for fd_, _, _ in done:
                     self._settling[fd_] -= 1
                 self._idle.notify_all()
-            raise
 
     def forget_fd(self, fd: int) -> None:
         """`fd` is about to be fsynced and closed: stop tracking its ranges (the caller drops the whole file), once
