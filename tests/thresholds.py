@@ -27,6 +27,7 @@ the threshold.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +54,16 @@ class Decisions:
 
 
 def _sum_last(t: torch.Tensor, order: str) -> torch.Tensor:
-    """Sum over the last dim (kept): torch's reduction, or one element at a time left to right / right to left."""
+    """Sum over the last dim (kept): torch's reduction, one element at a time left to right / right to left, or
+    pairwise (halves summed recursively)."""
     if order == "torch":
         return t.sum(dim=-1, keepdim=True)
+    if order == "pairwise":
+        while t.shape[-1] > 1:
+            half = t.shape[-1] // 2
+            rest = t[..., 2 * half:]
+            t = torch.cat([t[..., :half] + t[..., half:2 * half], rest], dim=-1)
+        return t
     cols = range(t.shape[-1]) if order == "ltr" else reversed(range(t.shape[-1]))
     acc = torch.zeros(t.shape[:-1] + (1,), dtype=t.dtype)
     for j in cols:
@@ -66,17 +74,20 @@ def _sum_last(t: torch.Tensor, order: str) -> torch.Tensor:
 def _softmax(v: torch.Tensor, order: str) -> torch.Tensor:
     if order == "torch":
         return torch.softmax(v, dim=-1)
+    if order == "logsoftmax":
+        return torch.log_softmax(v, dim=-1).exp()
     e = torch.exp(v - v.max(dim=-1, keepdim=True).values)
     return e / _sum_last(e, order)
 
 
 def fusion_importance(base: torch.Tensor, x: torch.Tensor, dtype: torch.dtype = F64,
                       order: str = "torch") -> torch.Tensor:
-    """tests/reference.py's arcee_fusion importance in `dtype`, its sums in `order` (torch | ltr | rtl)."""
+    """tests/reference.py's arcee_fusion importance in `dtype`, its sums in `order` (torch | ltr | rtl | pairwise;
+    logsoftmax: torch's sums, the softmax as exp(log_softmax))."""
     b, x = base.to(dtype), x.to(dtype)
     p = _softmax(x, order) + 1e-8
     q = _softmax(b, order) + 1e-8
-    return (x - b).abs() * _sum_last(p * torch.log(p / q), order)
+    return (x - b).abs() * _sum_last(p * torch.log(p / q), "torch" if order == "logsoftmax" else order)
 
 
 def fusion_threshold(imp: torch.Tensor) -> float:
@@ -98,6 +109,31 @@ def fusion_decisions(base: torch.Tensor, x: torch.Tensor) -> Decisions:
     return Decisions(imp, thr, 2 * (move + move_thr))
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dtype: torch.dtype = F64, order: str = "torch",
+          dot_threshold: float = 0.9995) -> torch.Tensor:
+    """tests/reference.py's slerp (whole flattened tensors; a lerp when the directions are nearly parallel) in
+    `dtype`, its norms and dot product summed in `order`."""
+    a, b = a.to(dtype), b.to(dtype)
+    fa, fb = a.reshape(1, -1), b.reshape(1, -1)
+    ua = fa / _sum_last(fa * fa, order).sqrt()
+    ub = fb / _sum_last(fb * fb, order).sqrt()
+    dot = float(_sum_last(ua * ub, order))
+    if abs(dot) > dot_threshold:
+        return (1.0 - t) * a + t * b
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    return (math.sin((1.0 - t) * theta) / math.sin(theta)) * a + (math.sin(t * theta) / math.sin(theta)) * b
+
+
+def slerp_values(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slerp stage's output in float64 and its rounding distance per entry: twice the largest difference from it
+    among float32 evaluations summing with torch's reductions and sequentially in both directions."""
+    y = slerp(a, b, t)
+    move = torch.zeros_like(y)
+    for order in ("torch", "ltr", "rtl"):
+        move = torch.maximum(move, (slerp(a, b, t, torch.float32, order).to(F64) - y).abs())
+    return y, 2 * move
+
+
 def topk_ambiguous(key: torch.Tensor, k: int, dist: "torch.Tensor | float" = 0.0) -> torch.Tensor:
     """Entries of a top-k by `key` (float64) that could cross the cut if each key moved by up to `dist`: none when
     the k-th and (k+1)-th largest keys are more than twice the largest distance apart."""
@@ -114,10 +150,10 @@ def topk_ambiguous(key: torch.Tensor, k: int, dist: "torch.Tensor | float" = 0.0
 
 def sign_ambiguous(terms: list[torch.Tensor]) -> torch.Tensor:
     """Entries whose sum of float32 `terms` (each one rounded product) is within rounding distance of 0, in any
-    order of summation: |sum| <= (n + 1) u sum |terms|."""
+    order of summation: |sum| <= (n + 1) u sum |terms| (all-zero terms sum to 0 exactly everywhere)."""
     exact = sum(t.to(F64) for t in terms)
     mag = sum(t.to(F64).abs() for t in terms)
-    return exact.abs() <= (len(terms) + 1) * U32 * mag
+    return (exact.abs() <= (len(terms) + 1) * U32 * mag) & (mag > 0)
 
 
 def compare(got: torch.Tensor, expected: torch.Tensor, ambiguous: torch.Tensor,
