@@ -25,7 +25,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conftest import write_recipe
-from holdkit import Hold
+import lazymerge
+from holdkit import HANG_S, Hold
 from lazymerge.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,8 +55,6 @@ def merge(tmp_path_factory) -> dict:
         "models": [{"model": paths["a"], "parameters": {"weight": 0.6, "density": 0.5}},
                    {"model": paths["b"], "parameters": {"weight": 0.4, "density": 0.5}}],
     })
-    import lazymerge
-
     plan = lazymerge.plan(recipe, memory="1MiB", shard_size="1MB")
     plan.close()
     writes = set(plan.blocks.values())
@@ -79,12 +78,18 @@ def lock_of(out: Path) -> Path:
     return out.parent / f".{out.name}.lazymerge.lock"
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action, as in a terminal, even when the suite itself runs with SIGINT ignored
+    (a background job of a non-interactive shell ignores it, and exec keeps that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(merge: dict, out: Path, hold: Hold, *extra: str, recipe: Path | None = None) -> subprocess.Popen:
     """`lazymerge run` in a subprocess that stops at `hold`; returns once it is held there."""
     with open(out.parent / f"{out.name}.stderr", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "lazymerge.cli", "run", str(recipe or merge["recipe"]),
                                  str(out), *RUN_OPTS, *extra], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
-                                env=hold.env())
+                                env=hold.env(), preexec_fn=_default_sigint)
     try:
         hold.wait(proc)
     except BaseException:
@@ -96,7 +101,7 @@ def start(merge: dict, out: Path, hold: Hold, *extra: str, recipe: Path | None =
 
 def kill(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert proc.wait(timeout=HANG_S) == -signal.SIGKILL
 
 
 def stderr_of(out: Path) -> str:
@@ -253,7 +258,7 @@ def test_ctrl_c_stops_at_once_and_cleans_up(with_resume: bool, merge: dict, tmp_
     at_interrupt = journaled(out)
     assert len(at_interrupt) == 1
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=HANG_S) == 130
     lines = [ln for ln in stderr_of(out).splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "interrupted" in lines[0], lines
     assert not out.exists() and visible(tmp_path) == []
@@ -280,7 +285,7 @@ def test_second_run_on_same_output_is_refused(merge: dict, tmp_path: Path) -> No
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and str(out) in lines[0], lines
     hold.release(first)
-    assert first.wait(timeout=600) == 0, stderr_of(out)           # the first run was not disturbed
+    assert first.wait(timeout=HANG_S) == 0, stderr_of(out)           # the first run was not disturbed
     assert_identical(out, merge["ref"])
     assert leftovers(tmp_path) == []
 

@@ -96,7 +96,7 @@ def test_sigkill_then_rerun_keeps_every_completed_trial(search_set, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     before = _completed(db)
     assert len(before) == 2
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     after = _completed(db)
     assert len(after) == 4
