@@ -5,11 +5,12 @@ milliseconds: watching it from outside races it. So a run can be told to stop by
 
     LAZYMERGE_TEST_HOLD=<event>:<n>:<path>
 
-in its environment (read once, when lazymerge is imported; unset, every hook below is one attribute test). The
-n-th time <event> happens in the process, the run writes <path> (JSON: event, n, pid), creates the FIFO
-<path>.release and blocks opening it: the test reads <path>, looks at the run's files, then kills it, interrupts
-it (Ctrl-C raises KeyboardInterrupt from the hold, as from any blocking call of the main thread) or releases it by
-opening the FIFO for writing and closing it (`tests/holdkit.py` is the test's side). One hold per process.
+in its environment (read once, when lazymerge is imported, and taken out of the environment so that the processes
+it starts do not inherit it; unset, every hook below is one attribute test). The n-th time <event> happens in the
+process, the run writes <path> (JSON: event, n, pid), creates the FIFO <path>.release and blocks opening it: the
+test reads <path>, looks at the run's files, then kills it, interrupts it (Ctrl-C raises KeyboardInterrupt from the
+hold, as from any blocking call of the main thread) or releases it by opening the FIFO for writing and closing it
+(`tests/holdkit.py` is the test's side). One hold per process.
 
 Events, each counted where it happens:
 - an op's name (`write`, `load`, ...): a task of that op has finished (the scheduler's `on_done`, wrapped by
@@ -126,4 +127,6 @@ def pause() -> None:
 
 
 if os.environ.get(ENV):
-    arm(parse(os.environ[ENV]))
+    # this process's hold: taken out of the environment so that processes it starts (a local Dask cluster's
+    # workers) do not stop at the same point and announce at the same path
+    arm(parse(os.environ.pop(ENV)))
