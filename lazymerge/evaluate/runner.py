@@ -39,7 +39,7 @@ def activation_bytes(config: Any, windows: int, seq_len: int, batch: int, itemsi
     c = config.get_text_config()
     h = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
-    heads = c.num_attention_heads
+    heads = getattr(c, "num_attention_heads", None) or 1       # attention-free stacks (Mamba): no scores
     tokens = windows * seq_len
     b = min(batch, windows)
     return itemsize * (2 * tokens * h + b * seq_len * (h + 3 * inter + 4 * h + heads * seq_len))
@@ -65,10 +65,8 @@ def score_windows(stream: LayerStream, windows: torch.Tensor, *, batch: int = DE
     hidden = torch.cat([f[:, :-1].reshape(-1, f.shape[-1]) for f in final])
     del final
     targets = windows[:, 1:].reshape(-1).to(hidden.device)
-    c = stream.sk.config.get_text_config()
-    loss = StreamingNLL(hidden, targets, getattr(c, "final_logit_softcapping", None))
-    head = stream.tensor_name(stream.sk.head_name)
-    stream.source.for_row_blocks(head, stream.row_block(head, extra_row_bytes=hidden.shape[0] * 16), loss)
+    loss = StreamingNLL(targets)
+    stream.head_blocks(hidden, loss)
     tick("head")
     return loss.nll().reshape(windows.shape[0], -1).sum(dim=1).cpu()
 
