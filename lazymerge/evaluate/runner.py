@@ -125,8 +125,10 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
                    max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH,
                    device: "str | torch.device" = "cpu", seed: int = 0,
                    progress: Callable[[EvalProgress], None] | None = None) -> list[EvalReport]:
-    """The merge of `recipe` and each of its input models, evaluated on the same windows (tokenized with the
-    merge's tokenizer): one report each, inputs first, the merge last."""
+    """The merge of `recipe` and each of its input models on the same data: one report each, inputs first, the
+    merge last. Each model reads the data through its own tokenizer (with the merge's seq_len): an input whose
+    vocabulary the merge aligned to other token ids (`tokenizer_source`) is scored on its own ids, never on the
+    merge's. Inputs that share the merge's tokenizer get the very same windows."""
     from ..planner.compile import compile_plan
     from .weights import is_recipe
 
@@ -143,8 +145,8 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
                           else Path(src.path))
     finally:
         p.close()
-    merged, windows = _evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                                device=device, seed=seed, progress=progress)
-    reports = [evaluate(t, data, memory=memory, batch=batch, device=device, seed=seed, progress=progress,
-                        windows=windows) for t in inputs]
+    merged = evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                      device=device, seed=seed, progress=progress)
+    reports = [evaluate(t, data, memory=memory, seq_len=merged.seq_len, max_tokens=max_tokens, batch=batch,
+                        device=device, seed=seed, progress=progress) for t in inputs]
     return reports + [merged]
