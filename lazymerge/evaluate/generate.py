@@ -10,8 +10,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..moe.routers import prepare_routers
 from .data import load_tokenizer
 from .head import StreamingArgmax
+from .report import EvalProgress
 from .stream import LayerStream, open_stream
 
 
@@ -47,8 +49,6 @@ def _whole(stream: LayerStream, ids: torch.Tensor, max_new_tokens: int, eos: int
 
 def _streamed(stream: LayerStream, ids: torch.Tensor, max_new_tokens: int, eos: int | None,
               progress: Callable[[Any], None] | None) -> list[int]:
-    from .runner import EvalProgress
-
     new: list[int] = []
     for step in range(max_new_tokens):
         seq = torch.cat([ids, torch.tensor(new, dtype=torch.long)])[None]
@@ -70,7 +70,8 @@ def generate(target: Any, prompt: str, *, max_new_tokens: int = 20, memory: Any 
              device: "str | torch.device" = "cpu", seed: int = 0,
              progress: Callable[[Any], None] | None = None) -> str:
     """The greedy continuation of `prompt` by `target` (checkpoint directory or recipe), as text."""
-    stream = open_stream(target, memory=memory, device=device, seed=seed)
+    stream = open_stream(target, memory=memory, device=device, seed=seed,
+                         prepare=lambda plan: prepare_routers(plan, progress=progress))
     try:
         tok = load_tokenizer(stream.source.config_dir, stream.source.label)
         ids = torch.tensor(tok(prompt)["input_ids"], dtype=torch.long)

@@ -25,6 +25,15 @@ def bootstrap_ppl(window_nll: torch.Tensor, tokens_per_window: int, *, samples: 
 
 
 @dataclass(frozen=True)
+class EvalProgress:
+    """Handed to an evaluation's `progress` callback: steps done of a stage's total."""
+
+    done: int
+    total: int
+    stage: str          # "layer 3/22", "head", "routers: layer 2/22"
+
+
+@dataclass(frozen=True)
 class EvalReport:
     target: str
     perplexity: float

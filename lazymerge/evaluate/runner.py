@@ -8,28 +8,21 @@ work, head blocks) plus the activations (`activation_bytes`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..engine.report import RssSampler
+from ..moe.routers import prepare_routers
 from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
-from .report import EvalReport, bootstrap_ppl
+from .report import EvalProgress, EvalReport, bootstrap_ppl
 from .stream import LayerStream, open_stream
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_BATCH = 4
-
-
-@dataclass(frozen=True)
-class EvalProgress:
-    done: int
-    total: int
-    stage: str          # "layer 3/22", "head"
 
 
 def activation_bytes(config: Any, windows: int, seq_len: int, batch: int, itemsize: int = 4) -> int:
@@ -89,7 +82,8 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
               progress: Callable[[EvalProgress], None] | None,
               windows: torch.Tensor | None = None) -> tuple[EvalReport, torch.Tensor]:
     with RssSampler() as rss:
-        stream = open_stream(target, memory=memory, device=device, seed=seed)
+        stream = open_stream(target, memory=memory, device=device, seed=seed,
+                             prepare=lambda plan: prepare_routers(plan, progress=progress))
         # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
         start_rss = rss.peak = rss.proc.memory_info().rss
         try:

@@ -80,7 +80,8 @@ class RecipeWeights:
     tokenizer are built from them)."""
 
     def __init__(self, recipe: Any, *, memory: int | None, seed: int = 0, device: torch.device,
-                 workers: int = 2, allow_pickle: bool = False, stage: str | None = None):
+                 workers: int = 2, allow_pickle: bool = False, stage: str | None = None,
+                 prepare: Callable[[Any], None] | None = None):
         from ..planner.compile import compile_plan
 
         # half the budget for the merge's working set: the other half holds the layer being assembled
@@ -98,6 +99,8 @@ class RecipeWeights:
             if self.plan.config is None:
                 raise CheckpointError(f"{self.label}: the merged model has no config.json "
                                       "(its lead model has none); evaluation builds the model from it")
+            if prepare is not None:
+                prepare(self.plan)    # a MoE's routers, computed as the merge computes them (open_stream)
             (self._tmp / "config.json").write_text(json.dumps(self.plan.config))
             for f in self.plan.aux_files:
                 if f.name in TOKENIZER_FILES:
@@ -146,10 +149,10 @@ def is_recipe(target: Any) -> bool:
 
 
 def open_target(target: Any, *, memory: int | None, seed: int = 0, device: torch.device, workers: int = 2,
-                allow_pickle: bool = False) -> WeightSource:
+                allow_pickle: bool = False, prepare: Callable[[Any], None] | None = None) -> WeightSource:
     if is_recipe(target):
         return RecipeWeights(target, memory=memory, seed=seed, device=device, workers=workers,
-                             allow_pickle=allow_pickle)
+                             allow_pickle=allow_pickle, prepare=prepare)
     p = Path(target).expanduser()
     if not p.exists():
         raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory or a recipe file)")
