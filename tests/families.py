@@ -104,7 +104,7 @@ CONFIGS: dict[str, dict] = {
     # microsoft/Phi-3-mini-4k-instruct: pad 32000 (a row past the tokenizer), auto_map to remote code that is
     # never run, a sliding window, untied; an attn_implementation this machine cannot run (as some fine-tunes ship)
     "phi3": {"_name_or_path": "Phi-3-mini-4k-instruct", "architectures": ["Phi3ForCausalLM"],
-             "attention_bias": False, "attention_dropout": 0.0, "_attn_implementation": "flash_attention_2",
+             "attention_bias": False, "attention_dropout": 0.0, "attn_implementation": "flash_attention_2",
              "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config",
                           "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"},
              "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 32,
@@ -304,7 +304,7 @@ def make_family(directory: Path, family: str, *, seed: int = 0, std: float = 0.2
     n = _tokenizer(directory, bos=family not in ("gpt2", "opt", "gptj"))
     raw = json.loads(json.dumps(CONFIGS[family]).replace('"<vocab>"', str(n + 8)).replace('"<tokens>"', str(n)))
     save = raw.pop("_save", {})
-    attn = raw.pop("_attn_implementation", None)
+    attn = raw.pop("attn_implementation", None)
     config = T.AutoConfig.for_model(**raw)
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -330,6 +330,6 @@ def make_family(directory: Path, family: str, *, seed: int = 0, std: float = 0.2
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     # config.json exactly as the real one ships it (shrunk), not as this transformers would rewrite it
     if attn is not None:
-        raw["_attn_implementation"] = attn
+        raw["attn_implementation"] = attn
     (directory / "config.json").write_text(json.dumps(raw, indent=2))
     return directory

@@ -134,9 +134,9 @@ def test_compare_inputs_scores_each_input_on_its_own_token_ids(root):
 
 
 def test_head_blocks_go_to_the_hidden_states_device(root):
-    """Streamed generation on CUDA moved the hidden states but not the head's rows (a device mismatch). Shown
-    without a GPU: the head applied to hidden states on the meta device must compute on meta too; rows left on
-    the CPU would raise."""
+    """Streamed generation on CUDA moved the hidden states but never the head's rows. Shown without a GPU: with
+    hidden states on the meta device, the head module must compute with its block's rows and bias entries moved
+    to that device (torch would happily mix meta and CPU tensors, so the test looks at where they are)."""
     from lazymerge.evaluate.head import OutputHead
     from lazymerge.evaluate.stream import open_stream
 
@@ -145,11 +145,12 @@ def test_head_blocks_go_to_the_hidden_states_device(root):
     try:
         hidden = torch.empty((3, 32), device="meta")
         bias = stream.load(stream.sk.head_extra)
-        assert bias                                         # phi's lm_head.bias
+        assert list(bias) == ["lm_head.bias"] and bias["lm_head.bias"].device.type == "cpu"
         with OutputHead(stream.sk, hidden, bias) as head:
-            rows = torch.randn(5, 32)                       # as a checkpoint read returns them: on the CPU
-            logits = head.logits(0, rows)
+            logits = head.logits(0, torch.randn(5, 32))     # rows as a checkpoint read returns them: on the CPU
+            assert stream.sk.head.weight.device.type == "meta" and stream.sk.head.bias.device.type == "meta"
         assert logits.device.type == "meta" and tuple(logits.shape) == (3, 5)
+        assert stream.sk.head.weight.shape == (stream.sk.embed_shape[0], 32)     # the skeleton's own again
     finally:
         stream.close()
 

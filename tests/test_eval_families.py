@@ -110,3 +110,21 @@ def test_family(root, data, family):
             stream.run_layer(i, states)
     finally:
         stream.close()
+
+
+@pytest.mark.parametrize("family", ["smollm2", "phi"])
+def test_search_on_real_configs(root, data, tmp_path, family):
+    """A search over a recipe of two real-shaped models (pad token, tied head; a head bias) runs its trials and
+    the best trial is the recipe's own evaluation."""
+    pytest.importorskip("optuna")
+    a = make_family(root / f"search-{family}-a", family, seed=11)
+    b = make_family(root / f"search-{family}-b", family, seed=12)
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(a), "parameters": {"weight": 0.5}},
+                         {"model": str(b), "parameters": {"weight": 0.5}}]}
+    report = lazymerge.search(recipe, data, ["models[0].parameters.weight=0..1"], trials=2, seed=0,
+                              study=tmp_path / "s.db", best_file=tmp_path / "best.yaml", memory="64KiB",
+                              seq_len=SEQ, max_tokens=MAX)
+    assert [t.state for t in report.trials] == ["COMPLETE", "COMPLETE"]
+    best = lazymerge.evaluate(report.best_recipe, data, memory="64KiB", seq_len=SEQ, max_tokens=MAX)
+    assert best.perplexity == pytest.approx(report.best_perplexity, rel=1e-12)

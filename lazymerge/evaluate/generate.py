@@ -39,8 +39,8 @@ def _whole(stream: LayerStream, ids: torch.Tensor, max_new_tokens: int, eos: int
     """transformers' own `generate` on the whole model, each parameter converted as it is read (never a stored
     and a converted copy of the model together)."""
     sk = stream.sk
-    stream._load_static()
-    stream._materialize([p for p in _all_params(stream) if p not in sk.static_params])
+    stream.load_static()
+    stream.materialize_params([p for p in _all_params(stream) if p not in sk.static_params])
     with torch.no_grad():
         out = sk.model.generate(ids[None].to(stream.device), max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=eos, pad_token_id=eos if eos is not None else 0)

@@ -13,7 +13,7 @@ that is missing) is a one-line error here, before any work; so is a shape that d
 from __future__ import annotations
 
 import copy
-import re
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -126,7 +126,7 @@ class ParamMap:
     def _group(self, key: str, g: dict, shapes: dict[str, tuple[int, ...]],
                params: dict[str, tuple[int, ...]]) -> Group:
         sources = tuple(g["sources"])
-        nbytes = sum(4 * _numel(shapes[s]) for s in sources)
+        nbytes = sum(4 * math.prod(shapes[s]) for s in sources)
         if g["converter"] is None:
             if len(sources) > 1:
                 raise CheckpointError(f"{self.label}: tensors {sources[0]!r} and {sources[1]!r} both fill "
@@ -196,14 +196,3 @@ class ParamMap:
         return out
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def layer_index(name: str, prefix: str) -> int | None:
-    """The decoder layer a parameter name belongs to (`prefix.<i>.`), else None."""
-    m = re.match(re.escape(prefix) + r"\.(\d+)\.", name)
-    return int(m.group(1)) if m else None

@@ -92,7 +92,8 @@ class LayerStream:
         copy never sits whole beside the converted one (io converts through a small staging buffer)."""
         return self.params.load(params, lambda names: self.source.load(names, self.dtype))
 
-    def _materialize(self, params: list[str]) -> None:
+    def materialize_params(self, params: list[str]) -> None:
+        """Give `params` real storage on the device (`release` sends them back to meta)."""
         values = self.load(params)
         materialize(self.sk.model, values, self.dtype, self.device)
 
@@ -114,9 +115,11 @@ class LayerStream:
         return max(1, min(self.source.shapes[name][0], cap // 4 // max(1, per_row)))
 
     # -- stages ------------------------------------------------------------------------------------------
-    def _load_static(self) -> None:
+    def load_static(self) -> None:
+        """The parameters outside the layers, the embedding and the head (final norm, position embeddings):
+        small, loaded once and kept."""
         if not self._static_loaded:
-            self._materialize(self.sk.static_params)
+            self.materialize_params(self.sk.static_params)
             self._static_loaded = True
 
     def _embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,7 @@ class LayerStream:
               masks: list[torch.Tensor | None] | None = None) -> list[Batch]:
         """Embedded inputs and each layer's call arguments, per batch ([B, S] token ids each; `masks`: each
         batch's attention mask for padded batches, given to the model's forward as a caller would)."""
-        self._load_static()
+        self.load_static()
         vocab = self.source.shapes[self.tensor_name(self.sk.embed_name)][0]
         all_ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
         if len(all_ids) and (int(all_ids[0]) < 0 or int(all_ids[-1]) >= vocab):
@@ -201,7 +204,7 @@ class LayerStream:
         """Replace each batch's hidden states by layer i's output, holding only layer i's weights."""
         params = self.sk.layer_params[i]
         self._account(self.weight_bytes(params))
-        self._materialize(params)
+        self.materialize_params(params)
         layer = self.sk.layers[i]
         try:
             with torch.no_grad():
