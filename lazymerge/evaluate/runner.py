@@ -8,7 +8,6 @@ work, head blocks) plus the activations (`activation_bytes`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,21 +15,15 @@ import torch
 
 from ..engine.report import RssSampler
 from ..io.models import pin_refs
+from ..moe.routers import prepare_routers
 from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
-from .report import EvalReport, bootstrap_ppl
+from .report import EvalProgress, EvalReport, bootstrap_ppl
 from .stream import LayerStream, open_stream
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_BATCH = 4
-
-
-@dataclass(frozen=True)
-class EvalProgress:
-    done: int
-    total: int
-    stage: str          # "layer 3/22", "head"
 
 
 def activation_bytes(config: Any, windows: int, seq_len: int, batch: int, itemsize: int = 4) -> int:
@@ -40,7 +33,7 @@ def activation_bytes(config: Any, windows: int, seq_len: int, batch: int, itemsi
     c = config.get_text_config()
     h = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
-    heads = c.num_attention_heads
+    heads = getattr(c, "num_attention_heads", None) or 1       # attention-free stacks (Mamba): no scores
     tokens = windows * seq_len
     b = min(batch, windows)
     return itemsize * (2 * tokens * h + b * seq_len * (h + 3 * inter + 4 * h + heads * seq_len))
@@ -66,10 +59,8 @@ def score_windows(stream: LayerStream, windows: torch.Tensor, *, batch: int = DE
     hidden = torch.cat([f[:, :-1].reshape(-1, f.shape[-1]) for f in final])
     del final
     targets = windows[:, 1:].reshape(-1).to(hidden.device)
-    c = stream.sk.config.get_text_config()
-    loss = StreamingNLL(hidden, targets, getattr(c, "final_logit_softcapping", None))
-    head = stream.tensor_name(stream.sk.head_name)
-    stream.source.for_row_blocks(head, stream.row_block(head, extra_row_bytes=hidden.shape[0] * 16), loss)
+    loss = StreamingNLL(targets)
+    stream.head_blocks(hidden, loss)
     tick("head")
     return loss.nll().reshape(windows.shape[0], -1).sum(dim=1).cpu()
 
@@ -92,7 +83,8 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
               progress: Callable[[EvalProgress], None] | None,
               windows: torch.Tensor | None = None, stream_inputs: bool = False) -> tuple[EvalReport, torch.Tensor]:
     with RssSampler() as rss:
-        stream = open_stream(target, memory=memory, device=device, seed=seed, stream_inputs=stream_inputs)
+        stream = open_stream(target, memory=memory, device=device, seed=seed, stream_inputs=stream_inputs,
+                             prepare=lambda plan: prepare_routers(plan, progress=progress))
         # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
         start_rss = rss.peak = rss.proc.memory_info().rss
         try:
@@ -129,8 +121,11 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
                    device: "str | torch.device" = "cpu", seed: int = 0,
                    progress: Callable[[EvalProgress], None] | None = None,
                    stream_inputs: bool = False) -> list[EvalReport]:
-    """The merge of `recipe` and each of its input models, evaluated on the same windows (tokenized with the
-    merge's tokenizer): one report each, inputs first, the merge last."""
+    """The merge of `recipe` and each of its input models on the same data: one report each, inputs first, the
+    merge last. Each model reads the data through its own tokenizer (with the merge's seq_len): an input whose
+    vocabulary the merge aligned to other token ids (`tokenizer_source`) is scored on its own ids, never on the
+    merge's. Inputs that share the merge's tokenizer get the very same windows. Hub inputs are reopened at the
+    commit the merge reads."""
     from ..planner.compile import compile_plan
     from .weights import is_recipe
 
@@ -149,8 +144,8 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
                           else (Path(src.path) if getattr(src, "hub", None) is None else ref))
     finally:
         p.close()
-    merged, windows = _evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                                device=device, seed=seed, progress=progress, stream_inputs=stream_inputs)
-    reports = [evaluate(t, data, memory=memory, batch=batch, device=device, seed=seed, progress=progress,
-                        windows=windows, stream_inputs=stream_inputs) for t in inputs]
+    merged = evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                      device=device, seed=seed, progress=progress, stream_inputs=stream_inputs)
+    reports = [evaluate(t, data, memory=memory, seq_len=merged.seq_len, max_tokens=max_tokens, batch=batch,
+                        device=device, seed=seed, progress=progress, stream_inputs=stream_inputs) for t in inputs]
     return reports + [merged]
