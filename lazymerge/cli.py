@@ -65,12 +65,12 @@ class _Bar:
     def __call__(self, p: Any) -> None:
         if not self.enabled:
             return
+        self.info = f"{p.tensors_done}/{p.tensors_total} tensors"     # before the bar: a terminal draws it at once
         if self.bar is None:
             self.bar = click.progressbar(length=max(p.bytes_total, 1), label="merging", show_eta=True,
                                          show_percent=True, file=sys.stderr,
                                          item_show_func=lambda _: self.info)
             self.bar.__enter__()
-        self.info = f"{p.tensors_done}/{p.tensors_total} tensors"
         self.bar.update(p.bytes_done - self.last, self.info)
         self.last = p.bytes_done
 

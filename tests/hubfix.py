@@ -62,6 +62,22 @@ def write_deep(path: Path, seed: int = 99) -> Path:
     return path
 
 
+def write_pickled(path: Path, like: Path, *, keep_safetensors: bool, weights_from: Path | None = None) -> Path:
+    """`like`'s checkpoint with its weights as a pytorch_model.bin (those of `weights_from`, else its own): alone
+    (a pickle-only repository), or beside `like`'s safetensors shards (a repository holding both)."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(like, path)
+    if not keep_safetensors:
+        for f in [*path.glob("*.safetensors"), path / "model.safetensors.index.json"]:
+            f.unlink()
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(weights_from or like).glob("*.safetensors")):
+        state |= load_file(f)
+    torch.save(state, path / "pytorch_model.bin")
+    return path
+
+
 class Published:
     """What the loopback hub serves, and where the same files are locally."""
 
@@ -77,6 +93,10 @@ def published(models_bf16, tmp_path_factory):
     local["lora"] = write_adapter(root / "lora", base, "org/base")
     local["deep"] = write_deep(root / "deep")
     local["gated"] = write_checkpoint(root / "gated", make_finetune(base, seed=55), dtype=torch.bfloat16, tag="g")
+    local["pickled"] = write_pickled(root / "pickled", models_bf16["ft3"], keep_safetensors=False)
+    # both formats, the .bin holding other weights (ft2's): reading it instead of the shards would show
+    local["both"] = write_pickled(root / "both", models_bf16["ft3"], keep_safetensors=True,
+                                  weights_from=models_bf16["ft2"])
     hub = LoopbackHub().start()
     shas = {name: hub.add(f"org/{name}", path, gated=(name == "gated")) for name, path in local.items()}
     # a repository with history: ft1's files, then ft2's on main; the first commit also tagged v1
@@ -142,9 +162,19 @@ def rewrite(recipe: object, local: dict[str, Path]) -> object:
     if isinstance(recipe, list):
         return [rewrite(v, local) for v in recipe]
     if isinstance(recipe, str):
-        return "+".join(str(local[p[4:]]) if p.startswith("org/") and p[4:] in local else p
-                        for p in recipe.split("+"))
+        return "+".join(_local_part(p, local) for p in recipe.split("+"))
     return recipe
+
+
+def _local_part(ref: str, local: dict[str, Path]) -> str:
+    """`org/NAME` or `org/NAME@REV` as the local directory `local` holds for that name (`NAME@main` is NAME)."""
+    if not ref.startswith("org/"):
+        return ref
+    name = ref[4:]
+    name = name if name in local or not name.endswith("@main") else name[:-len("@main")]
+    if name not in local:
+        raise KeyError(f"{ref}: no local copy to compare with")
+    return str(local[name])
 
 
 def copy_dir(src: Path, dst: Path) -> Path:

@@ -21,7 +21,7 @@ import yaml
 from click.testing import CliRunner
 
 import lazymerge
-from hubfix import (cached_shards, go_offline, header_bytes, hub_env, published, rewrite,  # noqa: F401
+from hubfix import (cached_shards, copy_dir, go_offline, header_bytes, hub_env, published, rewrite,  # noqa: F401
                     shard_hashes)
 from lazymerge.cli import main
 from lazymerge.io.hub import HubRef, parse_hub_ref, pinned_name
@@ -33,7 +33,9 @@ TIES = {"merge_method": "ties", "base_model": "org/base", "dtype": "bfloat16",
 
 
 def local_merge(recipe: dict, published, out: Path, **kw) -> dict[str, str]:
-    lazymerge.merge(rewrite(recipe, published.local), out, **kw)
+    """`recipe` merged from the local directories holding what the hub serves (`published`, or a mapping of
+    names to directories)."""
+    lazymerge.merge(rewrite(recipe, getattr(published, "local", published)), out, **kw)
     return shard_hashes(out)
 
 
@@ -212,6 +214,12 @@ def test_moe_experts_from_the_hub(published, hub_env: Path, tmp_path: Path) -> N
     report = lazymerge.merge(moe, tmp_path / "hub")
     assert shard_hashes(tmp_path / "hub") == want
     assert set(report.inputs) == {"org/base@main", "org/ft1@main", "org/ft2@main"}
+    # a Qwen2-MoE with a shared expert named by hub id (at a tag)
+    shared = {**moe, "architecture": "qwen", "shared_experts": [{"source_model": "org/evolving@v1"}]}
+    want = local_merge(shared, {**published.local, "evolving@v1": published.local["ft1"]}, tmp_path / "local_q")
+    report = lazymerge.merge(shared, tmp_path / "hub_q")
+    assert shard_hashes(tmp_path / "hub_q") == want
+    assert report.inputs["org/evolving@v1"] == published.shas["evolving@1"]
 
 
 def test_extract_lora_and_fisher_take_hub_ids(published, hub_env: Path, tmp_path: Path) -> None:
@@ -235,3 +243,142 @@ def test_extract_lora_and_fisher_take_hub_ids(published, hub_env: Path, tmp_path
     got, want = load_file(tmp_path / "hub_fisher" / "model.safetensors"), \
         load_file(tmp_path / "local_fisher" / "model.safetensors")
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+
+
+# -- pickles, local paths, progress -------------------------------------------------------------------------------
+def test_pickle_weights_only_with_allow_pickle(published, hub_env: Path, tmp_path: Path) -> None:
+    def linear(ref: str) -> dict:
+        return {"merge_method": "linear", "dtype": "bfloat16",
+                "models": [{"model": "org/ft1", "parameters": {"weight": 0.5}},
+                           {"model": ref, "parameters": {"weight": 0.5}}]}
+
+    # a repository with only pytorch_model.bin: refused by default, before a byte of it is transferred
+    one_line_error(tmp_path, linear("org/pickled"), "org/pickled", "pytorch_model.bin", "--allow-pickle")
+    assert published.hub.bytes_served("org/pickled", ".bin") == 0
+    one_line_error(tmp_path, linear("org/pickled"), "org/pickled", "pytorch_model.bin", "--allow-pickle",
+                   args=("--stream-inputs",))
+    # --allow-pickle: downloaded and read (weights_only), the local directory's result
+    want = local_merge(linear("org/pickled"), published, tmp_path / "local", allow_pickle=True)
+    assert want == local_merge(linear("org/ft3"), published, tmp_path / "ft3")      # the .bin holds ft3
+    lazymerge.merge(linear("org/pickled"), tmp_path / "hub", allow_pickle=True)
+    assert shard_hashes(tmp_path / "hub") == want
+    # safetensors and a .bin: the safetensors are read, the .bin (other weights) is never fetched
+    published.hub.reset()
+    lazymerge.merge(linear("org/both"), tmp_path / "both", allow_pickle=True)
+    assert shard_hashes(tmp_path / "both") == want
+    assert published.hub.bytes_served("org/both", ".bin") == 0
+    assert not [r for r in published.hub.requests if r[1].endswith(".bin")]
+
+
+def test_an_existing_local_directory_wins_over_the_hub(published, hub_env: Path, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    recipe = {"merge_method": "linear", "dtype": "bfloat16",
+              "models": [{"model": "org/ft1", "parameters": {"weight": 0.5}},
+                         {"model": "org/ft2", "parameters": {"weight": 0.5}}]}
+    cwd = tmp_path / "cwd"
+    (cwd / "org").mkdir(parents=True)
+    copy_dir(published.local["ft3"], cwd / "org" / "ft2")      # ./org/ft2 holds ft3's files
+    monkeypatch.chdir(cwd)
+    want = local_merge({**recipe, "models": [recipe["models"][0], {"model": "org/ft3", "parameters":
+                                                                   {"weight": 0.5}}]}, published, tmp_path / "l")
+    report = lazymerge.merge(recipe, tmp_path / "out")
+    assert shard_hashes(tmp_path / "out") == want
+    assert set(report.inputs) == {"org/ft1@main"}                 # only the hub input is pinned
+    assert not [r for r in published.hub.requests if "org/ft2" in r[1]]
+
+
+def _run_on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """`lazymerge ARGS` in a subprocess whose stdout and stderr are a pseudo-terminal (progress bars are drawn
+    on terminals only, as tqdm does); its exit status and everything it printed."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import threading
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))     # 120 columns, as a window
+    proc = subprocess.Popen([sys.executable, "-m", "lazymerge.cli", *args], env=env, stdout=slave, stderr=slave,
+                            cwd=Path(__file__).resolve().parents[1])
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:         # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        reader.join(timeout=10)
+        os.close(master)
+    return rc, b"".join(chunks).decode(errors="replace")
+
+
+def test_downloads_show_progress_unless_quiet(published, hub_env: Path, tmp_path: Path, monkeypatch) -> None:
+    import os
+    import re
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": "org/ft1", "parameters": {"weight": 0.5}}, {"model": "org/ft2", "parameters": {"weight": 0.5}}]}))
+    shards = sorted(f.name for f in published.local["ft2"].glob("model-*.safetensors"))
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    rc, shown = _run_on_a_terminal(["run", str(recipe), str(tmp_path / "out")], env)
+    assert rc == 0, shown
+    for name in shards:                             # huggingface_hub's bar for each shard downloaded
+        assert re.search(re.escape(name) + r": +100%", shown), shown
+    # --quiet turns them off for the command (in this process: the bars need a terminal to be seen)
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    from lazymerge.cli import _hub_progress
+
+    monkeypatch.setattr(sys.modules["huggingface_hub.utils.tqdm"], "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    enable_progress_bars()
+    with _hub_progress(False):
+        assert are_progress_bars_disabled("huggingface_hub.http_get")
+    assert not are_progress_bars_disabled("huggingface_hub.http_get")
+
+
+# -- eval and search name hub models --------------------------------------------------------------------------
+def test_eval_and_search_take_hub_ids(published, hub_env: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("optuna")
+    import random
+
+    rng = random.Random(1)
+    data = tmp_path / "data.txt"
+    data.write_text(" ".join(f"tok{rng.randint(3, 96)}" for _ in range(300)))
+    kw = dict(seq_len=32, max_tokens=128)
+    # eval of a hub id on the command line (downloaded): the local directory's perplexity
+    want = lazymerge.evaluate(published.local["ft2"], data, **kw)
+    result = CliRunner().invoke(main, ["eval", "org/ft2", "--data", str(data), "--seq-len", "32",
+                                       "--max-tokens", "128", "-q", "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(result.output)["perplexity"] == want.perplexity
+    # search over a hub recipe: the local recipe's trials, and a best recipe naming the commits it read
+    recipe = {"merge_method": "linear", "dtype": "bfloat16",
+              "models": [{"model": "org/ft1", "parameters": {"weight": 0.5}},
+                         {"model": "org/evolving", "parameters": {"weight": 0.5}}]}
+    space = ["models[0].parameters.weight=0..1"]
+    local = dict(published.local, evolving=published.local["ft2"])
+    ref = lazymerge.search(rewrite(recipe, local), data, space, trials=2, best_file=None, **kw)
+    got = lazymerge.search(recipe, data, space, trials=2, best_file=tmp_path / "best.yaml", **kw)
+    assert [t.perplexity for t in got.trials] == [t.perplexity for t in ref.trials]
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert [m["model"] for m in best["models"]] == [f"org/ft1@{published.shas['ft1']}",
+                                                     f"org/evolving@{published.shas['evolving@2']}"]
