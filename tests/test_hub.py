@@ -164,6 +164,23 @@ def test_slice_recipe_fetches_only_the_shards_it_reads(published, hub_env: Path,
         [f.name for f in shards[:3]]
 
 
+def test_tokenizer_source_from_the_hub(published, hub_env: Path, tmp_path: Path) -> None:
+    """`tokenizer_source` naming a hub model that is none of the inputs: its tokenizer files (and config) only
+    are fetched, its commit pinned like an input's."""
+    recipe = {"merge_method": "linear", "dtype": "bfloat16", "tokenizer_source": "org/ft3",
+              "models": [{"model": "org/ft1", "parameters": {"weight": 0.5}},
+                         {"model": "org/ft2", "parameters": {"weight": 0.5}}]}
+    local_merge(recipe, published, tmp_path / "local")
+    report = lazymerge.merge(recipe, tmp_path / "hub")
+    for f in ("tokenizer.json", "tokenizer_config.json", *shard_hashes(tmp_path / "local")):
+        assert (tmp_path / "hub" / f).read_bytes() == (tmp_path / "local" / f).read_bytes(), f
+    assert json.loads((tmp_path / "hub" / "tokenizer_config.json").read_text())["name_or_path"] == "tiny-llama-ft3"
+    assert report.inputs["org/ft3@main"] == published.shas["ft3"]
+    assert not [f for f in published.hub.served if f[0] == "org/ft3" and f[1].endswith(".safetensors")]
+    pinned = yaml.safe_load((tmp_path / "hub" / "lazymerge_recipe.yaml").read_text())
+    assert pinned["tokenizer_source"] == f"org/ft3@{published.shas['ft3']}"
+
+
 # -- errors -------------------------------------------------------------------------------------------------
 def one_line_error(tmp_path: Path, recipe: dict, *words: str, args: tuple[str, ...] = ()) -> None:
     path = tmp_path / "recipe.yaml"

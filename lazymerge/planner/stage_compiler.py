@@ -222,7 +222,7 @@ class StageCompiler:
                 seen.add(sp.name)
             config = sliced_config(lead.config, origins, lambda k: self.get(k).config)
         self.vocab = plan_vocab(r.raw, r.source, {**self.sources, **self.stages}, list(self.src_keys), base_key,
-                                lead_key)
+                                lead_key, opener=self.opener)
         jobs = [self.job(sp, lead) for sp in specs]
         vp = self.vocab
         # a tokenizer setting always gives a VocabPlan with the output's tokenizer files (planner/vocab.py); without
