@@ -177,6 +177,15 @@ def _local_part(ref: str, local: dict[str, Path]) -> str:
     return str(local[name])
 
 
+def write_text_data(path: Path, words: int, seed: int) -> Path:
+    """Evaluation text in the tiny models' vocabulary (`tok3` .. `tok96`)."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text(" ".join(f"tok{rng.randint(3, 96)}" for _ in range(words)))
+    return path
+
+
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 import lazymerge
 from hubfix import (cached_shards, copy_dir, go_offline, header_bytes, hub_env, published, rewrite,  # noqa: F401
-                    shard_hashes)
+                    shard_hashes, write_text_data)
 from lazymerge.cli import main
 from lazymerge.io.hub import HubRef, parse_hub_ref, pinned_name
 from lazymerge.io.models import part_key
@@ -375,11 +375,7 @@ def test_downloads_show_progress_unless_quiet(published, hub_env: Path, tmp_path
 def test_eval_and_search_take_hub_ids(published, hub_env: Path, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("optuna")
-    import random
-
-    rng = random.Random(1)
-    data = tmp_path / "data.txt"
-    data.write_text(" ".join(f"tok{rng.randint(3, 96)}" for _ in range(300)))
+    data = write_text_data(tmp_path / "data.txt", 300, seed=1)
     kw = dict(seq_len=32, max_tokens=128)
     # eval of a hub id on the command line (downloaded): the local directory's perplexity
     want = lazymerge.evaluate(published.local["ft2"], data, **kw)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 import lazymerge
-from hubfix import cached_shards, hub_env, published, rewrite, shard_hashes  # noqa: F401
+from hubfix import cached_shards, hub_env, published, rewrite, shard_hashes, write_text_data  # noqa: F401
 from lazymerge.engine.ops import Load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,9 +120,7 @@ def test_streamed_run_killed_mid_transfer_resumes_bit_identical(published, hub_e
 def test_eval_streams_a_hub_model(published, hub_env: Path, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    rng = random.Random(0)
-    data = tmp_path / "data.txt"
-    data.write_text(" ".join(f"tok{rng.randint(3, 96)}" for _ in range(400)))
+    data = write_text_data(tmp_path / "data.txt", 400, seed=0)
     kw = dict(seq_len=32, max_tokens=192, memory="1MiB")
     want = lazymerge.evaluate(published.local["ft1"], data, **kw)
     got = lazymerge.evaluate("org/ft1", data, stream_inputs=True, **kw)
