@@ -92,6 +92,7 @@ def main() -> None:
     Check:    lazymerge plan recipe.yaml
     Merge:    lazymerge run recipe.yaml ./merged --memory 2GiB
     MoE:      lazymerge run moe.yaml ./moe --memory 1GiB   (a mergekit-moe config)
+    mergekit: lazymerge-yaml config.yml ./out --cuda ...   (mergekit-yaml's command line)
     """
 
 
@@ -171,6 +172,11 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
               help="Tasks run at once (default: one per usable core, at least 2, fewer when the budget is small; "
                    "kernel threads share the cores among them; with --cluster, per partition).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the report.")
+@click.option("--write-model-card/--no-write-model-card", default=True, show_default=True,
+              help="Write OUT/README.md: a model card with Hugging Face front matter (base_model, tags) and the "
+                   "recipe, ready to upload.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+              help="Copy the base (first) model's tokenizer files into OUT.")
 @click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
               help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (a running scheduler); "
                    "'none' runs here. Inputs and OUT must be at the same paths on every worker; --memory is then "
@@ -178,7 +184,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 @_friendly
 def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
             seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
-            quiet: bool, cluster: str | None) -> None:
+            quiet: bool, write_model_card: bool, copy_tokenizer: bool, cluster: str | None) -> None:
     """Merge the models in RECIPE into the checkpoint directory OUT.
 
     RECIPE may also be a mergekit-moe config (base_model + experts, or merge_method: moe): OUT is then a Mixtral,
@@ -199,7 +205,8 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
         with _cluster_client(cluster) as client:
             report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                            progress=bar, overwrite=overwrite, resume=resume, strict=strict,
-                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client)
+                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client,
+                           write_model_card=write_model_card, copy_tokenizer=copy_tokenizer)
     finally:
         bar.close()
     click.echo(report.summary())

@@ -29,6 +29,7 @@ LAYERS = {
     "lazymerge.engine": 2,
     "lazymerge.planner": 3,
     "lazymerge.merging": 5, "lazymerge.api": 6, "lazymerge.demo": 6, "lazymerge.cli": 7,
+    "lazymerge.mergekit_yaml": 7,
 }
 TOP = 4  # the consumers of plans and tools beside them: cluster, evaluate, moe, convert, extract, fisher, synth
 CHECKED = 6  # layers whose imports must not go up: all but the shell

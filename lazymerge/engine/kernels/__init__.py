@@ -33,3 +33,14 @@ from .statistics import (fusion_apply, fusion_importance, fusion_quantile_ranks,
                          sce_weights, variance_key)
 from .topk import (count_nonzero, order_pass1, order_pass2, order_reduce1, order_reduce2, rank_magnitude_sampling,
                    topk_keep, topk_mask, topk_pass1, topk_pass2, topk_reduce1, topk_reduce1_fraction, topk_reduce2)
+
+__all__ = [
+    "CHUNK_ELEMS", "COL_GRAM_LIMBS", "col_gram", "col_gram_total", "combine_elected", "count_nonzero", "delta",
+    "derive_seed", "elect_nonneg", "fisher_merge", "fusion_apply", "fusion_importance", "fusion_quantile_ranks",
+    "gram_total", "karcher_coeffs", "lincomb", "lincomb_cols", "model_stock_coeffs", "model_stock_t",
+    "multislerp_coeffs", "nearswap", "norm_from_partials", "norm_partials", "nuslerp_coeffs", "nuslerp_t",
+    "order_pass1", "order_pass2", "order_reduce1", "order_reduce2", "ram_counts", "ram_merge",
+    "ramplus_lambdas", "rank_magnitude_sampling", "row_gram", "scale", "sce_combine", "sce_weights",
+    "slerp_coeffs", "sum_into", "topk_keep", "topk_mask", "topk_pass1", "topk_pass2", "topk_reduce1",
+    "topk_reduce1_fraction", "topk_reduce2", "uniform_rows", "variance_key", "weighted_sum", "with_base",
+]
