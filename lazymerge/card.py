@@ -81,8 +81,10 @@ def _md(ref: str) -> str:
     return f"[{ref}]({HUB_URL}/{ref})" if is_hub_id(ref) else ref
 
 
-def model_card(recipe: Recipe, recipe_yaml: str, name: str) -> str:
-    """README.md for the merge of `recipe` (its YAML text `recipe_yaml`, as the user wrote it) named `name`."""
+def model_card(recipe: Recipe, recipe_yaml: str) -> str:
+    """README.md for the merge of `recipe` (its YAML text `recipe_yaml`, as the user wrote it), titled with the
+    recipe's `name:` if it has one. Nothing from the output's path goes in (mergekit titles the card with the
+    directory's name): the same recipe and inputs give the same bytes wherever the output is written."""
     refs = model_refs(recipe)
     base = recipe.base_model
     for part in (base or "").split("+")[:1]:
@@ -96,7 +98,7 @@ def model_card(recipe: Recipe, recipe_yaml: str, name: str) -> str:
     meta["library_name"] = "transformers"
     meta["tags"] = ["merge", "lazymerge"]
     bullets = [f"* {_md(r)}" for r in refs if r != shown_base]
-    return CARD.format(front_matter=yaml.safe_dump(meta, sort_keys=False), name=name,
+    return CARD.format(front_matter=yaml.safe_dump(meta, sort_keys=False), name=recipe.name or "Merged model",
                        method=recipe.merge_method,
                        base_text=f" using {_md(shown_base)} as a base" if shown_base else "",
                        model_list="\n".join(bullets) or "* (none)", recipe_yaml=recipe_yaml.strip())

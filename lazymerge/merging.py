@@ -38,7 +38,7 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
         if write_model_card:
-            extra["README.md"] = model_card(p.recipe, _recipe_text(recipe, p.recipe), Path(out).name).encode()
+            extra["README.md"] = model_card(p.recipe, _recipe_text(recipe, p.recipe)).encode()
         if not copy_tokenizer:   # the input's tokenizer files are not copied; a tokenizer the merge built still is
             p.aux_files = [f for f in p.aux_files if Path(f).name not in TOKENIZER_FILES]
         if cluster is not None:           # -- lazymerge.cluster: the same plan, partitioned over Dask workers
