@@ -367,7 +367,7 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Windows per forward call."),
         click.option("--memory", "-m", default=None, metavar="SIZE",
                      help=f"Budget for weights and merge work ({SIZE_HELP}); activations come on top "
-                          "(see README). Default: 60% of available RAM."),
+                          "(see docs/search.md). Default: 60% of available RAM."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ..."),
         click.option("--seed", default=0, show_default=True, help="Merge seed (DARE, DELLA) for a recipe."),
     ]

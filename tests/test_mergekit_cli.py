@@ -177,3 +177,10 @@ def test_run_writes_a_model_card_and_no_write_model_card_does_not(tmp_path, mode
     r = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / "b"), "-q", "--no-write-model-card"])
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "b" / "README.md").exists() and (tmp_path / "b" / "config.json").exists()
+
+
+def test_the_console_script_is_declared():
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["lazymerge-yaml"] == "lazymerge.mergekit_yaml:main"
