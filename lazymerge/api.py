@@ -34,7 +34,9 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
           progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
           strict: bool = False, allow_pickle: bool = False, workers: int | None = None,
           max_block_rows: int | None = None, cancel: threading.Event | None = None,
-          stage: str | None = None, cluster: Any = None, stream_inputs: bool = False) -> Report:
+          stage: str | None = None, cluster: Any = None, stream_inputs: bool = False,
+          write_model_card: bool = True,
+          copy_tokenizer: bool = True) -> Report:
     """Run a merge into `out` (a Hugging Face checkpoint directory that appears only when complete).
 
     The same recipe, inputs and seed give bit-identical output whatever `memory`, `workers` or block size.
@@ -47,11 +49,17 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
     `cluster` runs the merge on Dask (`pip install 'lazymerge[dask]'`): a `distributed.Client`, `"local:N"` (a
     LocalCluster of N worker processes) or a scheduler address `"tcp://HOST:PORT"`; `memory` is then per
     worker, and inputs and `out` must be at the same paths on every worker. See `lazymerge.cluster`.
+
+    `write_model_card` writes OUT/README.md, a model card with Hugging Face front matter (hub ids as `base_model`,
+    `tags: [merge, lazymerge]`, the recipe), as mergekit does. `copy_tokenizer=False` leaves the inputs'
+    tokenizer files out (a tokenizer the merge builds, `tokenizer_source: union`, is still written).
     """
     return merge_recipe(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                         progress=progress, overwrite=overwrite, resume=resume, strict=strict,
                         allow_pickle=allow_pickle, workers=workers, max_block_rows=max_block_rows, cancel=cancel,
-                        stage=stage, cluster=cluster, stream_inputs=stream_inputs)
+                        stage=stage, cluster=cluster, stream_inputs=stream_inputs,
+                        write_model_card=write_model_card,
+                        copy_tokenizer=copy_tokenizer)
 
 
 def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory: int | str | None = None,

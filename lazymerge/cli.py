@@ -92,6 +92,7 @@ def main() -> None:
     Check:    lazymerge plan recipe.yaml
     Merge:    lazymerge run recipe.yaml ./merged --memory 2GiB
     MoE:      lazymerge run moe.yaml ./moe --memory 1GiB   (a mergekit-moe config)
+    mergekit: lazymerge-yaml config.yml ./out --cuda ...   (mergekit-yaml's command line)
     """
 
 
@@ -186,6 +187,11 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
               help="Read hub models straight from the hub with HTTP range requests, block by block, and never "
                    "store them (disk needed: the output). Without it, the files the merge needs are downloaded "
                    "into the Hugging Face cache first.")
+@click.option("--write-model-card/--no-write-model-card", default=True, show_default=True,
+              help="Write OUT/README.md: a model card with Hugging Face front matter (base_model, tags) and the "
+                   "recipe, ready to upload.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+              help="Copy the base (first) model's tokenizer files into OUT.")
 @click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
               help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (a running scheduler); "
                    "'none' runs here. Inputs and OUT must be at the same paths on every worker; --memory is then "
@@ -193,7 +199,8 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 @_friendly
 def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
             seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
-            quiet: bool, stream_inputs: bool, cluster: str | None) -> None:
+            quiet: bool, stream_inputs: bool, write_model_card: bool,
+            copy_tokenizer: bool, cluster: str | None) -> None:
     """Merge the models in RECIPE into the checkpoint directory OUT.
 
     Models are local directories or Hugging Face hub ids (org/name, org/name@revision, base+adapter), pinned to
@@ -218,7 +225,8 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
             report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                            progress=bar, overwrite=overwrite, resume=resume, strict=strict,
                            allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client,
-                           stream_inputs=stream_inputs)
+                           stream_inputs=stream_inputs, write_model_card=write_model_card,
+                           copy_tokenizer=copy_tokenizer)
     finally:
         bar.close()
     click.echo(report.summary())
@@ -404,7 +412,7 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Windows per forward call."),
         click.option("--memory", "-m", default=None, metavar="SIZE",
                      help=f"Budget for weights and merge work ({SIZE_HELP}); activations come on top "
-                          "(see README). Default: 60% of available RAM."),
+                          "(see docs/search.md). Default: 60% of available RAM."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ..."),
         click.option("--seed", default=0, show_default=True, help="Merge seed (DARE, DELLA) for a recipe."),
     ]

@@ -13,12 +13,14 @@ from typing import Any, Callable, Mapping, Union
 import torch
 
 from ._version import __version__
+from .card import model_card
 from .engine.report import Progress, Report
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
 from .planner.compile import compile_plan
 from .io.models import pin_refs
 from .planner.recipe import Recipe, dump_recipe, read_documents
+from .planner.tokenizer import TOKENIZER_FILES
 
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
 
@@ -29,13 +31,18 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
                  resume: bool = False, strict: bool = False, allow_pickle: bool = False,
                  workers: int | None = None, max_block_rows: int | None = None,
                  cancel: threading.Event | None = None, stage: str | None = None, cluster: Any = None,
-                 stream_inputs: bool = False) -> Report:
+                 stream_inputs: bool = False, write_model_card: bool = True,
+                 copy_tokenizer: bool = True) -> Report:
     """`lazymerge.merge` (see there for the arguments)."""
     p = compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
                      max_block_rows=max_block_rows, stage=stage, stream_inputs=stream_inputs)
     try:
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe, p.pins).encode()}
+        if write_model_card:
+            extra["README.md"] = model_card(p.recipe, _recipe_text(recipe, p.recipe)).encode()
+        if not copy_tokenizer:   # the input's tokenizer files are not copied; a tokenizer the merge built still is
+            p.aux_files = [f for f in p.aux_files if Path(f).name not in TOKENIZER_FILES]
         if cluster is not None:           # -- lazymerge.cluster: the same plan, partitioned over Dask workers
             from .cluster.driver import run_on_cluster
 
@@ -51,3 +58,12 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
     finally:
         p.close()
+
+
+def _recipe_text(recipe: RecipeLike, parsed: Recipe) -> str:
+    """The recipe as the user wrote it (a file's or a string's text, comments kept), else as lazymerge saves it."""
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and Path(recipe).is_file()):
+        return Path(recipe).read_text(encoding="utf-8")
+    if isinstance(recipe, str):
+        return recipe
+    return dump_recipe(parsed)

@@ -20,9 +20,14 @@ from typing import Any, Iterator
 
 import torch
 
+from ..engine.report import RssSampler
+from ..engine.run import execute_tasks, release_freed_memory, resolve_device, select_tasks
 from ..errors import LazyMergeError, OutputError
 from ..io.hub import bytes_transferred
 from ..io.writer import ShardLayout, check_rows, row_bytes
+from ..moe.routers import bind_routers
+from ..planner.compile import compile_plan
+from ..planner.plan import DEFAULT_MEMORY_FRACTION, resolve_budget
 from .partition import Partition, page_split
 
 
@@ -147,8 +152,6 @@ _newest: list[str] = [""]
 def _budget_for(job: PartitionJob) -> int | str | None:
     """--memory is per worker; a worker with several threads runs that many partitions at once, each gets its
     share. Without --memory: 60% of the worker's Dask memory limit (what its nanny enforces)."""
-    from ..planner.plan import DEFAULT_MEMORY_FRACTION, resolve_budget
-
     try:
         from distributed import get_worker
 
@@ -168,8 +171,6 @@ def _plan_key(job: PartitionJob) -> str:
 
 
 def _compile(job: PartitionJob) -> Any:
-    from ..planner.compile import compile_plan
-
     here = os.getcwd()
     moved = here != job.cwd and os.path.isdir(job.cwd)
     if moved:
@@ -185,8 +186,6 @@ def _compile(job: PartitionJob) -> Any:
         plan.close()
         raise OutputError("the plan compiled on this worker lays the output out differently from the "
                           "client's: are the inputs the same files at the same paths on every machine?")
-    from ..moe.routers import bind_routers
-
     bind_routers(plan)   # a MoE's routers: computed here on first read, the same bytes as the client's
     return plan
 
@@ -223,9 +222,6 @@ def worker_name() -> str:
 def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
     """The Dask task: compute `part`'s tensors into the temporary output. A LazyMergeError comes back to the
     client with the worker's address in front of its one-line message."""
-    from ..engine.report import RssSampler
-    from ..engine.run import execute_tasks, release_freed_memory, resolve_device, select_tasks
-
     name = worker_name()
     try:
         release_freed_memory()

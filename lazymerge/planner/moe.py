@@ -17,7 +17,7 @@ recipe with `merge_method: moe` (which may be the last stage of a multi-stage re
 
 Every output tensor is a copy of one input tensor (`load` -> `write`, cast to the output dtype), except the
 routers, which are computed from the base model before the graph runs and enter it through an in-memory source
-(`lazymerge.moe.sources`). The planner only describes them (`moe_routers`); computing them runs a model, which is
+(`moe_sources`). The planner only describes them (`moe_routers`); computing them runs a model, which is
 `lazymerge.moe.routers`' job, above the planner (`prepare_routers(plan)`, called by the merge). So a MoE runs inside `--memory` like any merge: one tensor (or row block) at a time.
 
 Output layout: each expert's MLP as its own tensors in the names transformers' loaders accept for every version
@@ -34,7 +34,7 @@ from ..dtypes import FLOAT_CODES, RECIPE_NAMES
 from ..engine import ops
 from ..errors import CheckpointError, RecipeError
 from ..io.models import ModelOpener, pin_refs
-from ..moe.sources import NoiseSource, RouterSource
+from .moe_sources import NoiseSource, RouterSource
 from ..units import human
 from .emit import emit_plan
 from .graph import SourceRef, TensorBuilder
