@@ -369,34 +369,75 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--include-path", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="A directory of lm-eval task YAMLs (local data: dataset_path: json, data_files)."),
+        click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+                     help="Few-shot examples per request (default: each task's own)."),
+        click.option("--limit", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Only the first N documents of each task (a fraction below 1: that share)."),
+    ]
+    for o in reversed(options):
+        fn = o(fn)
+    return fn
+
+
 @main.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
 @_eval_options
+@click.option("--tasks", "-t", default=None, metavar="NAMES",
+              help="lm-eval tasks, comma-separated (arc_easy,hellaswag): lm-eval's results table instead of "
+                   "perplexity. Needs pip install 'lazymerge[tasks]'.")
+@_task_options
+@click.option("--log-samples", is_flag=True, help="--tasks: also write lm-eval's samples_TASK_*.jsonl files.")
+@click.option("--output-path", type=click.Path(path_type=Path), default=None,
+              help="--tasks: write lm-eval's results (results_*.json, samples) under this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--compare-inputs", is_flag=True, help="Recipe TARGET: also evaluate each input model; one table.")
 @click.option("--prompt", default=None, help="Print a greedy continuation of TEXT (a sanity check).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True,
               help="Tokens to generate for --prompt.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
 @_friendly
-def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int, memory: str | None,
-             device: str, seed: int, as_json: bool, compare_inputs: bool, prompt: str | None,
-             max_new_tokens: int, quiet: bool) -> None:
-    """Perplexity of TARGET on --data, without ever holding the whole model.
+def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
+             memory: str | None, device: str, seed: int, tasks: str | None, include_path: Path | None,
+             num_fewshot: int | None, limit: float | None, log_samples: bool, output_path: Path | None,
+             as_json: bool, compare_inputs: bool, prompt: str | None, max_new_tokens: int, quiet: bool) -> None:
+    """Perplexity of TARGET on --data, or its lm-eval task scores (--tasks), without ever holding the whole
+    model.
 
     TARGET is a checkpoint directory or a merge recipe. A recipe is merged one decoder layer at a time, in
     memory, and never written; the result equals evaluating the written merge. Each decoder layer's weights are
-    loaded (or merged), every window goes through it, and they are freed before the next layer.
+    loaded (or merged), every window (or task request) goes through it, and they are freed before the next layer.
+
+    With --tasks, lm-evaluation-harness runs its tasks on lazymerge's layer-streaming model: its task manager,
+    evaluator, results files and table; the numbers equal lm-eval's `hf` model in float32.
 
     \b
     lazymerge eval ./merged --data wiki.txt --memory 512MiB
     lazymerge eval recipe.yaml --data eval.jsonl --compare-inputs
+    lazymerge eval recipe.yaml --tasks arc_easy,hellaswag --limit 200 --memory 2GiB --output-path results/
+    lazymerge eval ./merged --tasks my_task --include-path ./tasks --log-samples --output-path results/
     lazymerge eval ./merged --prompt "The capital of France is" --max-new-tokens 10
     """
     import json
 
     from .api import evaluate, generate
 
+    if tasks is not None:
+        if data is not None or prompt is not None:
+            raise click.UsageError("--tasks cannot be combined with --data or --prompt: run them separately")
+        batch_set = ctx.get_parameter_source("batch") != click.core.ParameterSource.DEFAULT
+        _eval_tasks(target, tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit,
+                    log_samples=log_samples, output_path=output_path, memory=memory, device=device, seed=seed,
+                    batch=batch if batch_set else None, as_json=as_json, compare_inputs=compare_inputs, quiet=quiet)
+        return
+    for flag, value in (("--include-path", include_path), ("--num-fewshot", num_fewshot), ("--limit", limit),
+                        ("--log-samples", log_samples or None), ("--output-path", output_path)):
+        if value is not None:
+            raise click.UsageError(f"{flag} needs --tasks")
     if prompt is not None:
         text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
                         progress=_EvalBar(enabled=not quiet, label="generating"))
@@ -427,6 +468,39 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
     finally:
         bar.close()
     click.echo(report.to_json() if as_json else report.summary())
+
+
+def _eval_tasks(target: Path, tasks: str, *, include_path: Path | None, num_fewshot: int | None,
+                limit: float | None, log_samples: bool, output_path: Path | None, memory: str | None, device: str,
+                seed: int, batch: int | None, as_json: bool, compare_inputs: bool, quiet: bool) -> None:
+    """`lazymerge eval --tasks`: lm-eval's tasks, results files and table (see lazymerge.tasks)."""
+    import json
+
+    from . import tasks as T
+
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    if not names:
+        raise click.UsageError("--tasks: no task named")
+    opts = T.TaskOptions(tasks=names, include_path=None if include_path is None else str(include_path),
+                         num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+                         output_path=None if output_path is None else str(output_path), memory=memory,
+                         device=device, seed=seed, batch_size=batch, progress=not quiet)
+    runs = T.compare_tasks(target, opts) if compare_inputs else [T.run_tasks(target, opts)]
+    if as_json:
+        from lm_eval.utils import handle_non_serializable
+
+        out = [{"model": r.label, "results": r.results, "lazymerge": r.report} for r in runs]
+        click.echo(json.dumps(out if compare_inputs else out[0], indent=2, default=handle_non_serializable))
+        return
+    for r in runs:
+        if compare_inputs:
+            click.echo(f"\n{r.label}")
+        click.echo(T.table(r))
+        click.echo(T.cost_line(r), err=True)
+        for f in r.files:
+            click.echo(f"wrote {f}", err=True)
+    if compare_inputs:
+        click.echo("\n" + T.comparison_table(runs))
 
 
 @main.command("search")

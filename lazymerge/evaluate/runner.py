@@ -129,6 +129,17 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
                    progress: Callable[[EvalProgress], None] | None = None) -> list[EvalReport]:
     """The merge of `recipe` and each of its input models, evaluated on the same windows (tokenized with the
     merge's tokenizer): one report each, inputs first, the merge last."""
+    inputs = [t for _, t in input_targets(recipe)]
+    merged, windows = _evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                                device=device, seed=seed, progress=progress)
+    reports = [evaluate(t, data, memory=memory, batch=batch, device=device, seed=seed, progress=progress,
+                        windows=windows) for t in inputs]
+    return reports + [merged]
+
+
+def input_targets(recipe: Any) -> list[tuple[str, Any]]:
+    """(label, evaluation target) of each input model of `recipe`: its checkpoint directory, or for a
+    base+adapter input a passthrough recipe of it (merged on the fly)."""
     from ..planner.compile import compile_plan
     from .weights import is_recipe
 
@@ -141,12 +152,8 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
         inputs = []
         for key, src in p.sources.items():
             adapter = getattr(src, "adapter", None)
-            inputs.append({"merge_method": "passthrough", "models": [{"model": key}]} if adapter is not None
-                          else Path(src.path))
+            inputs.append((key, {"merge_method": "passthrough", "models": [{"model": key}]} if adapter is not None
+                           else Path(src.path)))
     finally:
         p.close()
-    merged, windows = _evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                                device=device, seed=seed, progress=progress)
-    reports = [evaluate(t, data, memory=memory, batch=batch, device=device, seed=seed, progress=progress,
-                        windows=windows) for t in inputs]
-    return reports + [merged]
+    return inputs

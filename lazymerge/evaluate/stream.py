@@ -114,6 +114,8 @@ class LayerStream:
     def _embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The embedding rows of the given (sorted, unique) token ids, read block by block."""
         name = self.tensor_name(self.sk.embed_name)
+        if hasattr(self.source, "rows"):                  # a source that reads rows by id (evaluate.reuse)
+            return self.source.rows(name, ids, self.row_block(name)).to(self.dtype)
         rows = torch.empty((len(ids), *self.source.shapes[name][1:]), dtype=self.dtype)
 
         def take(start: int, block: torch.Tensor) -> None:
@@ -124,22 +126,28 @@ class LayerStream:
         self.source.for_row_blocks(name, self.row_block(name), take)
         return rows
 
-    def _run_stack(self, ids: torch.Tensor, stands: list[_Stand], mask: torch.Tensor | None = None) -> Any:
+    def _run_stack(self, ids: torch.Tensor, stands: list[_Stand], mask: torch.Tensor | None = None,
+                   call: dict[str, Any] | None = None) -> Any:
         original = list(self.sk.layers)
         try:
             for i, s in enumerate(stands):
                 self.sk.layers[i] = s
             with torch.no_grad():
-                extra = {} if mask is None else {"attention_mask": mask.to(self.device)}
-                return self.sk.base(input_ids=ids.to(self.device), use_cache=False, **extra)
+                extra: dict[str, Any] = {"use_cache": False}
+                if mask is not None:
+                    extra["attention_mask"] = mask.to(self.device)
+                extra.update(call or {})
+                return self.sk.base(input_ids=ids.to(self.device), **extra)
         finally:
             for i, layer in enumerate(original):
                 self.sk.layers[i] = layer
 
     def embed(self, batches: list[torch.LongTensor],
-              masks: list[torch.Tensor | None] | None = None) -> list[Batch]:
+              masks: list[torch.Tensor | None] | None = None,
+              call_kwargs: list[dict[str, Any]] | None = None) -> list[Batch]:
         """Embedded inputs and each layer's call arguments, per batch ([B, S] token ids each; `masks`: each
-        batch's attention mask for padded batches, given to the model's forward as a caller would)."""
+        batch's attention mask for padded batches, given to the model's forward as a caller would; `call_kwargs`: more
+        keyword arguments of the model's forward per batch, e.g. a KV cache and position ids when decoding)."""
         self._load_static()
         vocab = self.source.shapes[self.tensor_name(self.sk.embed_name)][0]
         all_ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
@@ -154,7 +162,8 @@ class LayerStream:
             for k, ids in enumerate(batches):
                 calls: dict[int, tuple] = {}
                 stands = [_Stand(i, calls) for i in range(self.sk.num_layers)]
-                self._run_stack(torch.searchsorted(all_ids, ids), stands, None if masks is None else masks[k])
+                self._run_stack(torch.searchsorted(all_ids, ids), stands, None if masks is None else masks[k],
+                                None if call_kwargs is None else call_kwargs[k])
                 hidden = calls[0][0]
                 out.append(Batch(hidden, [(calls[i][1], calls[i][2]) for i in range(self.sk.num_layers)]))
         finally:
