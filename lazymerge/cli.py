@@ -393,6 +393,9 @@ def _task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--log-samples", is_flag=True, help="--tasks: also write lm-eval's samples_TASK_*.jsonl files.")
 @click.option("--output-path", type=click.Path(path_type=Path), default=None,
               help="--tasks: write lm-eval's results (results_*.json, samples) under this directory.")
+@click.option("--activations", default=None, metavar="SIZE",
+              help="--tasks: hidden states held at once, on top of --memory (default 1GiB); more requests are "
+                   "run in several passes over the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--compare-inputs", is_flag=True, help="Recipe TARGET: also evaluate each input model; one table.")
 @click.option("--prompt", default=None, help="Print a greedy continuation of TEXT (a sanity check).")
@@ -404,7 +407,8 @@ def _task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
              memory: str | None, device: str, seed: int, tasks: str | None, include_path: Path | None,
              num_fewshot: int | None, limit: float | None, log_samples: bool, output_path: Path | None,
-             as_json: bool, compare_inputs: bool, prompt: str | None, max_new_tokens: int, quiet: bool) -> None:
+             activations: str | None, as_json: bool, compare_inputs: bool, prompt: str | None, max_new_tokens: int,
+             quiet: bool) -> None:
     """Perplexity of TARGET on --data, or its lm-eval task scores (--tasks), without ever holding the whole
     model.
 
@@ -432,10 +436,12 @@ def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int |
         batch_set = ctx.get_parameter_source("batch") != click.core.ParameterSource.DEFAULT
         _eval_tasks(target, tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit,
                     log_samples=log_samples, output_path=output_path, memory=memory, device=device, seed=seed,
-                    batch=batch if batch_set else None, as_json=as_json, compare_inputs=compare_inputs, quiet=quiet)
+                    batch=batch if batch_set else None, activations=activations, as_json=as_json,
+                    compare_inputs=compare_inputs, quiet=quiet)
         return
     for flag, value in (("--include-path", include_path), ("--num-fewshot", num_fewshot), ("--limit", limit),
-                        ("--log-samples", log_samples or None), ("--output-path", output_path)):
+                        ("--log-samples", log_samples or None), ("--output-path", output_path),
+                        ("--activations", activations)):
         if value is not None:
             raise click.UsageError(f"{flag} needs --tasks")
     if prompt is not None:
@@ -472,7 +478,8 @@ def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int |
 
 def _eval_tasks(target: Path, tasks: str, *, include_path: Path | None, num_fewshot: int | None,
                 limit: float | None, log_samples: bool, output_path: Path | None, memory: str | None, device: str,
-                seed: int, batch: int | None, as_json: bool, compare_inputs: bool, quiet: bool) -> None:
+                seed: int, batch: int | None, activations: str | None, as_json: bool, compare_inputs: bool,
+                quiet: bool) -> None:
     """`lazymerge eval --tasks`: lm-eval's tasks, results files and table (see lazymerge.tasks)."""
     import json
 
@@ -484,7 +491,7 @@ def _eval_tasks(target: Path, tasks: str, *, include_path: Path | None, num_fews
     opts = T.TaskOptions(tasks=names, include_path=None if include_path is None else str(include_path),
                          num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
                          output_path=None if output_path is None else str(output_path), memory=memory,
-                         device=device, seed=seed, batch_size=batch, progress=not quiet)
+                         device=device, seed=seed, batch_size=batch, activations=activations, progress=not quiet)
     runs = T.compare_tasks(target, opts) if compare_inputs else [T.run_tasks(target, opts)]
     if as_json:
         from lm_eval.utils import handle_non_serializable
@@ -521,6 +528,10 @@ def _eval_tasks(target: Path, tasks: str, *, include_path: Path | None, num_fews
 @click.option("--best", "best_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("best.yaml"),
               show_default=True, help="Where to write the best recipe.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Merge the best recipe into OUT.")
+@click.option("--objective", default="perplexity", show_default=True, metavar="perplexity|task:NAME[:METRIC]",
+              help="What to optimise: the perplexity on --data, or an lm-eval task metric to maximise "
+                   "(task:arc_easy:acc; default METRIC: the task's first). Needs pip install 'lazymerge[tasks]'.")
+@_task_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
               help="Evaluate trials on Dask workers, one trial per worker at a time: local:N, tcp://HOST:8786, "
@@ -530,8 +541,10 @@ def _eval_tasks(target: Path, tasks: str, *, include_path: Path | None, num_fews
 def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
                memory: str | None, device: str, seed: int, space: tuple[str, ...], space_file: Path | None,
                trials: int | None, study: Path, sampler: str | None, best_file: Path, out: Path | None,
+               objective: str, include_path: Path | None, num_fewshot: int | None, limit: float | None,
                quiet: bool, cluster: str | None) -> None:
-    """Search RECIPE's parameters for the merge with the lowest perplexity on --data.
+    """Search RECIPE's parameters for the merge with the lowest perplexity on --data, or the best score on an
+    lm-eval task (--objective task:NAME[:METRIC]).
 
     Each trial puts sampled values into the recipe and evaluates that merge layer by layer, never writing it
     (as `lazymerge eval` does), within --memory. Trials are kept in --study: after Ctrl-C or a crash, run the
@@ -541,6 +554,7 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
     lazymerge search recipe.yaml --data eval.jsonl --space 'models[0].parameters.weight=0..1' --trials 12
     lazymerge search recipe.yaml --data eval.txt -s 'parameters.t[0]=0..1' -s 'parameters.t[1]=0..1' --out ./best
     lazymerge search recipe.yaml --data eval.txt -s 'parameters.t=0..1' --cluster local:2 --memory 2GiB
+    lazymerge search recipe.yaml -s 'parameters.t=0..1' --objective task:my_task:acc --include-path ./tasks
 
     With --cluster, the completed trials' values are reproducible but a seeded sampler's proposals depend on the
     order trials finish in.
@@ -548,21 +562,28 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
     from .api import search
     from .evaluate.search import parse_space, read_space_file
 
-    if data is None:
-        raise click.UsageError("--data is required")
+    if objective == "perplexity" and data is None:
+        raise click.UsageError("--data is required (or --objective task:NAME)")
+    if objective != "perplexity" and data is not None:
+        raise click.UsageError("--data is for the perplexity objective; a task objective reads the task's data")
+    if objective == "perplexity":
+        for flag, value in (("--include-path", include_path), ("--num-fewshot", num_fewshot), ("--limit", limit)):
+            if value is not None:
+                raise click.UsageError(f"{flag} needs --objective task:NAME")
     dims = [parse_space(s) for s in space]
     extra: dict[str, Any] = {}
     if space_file is not None:
         file_dims, extra = read_space_file(space_file)
         dims += file_dims
     bar = _EvalBar(enabled=not quiet)
+    label = objective.partition(":")[2].replace(":", " ") or objective
 
     def on_trial(t: Any) -> None:
         bar.close()
         if not quiet:
             vals = ", ".join(f"{k}={v:.4f}" for k, v in t.params.items())
-            ppl = f"{t.perplexity:.4f}" if t.perplexity is not None else "-"
-            click.echo(f"trial {t.number:>3}  perplexity {ppl}  {vals}", err=True)
+            value = f"{t.score:.4f}" if t.score is not None else "-"
+            click.echo(f"trial {t.number:>3}  {label} {value}  {vals}", err=True)
 
     try:
         with _cluster_client(cluster) as client:
@@ -570,7 +591,8 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
                             sampler=sampler or str(extra.get("sampler", "tpe")),
                             seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
                             max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
-                            on_trial=on_trial, progress=bar, cluster=client)
+                            on_trial=on_trial, progress=bar, cluster=client, objective=objective,
+                            include_path=include_path, num_fewshot=num_fewshot, limit=limit)
     finally:
         bar.close()
     click.echo(report.summary())

@@ -36,6 +36,13 @@ def _require() -> None:
         raise LazyMergeError("lm-eval tasks need lm-eval: pip install 'lazymerge[tasks]'") from None
 
 
+def _size(value: Any) -> int:
+    try:
+        return parse_size(value)
+    except (TypeError, ValueError) as exc:
+        raise LazyMergeError(f"lazymerge model: activations: {exc}") from None
+
+
 def _batch_size(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower().startswith("auto")):
         return None
@@ -68,7 +75,7 @@ class _Methods:
             raise LazyMergeError(f"lazymerge model: dtype {dtype!r}: evaluation computes in float32")
         opts = ModelOptions(memory=memory, device=str(device or "cpu"), seed=int(seed),
                             batch_size=_batch_size(batch_size),
-                            activations=parse_size(activations) if activations is not None
+                            activations=_size(activations) if activations is not None
                             else ModelOptions.activations, spill_dir=spill_dir)
         self.model = StreamingModel(pretrained, opts)
         import weakref

@@ -7,8 +7,10 @@ the objective of `lazymerge search` (`--objective task:NAME[:METRIC]`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +32,7 @@ class TaskOptions:
     device: str = "cpu"
     seed: int = 0
     batch_size: int | None = None
+    activations: Any = None                  # hidden states held at once (more sequences: several passes)
     verbosity: str = "ERROR"
     progress: bool = True                    # lazymerge's progress bars (lm-eval shows its own)
 
@@ -100,14 +103,16 @@ def run_tasks(target: Any, opts: TaskOptions, *, label: str | None = None, manag
         from lm_eval.loggers import EvaluationTracker
 
         tracker = EvaluationTracker(output_path=opts.output_path)
-    lm = LazyMergeLM(target, memory=opts.memory, device=opts.device, seed=opts.seed, batch_size=opts.batch_size)
+    lm = LazyMergeLM(target, memory=opts.memory, device=opts.device, seed=opts.seed, batch_size=opts.batch_size,
+                     activations=opts.activations)
     lm.progress_bars = opts.progress
     try:
-        results = lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=list(opts.tasks),
-                                          num_fewshot=opts.num_fewshot, limit=opts.limit,
-                                          log_samples=opts.log_samples, evaluation_tracker=tracker,
-                                          task_manager=manager, verbosity=opts.verbosity,
-                                          batch_size=opts.batch_size, device=opts.device)
+        with contextlib.redirect_stdout(sys.stderr):    # lm-eval prints progress notes; stdout is for results
+            results = lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=list(opts.tasks),
+                                              num_fewshot=opts.num_fewshot, limit=opts.limit,
+                                              log_samples=opts.log_samples, evaluation_tracker=tracker,
+                                              task_manager=manager, verbosity=opts.verbosity,
+                                              batch_size=opts.batch_size, device=opts.device)
         report = lm.model.report()
     finally:
         lm.close()
@@ -155,7 +160,8 @@ def metric_values(results: dict[str, Any]) -> dict[tuple[str, str], float]:
     out = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key:
+            if (isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key
+                    and key not in ("sample_len", "sample_count")):
                 out[(task, key)] = float(value)
     return out
 

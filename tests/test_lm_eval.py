@@ -40,6 +40,17 @@ def evaluate(model, manager, tasks=TASKS, **kwargs):
                                    verbosity="ERROR", **kwargs)
 
 
+def ours(target, manager, **kwargs):
+    """lm-eval's results for LazyMergeLM(target, **kwargs), and lazymerge's report of the run."""
+    import lazymerge.lm_eval
+
+    lm = lazymerge.lm_eval.LazyMergeLM(target, **kwargs)
+    try:
+        return evaluate(lm, manager), lm.model.report()
+    finally:
+        lm.close()
+
+
 def hf(model_dir, manager, tasks=TASKS):
     return evaluate("hf", manager, tasks, model_args={"pretrained": str(model_dir), "dtype": "float32",
                                                       "device": "cpu"})
@@ -52,8 +63,6 @@ def llama(root):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_checkpoint_equals_hf(root, manager, llama, arch):
-    import lazymerge.lm_eval
-
     model_dir = llama if arch == "llama" else make_model(root / arch, arch)
     ref = hf(model_dir, manager)
     # by name, as `lm_eval --model lazymerge` does, within the default budget (weights kept, one pass)
@@ -62,12 +71,7 @@ def test_checkpoint_equals_hf(root, manager, llama, arch):
     assert (seen["loglikelihoods"], seen["generations"]) == (12 * 4 + 10 + 5, 10)
     assert seen["greedy"] >= (2 if arch == "llama" else 0)           # tiny_ll holds llama's greedy words
     # under a budget smaller than one layer, hidden states of 4 KiB per pass (many passes): the same answers
-    lm = lazymerge.lm_eval.LazyMergeLM(str(model_dir), memory=SMALL, activations="4KiB")
-    try:
-        small = evaluate(lm, manager)
-        report = lm.model.report()
-    finally:
-        lm.close()
+    small, report = ours(str(model_dir), manager, memory=SMALL, activations="4KiB")
     assert_same_results(ref, small)
     assert report["over_budget_units"] > 0 and report["kept_weight_bytes"] == 0
     assert report["passes"] > 2 and report["kv_spilled_bytes"] > 0
@@ -79,7 +83,6 @@ def test_recipe_equals_its_written_merge(root, manager, tmp_path):
     merge, within the default budget and under one smaller than a layer (the merge in row blocks, merged weights
     spilled for the decoding steps)."""
     import lazymerge
-    import lazymerge.lm_eval
 
     base = make_model(root / "r-base", "llama", seed=1)
     ft1, ft2 = make_finetune(base, root / "r-ft1", seed=11), make_finetune(base, root / "r-ft2", seed=12)
@@ -90,13 +93,8 @@ def test_recipe_equals_its_written_merge(root, manager, tmp_path):
     lazymerge.merge(recipe, out, memory="unlimited")
     ref = hf(out, manager)
     for memory in (None, SMALL):
-        lm = lazymerge.lm_eval.LazyMergeLM(recipe, memory=memory)
-        try:
-            ours = evaluate(lm, manager)
-            report = lm.model.report()
-        finally:
-            lm.close()
-        assert_same_results(ref, ours)
+        result, report = ours(recipe, manager, memory=memory)
+        assert_same_results(ref, result)
     assert report["weights_spilled_bytes"] > 0
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .kvcache import KVStore
+from .lm_requests import length_batches
 from .logprobs import GreedyTokens, head_block_rows
 from .runner import EvalProgress
 from .stream import LayerStream
@@ -41,22 +42,6 @@ class _Group:
     mask: torch.Tensor                       # [b, tokens so far] 1 = real token
     positions: torch.Tensor                  # [b, L] at the prompt, then [b, 1]
     cache: Any
-
-
-def _groups(prompts: Sequence[Sequence[int]], opts: DecodeOptions) -> list[list[int]]:
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    groups: list[list[int]] = []
-    for i in order:
-        g = groups[-1] if groups else None
-        if g is not None:
-            width = len(prompts[g[0]])
-            full = (len(g) >= opts.group_size if opts.group_size
-                    else (len(g) + 1) * width > max(opts.group_tokens, width))
-            if not full:
-                g.append(i)
-                continue
-        groups.append([i])
-    return groups
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +71,7 @@ def greedy_decode(stream: LayerStream, prompts: Sequence[Sequence[int]], max_new
     if not live:
         return out, KVStore([], opts.kv_budget)
     groups: list[_Group] = []
-    for rows in _groups([prompts[i] for i in live], opts):
+    for rows in length_batches([len(prompts[i]) for i in live], opts.group_size, opts.group_tokens):
         rows = [live[r] for r in rows]
         ids, mask = _left_padded(prompts, rows)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -101,9 +86,8 @@ def greedy_decode(stream: LayerStream, prompts: Sequence[Sequence[int]], max_new
         for step in range(longest):
             if not active:
                 break
-            state = stream.embed([groups[g].ids for g in active], [groups[g].mask for g in active],
-                                 call_kwargs=[{key: groups[g].cache, "use_cache": True, "position_ids": groups[g].positions}
-                                  for g in active])
+            calls = [{key: groups[g].cache, "use_cache": True, "position_ids": groups[g].positions} for g in active]
+            state = stream.embed([groups[g].ids for g in active], [groups[g].mask for g in active], calls)
             for i in range(n_layers):
                 kv.before_layer(i)
                 stream.run_layer(i, state)

@@ -77,21 +77,27 @@ def plan_inputs(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_len
     return seqs, [[(where[k][p], t) for k, p, t in pairs] for pairs in wanted]
 
 
-def batches_of(lengths: list[int], opts: ScoreOptions, hidden_size: int) -> list[list[list[int]]]:
-    """Sequence indices sorted by length (longest first) cut into batches, and the batches into passes whose
-    padded hidden states fit `opts.activations`."""
+def length_batches(lengths: Sequence[int], size: int | None, tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first, then index) cut into batches of `size` sequences, or (None) of at
+    most `tokens` padded tokens (a longer sequence alone)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
         b = batches[-1] if batches else None
         if b is not None:
             width = lengths[b[0]]
-            full = (len(b) >= opts.batch_size if opts.batch_size
-                    else (len(b) + 1) * width > max(opts.batch_tokens, width))
+            full = len(b) >= size if size else (len(b) + 1) * width > max(tokens, width)
             if not full:
                 b.append(i)
                 continue
         batches.append([i])
+    return batches
+
+
+def batches_of(lengths: list[int], opts: ScoreOptions, hidden_size: int) -> list[list[list[int]]]:
+    """Sequence indices sorted by length (longest first) cut into batches, and the batches into passes whose
+    padded hidden states fit `opts.activations`."""
+    batches = length_batches(lengths, opts.batch_size, opts.batch_tokens)
     passes: list[list[list[int]]] = []
     held = 0
     for b in batches:

@@ -101,6 +101,10 @@ class LayerStream:
         # the log-sum-exp adds, so the same --memory must give the same blocks for a merge and its recipe (a
         # recipe's merge works in another quarter; the block's stored copy and temporaries fit in the rest)
         cap = self.budget if self.budget is not None else EMBED_BLOCK_BYTES * 4
+        # and never more than EMBED_BLOCK_BYTES: larger blocks only make larger temporaries (a head block's logits
+        # for every token) that no longer fit any cache; the default budget (60% of RAM) made the 4096-token
+        # perplexity of a 270 MB model hold 3.9 GB of logits and run slower than under 512 MiB
+        cap = min(cap, EMBED_BLOCK_BYTES * 4)
         return max(1, min(self.source.shapes[name][0], cap // 4 // max(1, per_row)))
 
     # -- stages ------------------------------------------------------------------------------------------
