@@ -20,7 +20,7 @@ import torch
 
 from .kvcache import KVStore
 from .lm_requests import length_batches
-from .logprobs import GreedyTokens, head_block_rows
+from .logprobs import GreedyTokens, head_logit_blocks
 from .runner import EvalProgress
 from .stream import LayerStream
 
@@ -78,8 +78,6 @@ def greedy_decode(stream: LayerStream, prompts: Sequence[Sequence[int]], max_new
         groups.append(_Group(rows, ids, mask, positions, DynamicCache(config=stream.sk.config)))
     kv = KVStore([g.cache for g in groups], opts.kv_budget, opts.spill_dir)
     key = cache_keyword(stream.sk.base)
-    softcap = getattr(stream.sk.config.get_text_config(), "final_logit_softcapping", None)
-    head = stream.tensor_name(stream.sk.head_name)
     n_layers, longest = stream.sk.num_layers, max(max_new[i] for i in live)
     active = list(range(len(groups)))
     try:
@@ -94,8 +92,8 @@ def greedy_decode(stream: LayerStream, prompts: Sequence[Sequence[int]], max_new
                 kv.after_layer(i)
             last = torch.cat([stream.finish([st])[0][:, -1] for st in state])
             del state
-            pick = GreedyTokens(last, softcap)
-            stream.source.for_row_blocks(head, head_block_rows(stream, head), pick)
+            pick = GreedyTokens(last.shape[0], last.device)
+            head_logit_blocks(stream, last, pick)
             tokens = pick.index.cpu().tolist()
             at = 0
             for g in list(active):

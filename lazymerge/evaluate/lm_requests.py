@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .logprobs import PairScores, head_block_rows
+from .logprobs import PairScores, head_logit_blocks
 from .runner import EvalProgress
 from .stream import LayerStream
 
@@ -178,10 +178,8 @@ def score_requests(stream: LayerStream, prep: Prepared,
         del state
     flat_rows = torch.tensor([r for ps in pairs for r, _ in ps], dtype=torch.long)
     flat_tokens = torch.tensor([t for ps in pairs for _, t in ps], dtype=torch.long)
-    c = stream.sk.config.get_text_config()
-    scores = PairScores(gathered, flat_rows, flat_tokens, getattr(c, "final_logit_softcapping", None))
-    head = stream.tensor_name(stream.sk.head_name)
-    stream.source.for_row_blocks(head, head_block_rows(stream, head), scores)
+    scores = PairScores(rows, flat_rows, flat_tokens, gathered.device)
+    head_logit_blocks(stream, gathered, scores)
     tick("head")
     logp, greedy = scores.logprobs().cpu(), scores.greedy().cpu()
     out, at = [], 0

@@ -11,67 +11,65 @@ bounded by `HEAD_WORK_BYTES` whatever the budget, so a larger budget never means
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 HEAD_BLOCK_BYTES = 16 << 20        # float32 head rows held at once (at most; less under a smaller budget)
-HEAD_WORK_BYTES = 48 << 20         # logits and their temporaries for one (head block, position chunk)
+HEAD_WORK_BYTES = 48 << 20         # logits and their temporaries for one head block
 
 
-def head_block_rows(stream: Any, name: str) -> int:
-    """Rows of the head read at a time: the budget's rule for row blocks (a quarter of it), capped so that the
-    blocks stay cache-friendly and their size does not grow with a larger budget."""
+def head_logit_blocks(stream: Any, hidden: torch.Tensor, fn: Callable[[int, torch.Tensor], None]) -> None:
+    """`fn(start, logits)` for consecutive blocks of vocabulary rows: the logits [N, rows] of `hidden` [N, H] (the
+    final hidden states), never the whole [N, vocab] at once. A block's rows are bounded by the budget's rule for
+    row blocks and by `HEAD_BLOCK_BYTES` / `HEAD_WORK_BYTES` (12 bytes of temporaries per logit), so a larger
+    budget never means larger temporaries."""
+    name = stream.tensor_name(stream.sk.head_name)
     cols = math.prod(stream.source.shapes[name][1:])
-    return max(1, min(stream.row_block(name), HEAD_BLOCK_BYTES // (4 * cols)))
+    rows = max(1, min(stream.row_block(name), HEAD_BLOCK_BYTES // (4 * cols),
+                      HEAD_WORK_BYTES // (12 * max(1, hidden.shape[0]))))
+    softcap = getattr(stream.sk.config.get_text_config(), "final_logit_softcapping", None)
+
+    def block(start: int, w: torch.Tensor) -> None:
+        logits = hidden @ w.to(device=hidden.device, dtype=hidden.dtype).T
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        fn(start, logits)
+
+    stream.source.for_row_blocks(name, rows, block)
 
 
 class PairScores:
-    """Accumulates, over head row blocks given in order, for hidden states `hidden` [P, H]: each position's
-    log-sum-exp and greedy token, and the logit of each scored pair (`pair_pos[k]`, `pair_token[k]`)."""
+    """Accumulates, over blocks of logits [P, rows] given in vocabulary order, each position's log-sum-exp and
+    greedy token, and the logit of each scored pair (`pair_pos[k]`, `pair_token[k]`)."""
 
-    def __init__(self, hidden: torch.Tensor, pair_pos: torch.Tensor, pair_token: torch.Tensor,
-                 softcap: float | None = None):
-        self.hidden, self.softcap = hidden, softcap
-        self.pair_pos, self.pair_token = pair_pos.to(hidden.device), pair_token.to(hidden.device)
-        p = hidden.shape[0]
-        self.max = torch.full((p,), -math.inf, dtype=torch.float32, device=hidden.device)
-        self.argmax = torch.zeros(p, dtype=torch.long, device=hidden.device)
-        self.sum = torch.zeros(p, dtype=torch.float64, device=hidden.device)
-        self.pair_logit = torch.zeros(len(pair_pos), dtype=torch.float32, device=hidden.device)
+    def __init__(self, positions: int, pair_pos: torch.Tensor, pair_token: torch.Tensor,
+                 device: "torch.device | str" = "cpu"):
+        self.pair_pos, self.pair_token = pair_pos.to(device), pair_token.to(device)
+        self.max = torch.full((positions,), -math.inf, dtype=torch.float32, device=device)
+        self.argmax = torch.zeros(positions, dtype=torch.long, device=device)
+        self.sum = torch.zeros(positions, dtype=torch.float64, device=device)
+        self.pair_logit = torch.zeros(len(pair_pos), dtype=torch.float32, device=device)
         self.rows_seen = 0
 
-    def __call__(self, start: int, rows: torch.Tensor) -> None:
+    def __call__(self, start: int, logits: torch.Tensor) -> None:
         if start != self.rows_seen:
             raise RuntimeError(f"head blocks out of order: expected row {self.rows_seen}, got {start}")
-        w = rows.to(device=self.hidden.device, dtype=self.hidden.dtype)
-        n = w.shape[0]
-        chunk = max(1, HEAD_WORK_BYTES // (12 * n))
-        for a in range(0, self.hidden.shape[0], chunk):
-            self._fold(a, min(a + chunk, self.hidden.shape[0]), start, w)
+        logits = logits.float()
+        n = logits.shape[1]
         inside = (self.pair_token >= start) & (self.pair_token < start + n)
         if inside.any():
             k = inside.nonzero().squeeze(1)
-            pos, tok = self.pair_pos[k], self.pair_token[k] - start
-            self.pair_logit[k] = self._logits(self.hidden[pos], w)[torch.arange(len(k)), tok]
-        self.rows_seen += n
-
-    def _logits(self, hidden: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        logits = hidden @ w.T
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def _fold(self, a: int, b: int, start: int, w: torch.Tensor) -> None:
-        logits = self._logits(self.hidden[a:b], w)                  # [chunk, block]
+            self.pair_logit[k] = logits[self.pair_pos[k], self.pair_token[k] - start]
         value, index = logits.max(dim=1)
-        old = self.max[a:b]
-        better = value > old                                        # strict: an earlier block keeps a tie
-        new_max = torch.maximum(old, value)
-        self.argmax[a:b] = torch.where(better, index + start, self.argmax[a:b])
-        logits.sub_(new_max[:, None]).exp_()
-        self.sum[a:b] = self.sum[a:b] * torch.exp((old - new_max).double()) + logits.sum(dim=1, dtype=torch.float64)
-        self.max[a:b] = new_max
+        better = value > self.max                                   # strict: an earlier block keeps a tie
+        new_max = torch.maximum(self.max, value)
+        self.argmax = torch.where(better, index + start, self.argmax)
+        logits = logits - new_max[:, None]
+        self.sum = self.sum * torch.exp((self.max - new_max).double()) + logits.exp_().sum(dim=1,
+                                                                                          dtype=torch.float64)
+        self.max = new_max
+        self.rows_seen += n
 
     def logprobs(self) -> torch.Tensor:
         """log p(token | position) of each scored pair (float64)."""
@@ -84,19 +82,15 @@ class PairScores:
 
 
 class GreedyTokens:
-    """The argmax token of each row of `hidden` [B, H] over head row blocks given in order (first of equal
+    """The argmax token of each row over blocks of logits [B, rows] given in vocabulary order (the first of equal
     maxima), as `argmax` over the full logits picks it: greedy decoding's next tokens."""
 
-    def __init__(self, hidden: torch.Tensor, softcap: float | None = None):
-        self.hidden, self.softcap = hidden, softcap
-        self.max = torch.full((hidden.shape[0],), -math.inf, dtype=torch.float32, device=hidden.device)
-        self.index = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    def __init__(self, rows: int, device: "torch.device | str" = "cpu"):
+        self.max = torch.full((rows,), -math.inf, dtype=torch.float32, device=device)
+        self.index = torch.zeros(rows, dtype=torch.long, device=device)
 
-    def __call__(self, start: int, rows: torch.Tensor) -> None:
-        logits = self.hidden @ rows.to(device=self.hidden.device, dtype=self.hidden.dtype).T
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        value, index = logits.max(dim=1)
+    def __call__(self, start: int, logits: torch.Tensor) -> None:
+        value, index = logits.float().max(dim=1)
         better = value > self.max
         self.index = torch.where(better, index + start, self.index)
         self.max = torch.maximum(self.max, value)
