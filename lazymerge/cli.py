@@ -25,7 +25,15 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        owner = os.getpid()
+
         def on_term(signum: int, frame: Any) -> None:
+            if os.getpid() != owner:
+                # a forked child (lm-eval's bootstrap pool): SIGTERM's default action, as its parent expects when
+                # it terminates it; an exception here can be lost in the child and leave the parent waiting
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             raise KeyboardInterrupt
 
         old = signal.signal(signal.SIGTERM, on_term)

@@ -20,8 +20,8 @@ import torch
 
 from .kvcache import KVStore
 from .lm_requests import length_batches
-from .logprobs import GreedyTokens, head_logit_blocks
-from .runner import EvalProgress
+from .logprobs import GreedyTokens
+from .report import EvalProgress
 from .stream import LayerStream
 
 DEFAULT_GROUP_TOKENS = 4096          # padded prompt tokens per group
@@ -93,7 +93,7 @@ def greedy_decode(stream: LayerStream, prompts: Sequence[Sequence[int]], max_new
             last = torch.cat([stream.finish([st])[0][:, -1] for st in state])
             del state
             pick = GreedyTokens(last.shape[0], last.device)
-            head_logit_blocks(stream, last, pick)
+            stream.head_blocks(last, pick)
             tokens = pick.index.cpu().tolist()
             at = 0
             for g in list(active):

@@ -17,15 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
-
 from ..engine.report import RssSampler
+from ..moe.routers import prepare_routers
 from .data import load_tokenizer
 from .decode import DecodeOptions, greedy_decode
 from .lm_requests import (DEFAULT_ACTIVATIONS, DEFAULT_BATCH_TOKENS, ScoreOptions, activation_bytes, prepare,
                           score_requests)
 from .reuse import ReusedWeights
-from .runner import EvalProgress
+from .report import EvalProgress
 from .stream import open_stream
 
 
@@ -44,7 +43,9 @@ class StreamingModel:
 
     def __init__(self, target: Any, opts: ModelOptions = ModelOptions()):
         self.opts = opts
-        self.stream = open_stream(target, memory=opts.memory, device=opts.device, seed=opts.seed)
+        # a MoE recipe's routers are computed as its merge computes them (the router pass streams the base model)
+        self.stream = open_stream(target, memory=opts.memory, device=opts.device, seed=opts.seed,
+                                  prepare=prepare_routers)
         try:
             self.tokenizer = load_tokenizer(self.stream.source.config_dir, self.stream.source.label)
             self.config = self.stream.sk.config

@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .logprobs import PairScores, head_logit_blocks
-from .runner import EvalProgress
+from .logprobs import PairScores
+from .report import EvalProgress
 from .stream import LayerStream
 
 DEFAULT_BATCH_TOKENS = 2048          # padded tokens per forward call inside a layer
@@ -179,7 +179,7 @@ def score_requests(stream: LayerStream, prep: Prepared,
     flat_rows = torch.tensor([r for ps in pairs for r, _ in ps], dtype=torch.long)
     flat_tokens = torch.tensor([t for ps in pairs for _, t in ps], dtype=torch.long)
     scores = PairScores(rows, flat_rows, flat_tokens, gathered.device)
-    head_logit_blocks(stream, gathered, scores)
+    stream.head_blocks(gathered, scores)
     tick("head")
     logp, greedy = scores.logprobs().cpu(), scores.greedy().cpu()
     out, at = [], 0

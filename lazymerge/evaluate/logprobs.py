@@ -5,38 +5,15 @@ A whole-model evaluation computes `log_softmax` over the full `[batch, seq, voca
 whose next token is scored (a request's continuation) reach the head, and the `[positions, vocab]` logits never
 exist at once: each head row block updates, per position, a running maximum with its index (the greedy token, the
 first of equal maxima as `argmax` picks it) and a running sum of exponentials (a streaming log-sum-exp), and the
-logit of each scored (position, token) pair is picked from the block that holds the token. Work per block is
-bounded by `HEAD_WORK_BYTES` whatever the budget, so a larger budget never means larger temporaries.
+logit of each scored (position, token) pair is picked from the block that holds the token. The blocks come from
+`LayerStream.head_blocks`, the one place that makes logits (the model's own head: bias, logit scaling,
+soft-capping), with its block sizes (capped whatever the budget, so a larger budget never means larger
+temporaries).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
-
 import torch
-
-HEAD_BLOCK_BYTES = 16 << 20        # float32 head rows held at once (at most; less under a smaller budget)
-HEAD_WORK_BYTES = 48 << 20         # logits and their temporaries for one head block
-
-
-def head_logit_blocks(stream: Any, hidden: torch.Tensor, fn: Callable[[int, torch.Tensor], None]) -> None:
-    """`fn(start, logits)` for consecutive blocks of vocabulary rows: the logits [N, rows] of `hidden` [N, H] (the
-    final hidden states), never the whole [N, vocab] at once. A block's rows are bounded by the budget's rule for
-    row blocks and by `HEAD_BLOCK_BYTES` / `HEAD_WORK_BYTES` (12 bytes of temporaries per logit), so a larger
-    budget never means larger temporaries."""
-    name = stream.tensor_name(stream.sk.head_name)
-    cols = math.prod(stream.source.shapes[name][1:])
-    rows = max(1, min(stream.row_block(name), HEAD_BLOCK_BYTES // (4 * cols),
-                      HEAD_WORK_BYTES // (12 * max(1, hidden.shape[0]))))
-    softcap = getattr(stream.sk.config.get_text_config(), "final_logit_softcapping", None)
-
-    def block(start: int, w: torch.Tensor) -> None:
-        logits = hidden @ w.to(device=hidden.device, dtype=hidden.dtype).T
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        fn(start, logits)
-
-    stream.source.for_row_blocks(name, rows, block)
 
 
 class PairScores:

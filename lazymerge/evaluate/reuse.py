@@ -72,7 +72,8 @@ class ReusedWeights:
         return self.kept_bytes + self._nbytes(name) <= self.keep
 
     def _remember(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """Keep `value` (stored dtype) if it fits, else spill it when spilling; returns what to hand out."""
+        """Keep `value` if it fits, else spill it (in the dtype it came in) when spilling; returns what to hand
+        out."""
         if name in self.kept or name in self._spilled:
             return value
         if self._room(name):
@@ -97,7 +98,8 @@ class ReusedWeights:
         row_bytes = math.prod(shape[1:]) * torch.tensor([], dtype=dtype).element_size()
         return self._file.read(offset + rows[0] * row_bytes, (rows[1] - rows[0], *shape[1:]), dtype)
 
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Whole tensors in `dtype` (the source converts them as read; a kept one was converted once)."""
         out: dict[str, torch.Tensor] = {}
         missing = []
         for n in names:
@@ -108,9 +110,9 @@ class ReusedWeights:
             else:
                 missing.append(n)
         if missing:
-            for n, v in self.source.load(missing).items():
+            for n, v in self.source.load(missing, dtype).items():
                 out[n] = self._remember(n, v)
-        return out
+        return {n: v.to(dtype) for n, v in out.items()}
 
     def for_row_blocks(self, name: str, block_rows: int, fn: Callable[[int, torch.Tensor], None]) -> None:
         rows = self.shapes[name][0]
