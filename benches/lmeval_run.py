@@ -68,6 +68,9 @@ def main() -> None:
             offload_folder=offload_dir)
         tok = transformers.AutoTokenizer.from_pretrained(a.model)
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=a.batch_size)
+        # HFLM takes the model's device, which is `meta` when its first weights are offloaded (torch.autocast
+        # then fails): inputs go to the CPU, accelerate's hooks bring the offloaded weights there
+        lm._device = torch.device("cpu")
     else:
         import lazymerge.lm_eval
 

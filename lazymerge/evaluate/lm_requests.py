@@ -117,7 +117,7 @@ def activation_bytes(config: Any, seqs_tokens: int, batch_tokens: int, longest: 
     c = config.get_text_config()
     h = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
-    heads = c.num_attention_heads
+    heads = getattr(c, "num_attention_heads", None) or 1       # attention-free stacks (Mamba): no scores
     work = batch_tokens * (2 * h + 4 * h + 3 * inter) + heads * longest * min(longest, batch_tokens)
     return itemsize * (seqs_tokens * h + work)
 
