@@ -35,6 +35,7 @@ class TaskOptions:
     activations: Any = None                  # hidden states held at once (more sequences: several passes)
     verbosity: str = "ERROR"
     progress: bool = True                    # lazymerge's progress bars (lm-eval shows its own)
+    bootstrap_iters: int | None = None       # lm-eval's stderr resamples (None: its default; 0: no stderr)
 
 
 @dataclass
@@ -112,7 +113,9 @@ def run_tasks(target: Any, opts: TaskOptions, *, label: str | None = None, manag
                                               num_fewshot=opts.num_fewshot, limit=opts.limit,
                                               log_samples=opts.log_samples, evaluation_tracker=tracker,
                                               task_manager=manager, verbosity=opts.verbosity,
-                                              batch_size=opts.batch_size, device=opts.device)
+                                              batch_size=opts.batch_size, device=opts.device,
+                                              **({} if opts.bootstrap_iters is None
+                                                 else {"bootstrap_iters": opts.bootstrap_iters}))
         report = lm.model.report()
     finally:
         lm.close()
@@ -220,7 +223,8 @@ class TaskObjective:
 def task_scorer(objective: TaskObjective, opts: TaskOptions) -> Callable[[Any], tuple[float, float]]:
     """A search's score function: a candidate recipe -> (value to minimise, the metric as lm-eval reports it)."""
     manager = task_manager(replace(opts, tasks=(objective.task,)))
-    o = replace(opts, tasks=(objective.task,), log_samples=False, output_path=None)
+    # no stderr: a trial needs the metric alone (lm-eval's bootstrap forks a pool and resamples 100000 times)
+    o = replace(opts, tasks=(objective.task,), log_samples=False, output_path=None, bootstrap_iters=0)
 
     def score(candidate: Any) -> tuple[float, float]:
         run = run_tasks(candidate, o, label="candidate", manager=manager)
