@@ -187,6 +187,10 @@ def compare_tasks(recipe: Any, opts: TaskOptions) -> list[TaskRun]:
     tokenizes the tasks' text with its own tokenizer, as lm-eval does."""
     from .evaluate.runner import input_targets
 
+    # the comparison table shows values only: no stderr bootstrap (lm-eval forks a pool for it per run; in a
+    # process that has run several evaluations a pool worker was seen never to exit, hanging the run)
+    if opts.bootstrap_iters is None:
+        opts = replace(opts, bootstrap_iters=0)
     manager = task_manager(opts)
     runs = []
     for i, (label, target) in enumerate(input_targets(recipe)):
