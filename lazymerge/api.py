@@ -99,21 +99,44 @@ def generate(target: Union[RecipeLike, str, Path], prompt: str, *, max_new_token
                         progress=progress, stream_inputs=stream_inputs)
 
 
-def search(recipe: RecipeLike, data: "str | Path", space: list, *, trials: int = 20,
+def search(recipe: RecipeLike, data: "str | Path | None", space: list, *, trials: int = 20,
            study: "str | Path | None" = None, sampler: str = "tpe", seed: int = 0, memory: int | str | None = None,
            seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
            best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
            on_trial: Callable[[Any], None] | None = None, progress: Callable[[Any], None] | None = None,
-           cluster: Any = None):
+           cluster: Any = None, objective: str = "perplexity", include_path: "str | Path | None" = None,
+           num_fewshot: int | None = None, limit: float | None = None):
     """Search recipe values (`space`: ["models[0].parameters.weight=0..1", ...]) for the lowest perplexity of
     the merge on `data`, each candidate evaluated layer by layer and never written. `study`: an SQLite file that
     keeps every completed trial, so an interrupted search continues where it stopped. Returns a SearchReport;
     writes the best recipe to `best_file` and merges it into `out` when given. Needs optuna
     (pip install 'lazymerge[search]'). `cluster` evaluates the trials on Dask workers, one per worker at a time,
     the study staying here: a `distributed.Client`, `"local:N"`, `"tcp://HOST:PORT"` or `"env"`
-    (DASK_SCHEDULER_ADDRESS), as for `merge`."""
+    (DASK_SCHEDULER_ADDRESS), as for `merge`.
+
+    `objective="task:NAME[:METRIC]"` maximises an lm-eval task metric instead (lower is better where lm-eval
+    says so; default METRIC: the task's first), each candidate scored by lm-eval on the layer-streaming model
+    (`include_path`, `num_fewshot`, `limit` as for `lazymerge eval --tasks`; pip install 'lazymerge[tasks]')."""
     from .evaluate.search import search as run_search
 
+    score, label = None, "perplexity"
+    if objective != "perplexity":
+        from .tasks import TaskObjective, TaskOptions, task_scorer
+
+        obj = TaskObjective.parse(objective)
+        if cluster is not None:
+            from .errors import LazyMergeError
+
+            raise LazyMergeError("search --cluster evaluates perplexity only; run a task objective without "
+                                 "--cluster")
+        score = task_scorer(obj, TaskOptions(tasks=(obj.task,), include_path=None if include_path is None
+                                             else str(include_path), num_fewshot=num_fewshot, limit=limit,
+                                             memory=memory, device=device, seed=seed, progress=False))
+        label = obj.label
+    elif data is None:
+        from .errors import LazyMergeError
+
+        raise LazyMergeError("search: the perplexity objective needs data (--data)")
     trials_on = None
     if cluster is not None:
         import functools
@@ -123,4 +146,5 @@ def search(recipe: RecipeLike, data: "str | Path", space: list, *, trials: int =
         trials_on = functools.partial(run_trials, cluster=cluster)
     return run_search(recipe, data, space, trials=trials, study=study, sampler=sampler, seed=seed, memory=memory,
                       seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, best_file=best_file,
-                      out=out, on_trial=on_trial, progress=progress, run_trials=trials_on)
+                      out=out, on_trial=on_trial, progress=progress, run_trials=trials_on, score=score,
+                      objective=label)

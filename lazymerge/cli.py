@@ -25,7 +25,15 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        owner = os.getpid()
+
         def on_term(signum: int, frame: Any) -> None:
+            if os.getpid() != owner:
+                # a forked child (lm-eval's bootstrap pool): SIGTERM's default action, as its parent expects when
+                # it terminates it; an exception here can be lost in the child and leave the parent waiting
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             raise KeyboardInterrupt
 
         old = signal.signal(signal.SIGTERM, on_term)
@@ -421,9 +429,33 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--include-path", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="A directory of lm-eval task YAMLs (local data: dataset_path: json, data_files)."),
+        click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+                     help="Few-shot examples per request (default: each task's own)."),
+        click.option("--limit", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Only the first N documents of each task (a fraction below 1: that share)."),
+    ]
+    for o in reversed(options):
+        fn = o(fn)
+    return fn
+
+
 @main.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
 @_eval_options
+@click.option("--tasks", "-t", default=None, metavar="NAMES",
+              help="lm-eval tasks, comma-separated (arc_easy,hellaswag): lm-eval's results table instead of "
+                   "perplexity. Needs pip install 'lazymerge[tasks]'.")
+@_task_options
+@click.option("--log-samples", is_flag=True, help="--tasks: also write lm-eval's samples_TASK_*.jsonl files.")
+@click.option("--output-path", type=click.Path(path_type=Path), default=None,
+              help="--tasks: write lm-eval's results (results_*.json, samples) under this directory.")
+@click.option("--activations", default=None, metavar="SIZE",
+              help="--tasks: hidden states held at once, on top of --memory (default 1GiB); more requests are "
+                   "run in several passes over the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--compare-inputs", is_flag=True, help="Recipe TARGET: also evaluate each input model; one table.")
 @click.option("--prompt", default=None, help="Print a greedy continuation of TEXT (a sanity check).")
@@ -432,26 +464,51 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--stream-inputs", is_flag=True,
               help="Read hub models layer by layer with HTTP range requests instead of downloading them.")
+@click.pass_context
 @_friendly
-def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int, memory: str | None,
-             device: str, seed: int, as_json: bool, compare_inputs: bool, prompt: str | None,
-             max_new_tokens: int, quiet: bool, stream_inputs: bool) -> None:
-    """Perplexity of TARGET on --data, without ever holding the whole model.
+def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
+             memory: str | None, device: str, seed: int, tasks: str | None, include_path: Path | None,
+             num_fewshot: int | None, limit: float | None, log_samples: bool, output_path: Path | None,
+             activations: str | None, as_json: bool, compare_inputs: bool, prompt: str | None, max_new_tokens: int,
+             quiet: bool, stream_inputs: bool) -> None:
+    """Perplexity of TARGET on --data, or its lm-eval task scores (--tasks), without ever holding the whole
+    model.
 
     TARGET is a checkpoint directory, a hub id (org/name[@revision]) or a merge recipe. A recipe is merged one
     decoder layer at a time, in memory, and never written; the result equals evaluating the written merge. Each
-    decoder layer's weights are loaded (or merged), every window goes through it, and they are freed before the
-    next layer.
+    decoder layer's weights are loaded (or merged), every window (or task request) goes through it, and they are
+    freed before the next layer.
+
+    With --tasks, lm-evaluation-harness runs its tasks on lazymerge's layer-streaming model: its task manager,
+    evaluator, results files and table; the numbers equal lm-eval's `hf` model in float32.
 
     \b
     lazymerge eval ./merged --data wiki.txt --memory 512MiB
     lazymerge eval recipe.yaml --data eval.jsonl --compare-inputs
+    lazymerge eval recipe.yaml --tasks arc_easy,hellaswag --limit 200 --memory 2GiB --output-path results/
+    lazymerge eval ./merged --tasks my_task --include-path ./tasks --log-samples --output-path results/
     lazymerge eval ./merged --prompt "The capital of France is" --max-new-tokens 10
     """
     import json
 
     from .api import evaluate, generate
 
+    if tasks is not None:
+        if data is not None or prompt is not None:
+            raise click.UsageError("--tasks cannot be combined with --data or --prompt: run them separately")
+        if stream_inputs:
+            raise click.UsageError("--stream-inputs is not supported with --tasks yet")
+        batch_set = ctx.get_parameter_source("batch") != click.core.ParameterSource.DEFAULT
+        _eval_tasks(target, tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit,
+                    log_samples=log_samples, output_path=output_path, memory=memory, device=device, seed=seed,
+                    batch=batch if batch_set else None, activations=activations, as_json=as_json,
+                    compare_inputs=compare_inputs, quiet=quiet)
+        return
+    for flag, value in (("--include-path", include_path), ("--num-fewshot", num_fewshot), ("--limit", limit),
+                        ("--log-samples", log_samples or None), ("--output-path", output_path),
+                        ("--activations", activations)):
+        if value is not None:
+            raise click.UsageError(f"{flag} needs --tasks")
     with _hub_progress(not quiet):       # huggingface_hub's download bars, as the merge's own
         if prompt is not None:
             text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
@@ -486,6 +543,40 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
         click.echo(report.to_json() if as_json else report.summary())
 
 
+def _eval_tasks(target: Path, tasks: str, *, include_path: Path | None, num_fewshot: int | None,
+                limit: float | None, log_samples: bool, output_path: Path | None, memory: str | None, device: str,
+                seed: int, batch: int | None, activations: str | None, as_json: bool, compare_inputs: bool,
+                quiet: bool) -> None:
+    """`lazymerge eval --tasks`: lm-eval's tasks, results files and table (see lazymerge.tasks)."""
+    import json
+
+    from . import tasks as T
+
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    if not names:
+        raise click.UsageError("--tasks: no task named")
+    opts = T.TaskOptions(tasks=names, include_path=None if include_path is None else str(include_path),
+                         num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+                         output_path=None if output_path is None else str(output_path), memory=memory,
+                         device=device, seed=seed, batch_size=batch, activations=activations, progress=not quiet)
+    runs = T.compare_tasks(target, opts) if compare_inputs else [T.run_tasks(target, opts)]
+    if as_json:
+        from lm_eval.utils import handle_non_serializable
+
+        out = [{"model": r.label, "results": r.results, "lazymerge": r.report} for r in runs]
+        click.echo(json.dumps(out if compare_inputs else out[0], indent=2, default=handle_non_serializable))
+        return
+    for r in runs:
+        if compare_inputs:
+            click.echo(f"\n{r.label}")
+        click.echo(T.table(r))
+        click.echo(T.cost_line(r), err=True)
+        for f in r.files:
+            click.echo(f"wrote {f}", err=True)
+    if compare_inputs:
+        click.echo("\n" + T.comparison_table(runs))
+
+
 @main.command("search")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @_eval_options
@@ -504,6 +595,10 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
 @click.option("--best", "best_file", type=click.Path(dir_okay=False, path_type=Path), default=Path("best.yaml"),
               show_default=True, help="Where to write the best recipe.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Merge the best recipe into OUT.")
+@click.option("--objective", default="perplexity", show_default=True, metavar="perplexity|task:NAME[:METRIC]",
+              help="What to optimise: the perplexity on --data, or an lm-eval task metric to maximise "
+                   "(task:arc_easy:acc; default METRIC: the task's first). Needs pip install 'lazymerge[tasks]'.")
+@_task_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
               help="Evaluate trials on Dask workers, one trial per worker at a time: local:N, tcp://HOST:8786, "
@@ -513,8 +608,10 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
 def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
                memory: str | None, device: str, seed: int, space: tuple[str, ...], space_file: Path | None,
                trials: int | None, study: Path, sampler: str | None, best_file: Path, out: Path | None,
+               objective: str, include_path: Path | None, num_fewshot: int | None, limit: float | None,
                quiet: bool, cluster: str | None) -> None:
-    """Search RECIPE's parameters for the merge with the lowest perplexity on --data.
+    """Search RECIPE's parameters for the merge with the lowest perplexity on --data, or the best score on an
+    lm-eval task (--objective task:NAME[:METRIC]).
 
     Each trial puts sampled values into the recipe and evaluates that merge layer by layer, never writing it
     (as `lazymerge eval` does), within --memory. Trials are kept in --study: after Ctrl-C or a crash, run the
@@ -524,6 +621,7 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
     lazymerge search recipe.yaml --data eval.jsonl --space 'models[0].parameters.weight=0..1' --trials 12
     lazymerge search recipe.yaml --data eval.txt -s 'parameters.t[0]=0..1' -s 'parameters.t[1]=0..1' --out ./best
     lazymerge search recipe.yaml --data eval.txt -s 'parameters.t=0..1' --cluster local:2 --memory 2GiB
+    lazymerge search recipe.yaml -s 'parameters.t=0..1' --objective task:my_task:acc --include-path ./tasks
 
     With --cluster, the completed trials' values are reproducible but a seeded sampler's proposals depend on the
     order trials finish in.
@@ -531,21 +629,28 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
     from .api import search
     from .evaluate.search import parse_space, read_space_file
 
-    if data is None:
-        raise click.UsageError("--data is required")
+    if objective == "perplexity" and data is None:
+        raise click.UsageError("--data is required (or --objective task:NAME)")
+    if objective != "perplexity" and data is not None:
+        raise click.UsageError("--data is for the perplexity objective; a task objective reads the task's data")
+    if objective == "perplexity":
+        for flag, value in (("--include-path", include_path), ("--num-fewshot", num_fewshot), ("--limit", limit)):
+            if value is not None:
+                raise click.UsageError(f"{flag} needs --objective task:NAME")
     dims = [parse_space(s) for s in space]
     extra: dict[str, Any] = {}
     if space_file is not None:
         file_dims, extra = read_space_file(space_file)
         dims += file_dims
     bar = _EvalBar(enabled=not quiet)
+    label = objective.partition(":")[2].replace(":", " ") or objective
 
     def on_trial(t: Any) -> None:
         bar.close()
         if not quiet:
             vals = ", ".join(f"{k}={v:.4f}" for k, v in t.params.items())
-            ppl = f"{t.perplexity:.4f}" if t.perplexity is not None else "-"
-            click.echo(f"trial {t.number:>3}  perplexity {ppl}  {vals}", err=True)
+            value = f"{t.score:.4f}" if t.score is not None else "-"
+            click.echo(f"trial {t.number:>3}  {label} {value}  {vals}", err=True)
 
     try:
         with _cluster_client(cluster) as client:
@@ -553,7 +658,8 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
                             sampler=sampler or str(extra.get("sampler", "tpe")),
                             seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
                             max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
-                            on_trial=on_trial, progress=bar, cluster=client)
+                            on_trial=on_trial, progress=bar, cluster=client, objective=objective,
+                            include_path=include_path, num_fewshot=num_fewshot, limit=limit)
     finally:
         bar.close()
     click.echo(report.summary())

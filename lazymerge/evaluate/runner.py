@@ -126,6 +126,17 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
     vocabulary the merge aligned to other token ids (`tokenizer_source`) is scored on its own ids, never on the
     merge's. Inputs that share the merge's tokenizer get the very same windows. Hub inputs are reopened at the
     commit the merge reads."""
+    inputs = [t for _, t in input_targets(recipe)]
+    merged = evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                      device=device, seed=seed, progress=progress, stream_inputs=stream_inputs)
+    reports = [evaluate(t, data, memory=memory, seq_len=merged.seq_len, max_tokens=max_tokens, batch=batch,
+                        device=device, seed=seed, progress=progress, stream_inputs=stream_inputs) for t in inputs]
+    return reports + [merged]
+
+
+def input_targets(recipe: Any) -> list[tuple[str, Any]]:
+    """(label, evaluation target) of each input model of `recipe`: its checkpoint directory, its hub id pinned to
+    the commit the merge reads, or for a base+adapter input a passthrough recipe of it (merged on the fly)."""
     from ..planner.compile import compile_plan
     from .weights import is_recipe
 
@@ -140,12 +151,8 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
             # the reference that reopens exactly this input: hub ids pinned to the commit the merge reads
             ref = pin_refs(key, p.pins)
             adapter = getattr(src, "adapter", None)
-            inputs.append({"merge_method": "passthrough", "models": [{"model": ref}]} if adapter is not None
-                          else (Path(src.path) if getattr(src, "hub", None) is None else ref))
+            inputs.append((key, {"merge_method": "passthrough", "models": [{"model": ref}]} if adapter is not None
+                           else (Path(src.path) if getattr(src, "hub", None) is None else ref)))
     finally:
         p.close()
-    merged = evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                      device=device, seed=seed, progress=progress, stream_inputs=stream_inputs)
-    reports = [evaluate(t, data, memory=memory, seq_len=merged.seq_len, max_tokens=max_tokens, batch=batch,
-                        device=device, seed=seed, progress=progress, stream_inputs=stream_inputs) for t in inputs]
-    return reports + [merged]
+    return inputs
