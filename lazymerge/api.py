@@ -8,6 +8,7 @@ from typing import Any, Callable, Union
 import torch
 
 from .engine.report import Progress, Report
+from .errors import LazyMergeError
 from .merging import RecipeLike, merge_recipe
 from .planner.compile import compile_plan
 from .planner.plan import Plan
@@ -125,8 +126,6 @@ def search(recipe: RecipeLike, data: "str | Path | None", space: list, *, trials
 
         obj = TaskObjective.parse(objective)
         if cluster is not None:
-            from .errors import LazyMergeError
-
             raise LazyMergeError("search --cluster evaluates perplexity only; run a task objective without "
                                  "--cluster")
         score = task_scorer(obj, TaskOptions(tasks=(obj.task,), include_path=None if include_path is None
@@ -134,8 +133,6 @@ def search(recipe: RecipeLike, data: "str | Path | None", space: list, *, trials
                                              memory=memory, device=device, seed=seed, progress=False))
         label = obj.label
     elif data is None:
-        from .errors import LazyMergeError
-
         raise LazyMergeError("search: the perplexity objective needs data (--data)")
     trials_on = None
     if cluster is not None:

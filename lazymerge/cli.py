@@ -4,10 +4,6 @@ Every user-caused failure is printed as one `error: ...` line with a non-zero ex
 """
 from __future__ import annotations
 
-import functools
-import os
-import signal
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -15,76 +11,7 @@ from typing import Any, Callable
 import click
 
 from ._version import __version__
-from .errors import LazyMergeError
-
-SIZE_HELP = "e.g. 2GiB, 1500MB, 8G (binary), or 'unlimited'"
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn LazyMergeError / Ctrl-C into one line and an exit status."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        owner = os.getpid()
-
-        def on_term(signum: int, frame: Any) -> None:
-            if os.getpid() != owner:
-                # a forked child (lm-eval's bootstrap pool): SIGTERM's default action, as its parent expects when
-                # it terminates it; an exception here can be lost in the child and leave the parent waiting
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            raise KeyboardInterrupt
-
-        old = signal.signal(signal.SIGTERM, on_term)
-        try:
-            return fn(*args, **kwargs)
-        except LazyMergeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            _exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            _exit(130)
-        finally:
-            signal.signal(signal.SIGTERM, old)
-
-    return wrapper
-
-
-def _exit(code: int) -> None:
-    """Exit with `code`. Interrupted, in a process of our own (stdio not redirected by an embedding caller or a
-    test runner), leave at once: temporary files are already removed, and the interpreter's normal teardown with
-    torch loaded takes about a second the user would spend waiting after Ctrl-C."""
-    if code == 130 and sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-class _Bar:
-    """A click progress bar over bytes written, with tensors done and an ETA."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar: Any = None
-        self.last = 0
-
-    def __call__(self, p: Any) -> None:
-        if not self.enabled:
-            return
-        self.info = f"{p.tensors_done}/{p.tensors_total} tensors"     # before the bar: a terminal draws it at once
-        if self.bar is None:
-            self.bar = click.progressbar(length=max(p.bytes_total, 1), label="merging", show_eta=True,
-                                         show_percent=True, file=sys.stderr,
-                                         item_show_func=lambda _: self.info)
-            self.bar.__enter__()
-        self.bar.update(p.bytes_done - self.last, self.info)
-        self.last = p.bytes_done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+from .console import SIZE_HELP, EvalBar, MergeBar, friendly
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -127,7 +54,7 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Where the output will go: check free disk space there.")
 @click.option("--graph", "graph_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the task graph as JSON (node-link format).")
-@_friendly
+@friendly
 def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
              out: Path | None, graph_file: Path | None) -> None:
     """Validate RECIPE and show what a run would do: tasks, bytes read and written, estimated peak memory.
@@ -204,7 +131,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
               help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (a running scheduler); "
                    "'none' runs here. Inputs and OUT must be at the same paths on every worker; --memory is then "
                    "per worker. Needs pip install 'lazymerge[dask]'.")
-@_friendly
+@friendly
 def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
             seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
             quiet: bool, stream_inputs: bool, write_model_card: bool,
@@ -227,7 +154,7 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
     """
     from .api import merge
 
-    bar = _Bar(enabled=not quiet)
+    bar = MergeBar(enabled=not quiet)
     try:
         with _cluster_client(cluster) as client, _hub_progress(not quiet):
             report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
@@ -288,7 +215,7 @@ def _cluster_client(spec: str | None) -> Any:
 @click.option("--method", default="ties", show_default=True, help="Merge method to demonstrate.")
 @click.option("--memory", "-m", default="16MiB", show_default=True, metavar="SIZE",
               help="Budget for the merge (small, so that large tensors are split into row blocks).")
-@_friendly
+@friendly
 def demo_cmd(workdir: Path | None, preset: str, method: str, memory: str) -> None:
     """Make three small Llama-shaped checkpoints, merge them, and print the report.
 
@@ -312,7 +239,7 @@ def demo_cmd(workdir: Path | None, preset: str, method: str, memory: str) -> Non
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Also read PyTorch .bin checkpoints (weights_only).")
-@_friendly
+@friendly
 def extract_lora_cmd(finetuned: str, base: str, out: Path, rank: int, include_embeddings: bool, device: str,
                      overwrite: bool, allow_pickle: bool) -> None:
     """Write a PEFT LoRA adapter OUT that approximates FINETUNED - BASE at rank R.
@@ -337,7 +264,7 @@ def extract_lora_cmd(finetuned: str, base: str, out: Path, rank: int, include_em
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@_friendly
+@friendly
 def fisher_cmd(model: str, data: Path, out: Path, max_samples: int, seq_len: int, device: str,
                overwrite: bool) -> None:
     """Compute MODEL's diagonal Fisher information on the text file DATA into the checkpoint OUT.
@@ -359,7 +286,7 @@ def fisher_cmd(model: str, data: Path, out: Path, max_samples: int, seq_len: int
 @click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the recipe to this file (default: print it).")
-@_friendly
+@friendly
 def convert_config_cmd(input: Path, out: Path | None) -> None:
     """Convert a simple merge config INPUT (JSON or YAML: strategy weighted | task_arithmetic | slerp |
     sequential, a list of {path, weight}, an optional base) into a lazymerge recipe.
@@ -377,34 +304,6 @@ def convert_config_cmd(input: Path, out: Path | None) -> None:
         click.echo(f"wrote {out}", err=True)
     else:
         click.echo(text, nl=False)
-
-
-class _EvalBar:
-    """A click progress bar over evaluation steps (layers x batches, then the head)."""
-
-    def __init__(self, enabled: bool, label: str = "evaluating"):
-        self.enabled, self.label = enabled, label
-        self.bar: Any = None
-        self.last = 0
-        self.info = ""
-
-    def __call__(self, p: Any) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None or p.done < self.last:
-            self.close()
-            self.bar = click.progressbar(length=max(p.total, 1), label=self.label, show_eta=True,
-                                         file=sys.stderr, item_show_func=lambda _: self.info)
-            self.bar.__enter__()
-            self.last = 0
-        self.info = p.stage
-        self.bar.update(p.done - self.last, p.stage)
-        self.last = p.done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
 
 
 def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -465,7 +364,7 @@ def _task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--stream-inputs", is_flag=True,
               help="Read hub models layer by layer with HTTP range requests instead of downloading them.")
 @click.pass_context
-@_friendly
+@friendly
 def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
              memory: str | None, device: str, seed: int, tasks: str | None, include_path: Path | None,
              num_fewshot: int | None, limit: float | None, log_samples: bool, output_path: Path | None,
@@ -512,7 +411,7 @@ def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int |
     with _hub_progress(not quiet):       # huggingface_hub's download bars, as the merge's own
         if prompt is not None:
             text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
-                            progress=_EvalBar(enabled=not quiet, label="generating"), stream_inputs=stream_inputs)
+                            progress=EvalBar(enabled=not quiet, label="generating"), stream_inputs=stream_inputs)
             click.echo(json.dumps({"prompt": prompt, "completion": text}) if as_json else prompt + text)
             if data is None:
                 return
@@ -523,7 +422,7 @@ def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int |
         if compare_inputs:
             from .api import compare_inputs as compare
 
-            bar = _EvalBar(enabled=not quiet)
+            bar = EvalBar(enabled=not quiet)
             try:
                 reports = compare(target, data, progress=bar, **kwargs)
             finally:
@@ -535,7 +434,7 @@ def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int |
 
                 click.echo(comparison_table(reports))
             return
-        bar = _EvalBar(enabled=not quiet)
+        bar = EvalBar(enabled=not quiet)
         try:
             report = evaluate(target, data, progress=bar, **kwargs)
         finally:
@@ -604,7 +503,7 @@ def _eval_tasks(target: Path, tasks: str, *, include_path: Path | None, num_fews
               help="Evaluate trials on Dask workers, one trial per worker at a time: local:N, tcp://HOST:8786, "
                    "or none (default: local, or DASK_SCHEDULER_ADDRESS). Data and models must be at the same "
                    "paths on every worker; the study stays here.")
-@_friendly
+@friendly
 def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
                memory: str | None, device: str, seed: int, space: tuple[str, ...], space_file: Path | None,
                trials: int | None, study: Path, sampler: str | None, best_file: Path, out: Path | None,
@@ -642,7 +541,7 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
     if space_file is not None:
         file_dims, extra = read_space_file(space_file)
         dims += file_dims
-    bar = _EvalBar(enabled=not quiet)
+    bar = EvalBar(enabled=not quiet)
     label = objective.partition(":")[2].replace(":", " ") or objective
 
     def on_trial(t: Any) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from .cli import SIZE_HELP, _friendly, run_cmd
+from .cli import run_cmd
+from .console import SIZE_HELP, friendly
 from .errors import LazyMergeError
 
 _KMB = re.compile(r"^\s*(\d+)\s*([kKmMbB]?)\s*$")
@@ -114,7 +115,7 @@ def main(ctx: click.Context, config_file: Path, out_path: Path, cuda: bool, devi
                quiet=quiet, write_model_card=write_model_card, copy_tokenizer=copy_tokenizer)
 
 
-@_friendly
+@friendly
 def _check(*, multi_gpu: bool, unsafe_truncate_embeddings: bool, transformers_cache: str | None,
            lora_merge_dtype: str | None, safe_serialization: bool) -> None:
     """Refuse the flags lazymerge has no meaning for, one line each (the first one given)."""

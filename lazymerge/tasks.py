@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import LazyMergeError, RecipeError
+from .evaluate.runner import input_targets
+from .units import human as format_size
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,6 @@ def table(run: TaskRun) -> str:
 
 
 def cost_line(run: TaskRun) -> str:
-    from .units import human as format_size
-
     r = run.report
     budget = "unlimited" if r.get("budget") is None else format_size(r["budget"])
     parts = [f"budget {budget}", f"peak RSS {format_size(r.get('peak_rss', 0))} "
@@ -185,8 +185,6 @@ def comparison_table(runs: list[TaskRun]) -> str:
 def compare_tasks(recipe: Any, opts: TaskOptions) -> list[TaskRun]:
     """The tasks on each input model of `recipe` and on its merge: inputs first, the merge last. Each model
     tokenizes the tasks' text with its own tokenizer, as lm-eval does."""
-    from .evaluate.runner import input_targets
-
     # the comparison table shows values only: no stderr bootstrap (lm-eval forks a pool for it per run; in a
     # process that has run several evaluations a pool worker was seen never to exit, hanging the run)
     if opts.bootstrap_iters is None:

@@ -29,7 +29,7 @@ LAYERS = {
     "lazymerge.engine": 2,
     "lazymerge.planner": 3,
     "lazymerge.merging": 5, "lazymerge.api": 6, "lazymerge.demo": 6, "lazymerge.cli": 7,
-    "lazymerge.mergekit_yaml": 7,
+    "lazymerge.mergekit_yaml": 7, "lazymerge.console": 7,
 }
 TOP = 4  # the consumers of plans and tools beside them: cluster, evaluate, moe, convert, extract, fisher, synth
 CHECKED = 6  # layers whose imports must not go up: all but the shell
@@ -58,6 +58,10 @@ KNOWN_HIDDEN: set[tuple[str, str]] = {
     ("lazymerge.evaluate.weights", "lazymerge.engine.sink"), ("lazymerge.evaluate.weights", "lazymerge.planner.compile"),
     ("lazymerge.merging", "lazymerge.cluster.driver"), ("lazymerge.moe.gates", "lazymerge.evaluate.report"),
     ("lazymerge.moe.gates", "lazymerge.evaluate.stream"),
+    # lazymerge.lm_eval imports the optional lm-eval package at its top (it registers the model class there):
+    # tasks reaches it only when a task runs, so that `lazymerge search`/`eval` work without the [tasks] extra
+    ("lazymerge.tasks", "lazymerge.lm_eval"),
+    ("lazymerge.api", "lazymerge.tasks"),     # as the API's other consumers: imported when a task objective runs
 }
 
 
