@@ -196,21 +196,21 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
 
     bar = _Bar(enabled=not quiet)
     try:
-        with _cluster_client(cluster) as client:
-            report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
-                           progress=bar, overwrite=overwrite, resume=resume, strict=strict,
-                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client)
+        report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
+                       progress=bar, overwrite=overwrite, resume=resume, strict=strict,
+                       allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=_cluster_opener(cluster))
     finally:
         bar.close()
     click.echo(report.summary())
 
 
-def _cluster_client(spec: str | None) -> Any:
-    """A Dask client for --cluster (announcing the dashboard), or a null context for a local run."""
+def _cluster_opener(spec: str | None) -> Callable[[], Any] | None:
+    """For --cluster: a function that connects (announcing the dashboard) and returns the client's context, which
+    the API calls once the recipe has compiled (a bad recipe fails before any cluster starts); None: run here."""
     import contextlib
 
     if spec is None or spec.strip().lower() in ("", "none"):
-        return contextlib.nullcontext(None)
+        return None
 
     @contextlib.contextmanager
     def connected() -> Any:
@@ -218,11 +218,12 @@ def _cluster_client(spec: str | None) -> Any:
 
         with open_cluster(spec) as client:
             n = len(client.scheduler_info().get("workers", {}))
-            click.echo(f"cluster       {client.scheduler.address} ({n} workers), dashboard "
-                       f"{client.dashboard_link}", err=True)
+            link = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
+            click.echo(f"cluster       {client.scheduler.address} ({n} workers)"
+                       + (f", dashboard {link}" if link else ""), err=True)
             yield client
 
-    return connected()
+    return connected
 
 
 @main.command("demo")
@@ -491,12 +492,11 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
             click.echo(f"trial {t.number:>3}  perplexity {ppl}  {vals}", err=True)
 
     try:
-        with _cluster_client(cluster) as client:
-            report = search(recipe, data, dims, trials=trials or int(extra.get("trials", 20)), study=study,
-                            sampler=sampler or str(extra.get("sampler", "tpe")),
-                            seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
-                            max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
-                            on_trial=on_trial, progress=bar, cluster=client)
+        report = search(recipe, data, dims, trials=trials or int(extra.get("trials", 20)), study=study,
+                        sampler=sampler or str(extra.get("sampler", "tpe")),
+                        seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
+                        max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
+                        on_trial=on_trial, progress=bar, cluster=_cluster_opener(cluster))
     finally:
         bar.close()
     click.echo(report.summary())

@@ -16,6 +16,7 @@ from ._version import __version__
 from .engine.report import Progress, Report
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
+from .options import RunOptions
 from .planner.compile import compile_plan
 from .planner.recipe import Recipe, dump_recipe
 
@@ -29,18 +30,18 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
                  workers: int | None = None, max_block_rows: int | None = None,
                  cancel: threading.Event | None = None, stage: str | None = None, cluster: Any = None) -> Report:
     """`lazymerge.merge` (see there for the arguments)."""
-    p = compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                     max_block_rows=max_block_rows, stage=stage)
+    options = RunOptions(memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
+                         max_block_rows=max_block_rows, stage=stage, device=str(device), strict=strict,
+                         workers=workers)
+    p = compile_plan(recipe, **options.compile_args())
     try:
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
         if cluster is not None:           # -- lazymerge.cluster: the same plan, partitioned over Dask workers
             from .cluster.driver import run_on_cluster
 
-            return run_on_cluster(p, out, cluster, recipe=recipe, stage=stage, memory=memory,
-                                  shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
-                                  device=device, progress=progress, overwrite=overwrite, resume=resume,
-                                  strict=strict, workers=workers, extra_files=extra, version=__version__,
+            return run_on_cluster(p, out, cluster, recipe=recipe, options=options, progress=progress,
+                                  overwrite=overwrite, resume=resume, extra_files=extra, version=__version__,
                                   cancel=cancel)
         return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)

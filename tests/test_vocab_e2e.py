@@ -90,3 +90,39 @@ def test_union_ties_blocks_bit_identical(abc, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
         assert torch.isfinite(a[name]).all(), name
+
+
+def test_resume_recomputes_shards_after_a_tokenizer_edit(abc, tmp_path):
+    """A resumed run keeps finished shards only when nothing they depend on changed: the alignment reads the
+    tokenizers, so an input's tokenizer edited between the interrupted run and --resume recomputes them."""
+    import shutil
+    import threading
+
+    from lazymerge.errors import MergeAborted
+
+    b = tmp_path / "B"
+    shutil.copytree(abc["B"], b)
+    recipe = {"merge_method": "linear", "tokenizer_source": "union",
+              "models": [{"model": str(abc["A"]), "parameters": {"weight": 0.5}},
+                         {"model": str(b), "parameters": {"weight": 0.5}}]}
+    out = tmp_path / "out"
+    journal = tmp_path / ".out.lazymerge-tmp" / "journal.json"
+    cancel = threading.Event()
+
+    def stop_once_a_shard_is_journaled(_progress):
+        if journal.exists() and json.loads(journal.read_text())["shards"]:
+            cancel.set()
+
+    with pytest.raises(MergeAborted):      # one tensor per shard (100 bytes): the embeddings' shard is finished first
+        merge(recipe, out, memory="unlimited", shard_size=100, resume=True, cancel=cancel,
+              progress=stop_once_a_shard_is_journaled, workers=1)
+    assert "model-00001-of-00005.safetensors" in json.loads(journal.read_text())["shards"]
+    tok = json.loads((b / "tokenizer.json").read_text())      # B's ids of "a" and "b" swapped: same sizes
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    report = merge(recipe, out, memory="unlimited", shard_size=100, resume=True)
+    fresh = tmp_path / "fresh"
+    merge(recipe, fresh, memory="unlimited", shard_size=100)
+    assert read_all_f32(out)["model.embed_tokens.weight"].equal(read_all_f32(fresh)["model.embed_tokens.weight"])
+    assert report.resumed_tensors == 0

@@ -18,6 +18,7 @@ import torch
 
 from .. import memory
 from ..errors import MergeAborted, OutputError
+from ..io.paths import files_identity
 from ..io.writer import CheckpointWriter
 from . import fused
 from .context import RunContext
@@ -114,16 +115,12 @@ def input_files(plan: Any) -> list[Path]:
 
 def run_fingerprint(plan: Any, device: torch.device, version: str) -> str:
     """What the output bytes depend on besides the layout: a resumed run keeps finished shards only when this is
-    unchanged (the recipe, seed, device kind, lazymerge version, and each input file's path, size and mtime)."""
+    unchanged (the recipe, seed, device kind, lazymerge version, and the path, size and mtime of each input file
+    and of every file in the input directories: configs, tokenizers (vocabulary alignment), adapter configs)."""
     h = hashlib.sha256()
     h.update(json.dumps([plan.method.name, plan.recipe.raw, getattr(plan.recipe, "documents", None), plan.seed,
                          device.type, version], sort_keys=True, default=str).encode())
-    for f in input_files(plan):
-        try:
-            st = f.stat()
-            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        except OSError:
-            h.update(f"{f}\0missing\0".encode())
+    h.update(files_identity(input_files(plan), [d for d in _input_dirs(plan) if d.is_dir()]).encode())
     return h.hexdigest()
 
 

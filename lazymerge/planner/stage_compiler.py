@@ -100,7 +100,7 @@ class StageCompiler:
         if ref in self.r.stage_names:
             key = stage_key(ref)
         else:
-            base, adapter = parse_model_ref(Path(ref).expanduser())
+            base, adapter = parse_model_ref(ref)
             key = str(base.resolve()) + (f"+{adapter.resolve()}" if adapter is not None else "")
             if key not in self.sources:
                 for part in (base, adapter):

@@ -54,6 +54,7 @@ from typing import Any, Iterable, Mapping
 from ..engine.vocab_rows import Fill, VocabRows, row_runs
 from ..errors import CheckpointError, RecipeError
 from ..io.adapters import parse_model_ref
+from ..io.paths import user_path
 from .keys import check_keys, closest
 from .params import layer_index
 from .recipe import tokenizer_setting
@@ -136,7 +137,7 @@ class VocabPlan:
 
 def source_key(ref: str) -> str:
     """The key the planner gives a model reference in `Plan.sources` (resolved path, `+adapter` kept)."""
-    base, adapter = parse_model_ref(Path(ref).expanduser())
+    base, adapter = parse_model_ref(ref)
     return str(base.resolve()) + (f"+{adapter.resolve()}" if adapter is not None else "")
 
 
@@ -304,7 +305,7 @@ def _out_tokenizer(src: str, src_at: str, where: str, lead_key: str, vocabs: dic
         if vocabs[k].assumed:
             raise RecipeError(f"{where}: {src_at}: {sources[k].path} has no tokenizer.json")
         return k, vocabs[k]
-    d = Path(ref).expanduser()
+    d = user_path(ref)
     if not d.is_dir():
         raise RecipeError(f"{where}: {src_at}: '{src}' is not 'base', 'union' or a model directory"
                           f"{closest(src, ('base', 'union'))}")
