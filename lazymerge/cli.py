@@ -451,8 +451,8 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
               help="Evaluate trials on Dask workers, one trial per worker at a time: local:N, tcp://HOST:8786, "
-                   "or none (default: local, or DASK_SCHEDULER_ADDRESS). Data and models must be at the same "
-                   "paths on every worker; the study stays here.")
+                   "or none (default: local, or DASK_SCHEDULER_ADDRESS). Models must be at the same paths on "
+                   "every worker; the data is tokenized here and sent with each trial; the study stays here.")
 @_friendly
 def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
                memory: str | None, device: str, seed: int, space: tuple[str, ...], space_file: Path | None,

@@ -161,11 +161,14 @@ def test_concurrent_trials_each_use_their_clients_directory(live, tmp_path: Path
                                                               request) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("optuna")
-    from evalkit import make_search_set
+    from evalkit import corpus, make_finetune, make_model, write_texts
 
     from lazymerge.evaluate.search import candidate, parse_space
 
-    s = make_search_set(tmp_path / "set")
+    base = make_model(tmp_path / "base", "llama", seed=5, word_level=True)
+    s = {"ft1": make_finetune(base, tmp_path / "ft1", seed=51, std=0.2),
+         "ft2": make_finetune(base, tmp_path / "ft2", seed=52, std=0.2),
+         "data": write_texts(tmp_path / "data.txt", corpus(8))}
     dirs = {"A": tmp_path / "A", "B": tmp_path / "B"}
     # B, and the worker's own directory: the same names, other models
     dirs["worker"] = live.root / "worker-cwd"

@@ -41,9 +41,9 @@ def relative_to(base: "str | Path") -> Iterator[None]:
 
 def files_identity(files: Iterable["str | Path"], dirs: Iterable["str | Path"] = ()) -> str:
     """A digest of what identifies the contents of `files` and of every regular file directly inside `dirs`:
-    path, size and modification time (nanoseconds), or 'missing'. Equal digests mean the files were not
-    replaced or written since (a writer that keeps size and mtime is not seen; reading every byte to be sure
-    would cost what the merge costs). Cheap: one stat per file."""
+    path, size, modification and change times (nanoseconds) and inode, or 'missing'. Equal digests mean the
+    files were not replaced or written since (a writer that keeps the size within one timestamp tick is not
+    seen; reading every byte to be sure would cost what the merge costs). Cheap: one stat per file."""
     names = {os.path.abspath(f) for f in files}
     for d in dirs:
         try:
@@ -55,7 +55,7 @@ def files_identity(files: Iterable["str | Path"], dirs: Iterable["str | Path"] =
     for name in sorted(names):
         try:
             st = os.stat(name)
-            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0".encode())
         except OSError:
             h.update(f"{name}\0missing\0".encode())
     return h.hexdigest()
