@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import testhold
 from .._version import __version__
 from ..engine.run import input_files
 from ..errors import LazyMergeError, OutputError
@@ -157,6 +158,8 @@ def run_trials(open_study: Callable[[], Any], doc: dict[str, Any], dims: list[Sp
                     on_trial(trial_of(frozen))
                 failures.add(frozen)
                 done += frozen.state == optuna.trial.TrialState.COMPLETE
+                if testhold.ARMED:
+                    testhold.reached("trial")
                 if done + len(inflight) < trials:
                     launch()
         finally:
