@@ -96,6 +96,35 @@ def test_edited_recipe_merged_again_into_the_same_out_equals_its_local_merge(liv
     assert sha256s(out) == sha256s(tmp_path / "local-new-a")
 
 
+def test_edited_tokenizer_source_directory_merged_again_equals_its_local_merge(live, tmp_path: Path) -> None:
+    """The output vocabulary from a directory that is none of the models (`tokenizer_source: DIR`): no input
+    file changes when its tokenizer.json is edited, only the rows the alignment takes, so a worker that kept the
+    plan compiled from the old tokenizer wrote the old alignment."""
+    import json
+
+    from test_vocab import make_abc
+
+    abc = make_abc(tmp_path / "m")
+    tok = tmp_path / "tok"
+    shutil.copytree(abc["B"], tok)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "tokenizer_source": str(tok), "dtype": "float32",
+                                      "models": [{"model": str(abc["A"]), "parameters": {"weight": 0.5}},
+                                                 {"model": str(abc["C"]), "parameters": {"weight": 0.5}}]}))
+    out = tmp_path / "out"
+    for i in range(2):
+        if i:                           # two tokens' ids swapped: the same file size, the same shapes
+            doc = json.loads((tok / "tokenizer.json").read_text())
+            vocab = doc["model"]["vocab"]
+            vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+            (tok / "tokenizer.json").write_text(json.dumps(doc))
+        result = cli_run(recipe, out, live.address, *(["--overwrite"] if i else []))
+        assert result.exit_code == 0, result.output
+        lazymerge.merge(recipe, tmp_path / f"local{i}")
+        assert sha256s(out) == sha256s(tmp_path / f"local{i}"), f"tokenizer version {i}"
+    assert sha256s(tmp_path / "local0") != sha256s(tmp_path / "local1")      # the edit changes the merge
+
+
 def test_relative_paths_mean_the_clients_directory(live, models, tmp_path: Path, monkeypatch) -> None:
     """The worker runs in another directory holding other models at the same relative names: the merge reads the
     client's, as a local run does."""

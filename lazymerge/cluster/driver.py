@@ -29,7 +29,7 @@ import torch
 from .. import testhold
 from ..engine.ops import Load, Write
 from ..engine.report import Progress, Report
-from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, run_fingerprint
+from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, meta_files, run_fingerprint
 from ..errors import MergeAborted, OutputError
 from ..io.writer import CheckpointWriter
 from ..options import RunOptions
@@ -118,9 +118,9 @@ def _device(device: "str | torch.device") -> torch.device:
 
 
 def _small_files(plan: Any) -> list[Path]:
-    """The other files a worker reads when it compiles the plan: each input's config.json and index, and the
-    tokenizer files (vocabulary alignment reads them)."""
-    files = {Path(f) for f in plan.aux_files}
+    """The other files a worker reads when it compiles the plan: each input's config.json, index, tokenizer and
+    adapter files, and what the planner read besides the inputs (a `tokenizer_source` directory's files)."""
+    files = {Path(f) for f in plan.aux_files} | set(meta_files(plan))
     for src in plan.sources.values():
         root = getattr(src, "path", None)
         if root is not None and Path(root).is_dir():
@@ -131,8 +131,9 @@ def _small_files(plan: Any) -> list[Path]:
 
 def plan_inputs(plan: Any) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
     """What a worker compiling `plan` again reads, at the client's absolute paths: (files with their sizes here,
-    the input directories)."""
-    dirs = sorted({os.path.abspath(d) for d in _input_dirs(plan) if Path(d).is_dir()})
+    the directories they are read from: a file added to one, a tokenizer_config.json, can change the plan)."""
+    dirs = [*_input_dirs(plan), *(Path(f).parent for f in plan.read_files)]
+    dirs = sorted({os.path.abspath(d) for d in dirs if Path(d).is_dir()})
     return expected_files(input_files(plan) + _small_files(plan)), tuple(dirs)
 
 
