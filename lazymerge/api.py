@@ -9,6 +9,7 @@ import torch
 
 from .engine.report import Progress, Report
 from .merging import RecipeLike, merge_recipe
+from .options import RunOptions
 from .planner.compile import compile_plan
 from .planner.plan import Plan
 
@@ -43,10 +44,11 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
     LocalCluster of N worker processes) or a scheduler address `"tcp://HOST:PORT"`; `memory` is then per
     worker, and inputs and `out` must be at the same paths on every worker. See `lazymerge.cluster`.
     """
-    return merge_recipe(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
-                        progress=progress, overwrite=overwrite, resume=resume, strict=strict,
-                        allow_pickle=allow_pickle, workers=workers, max_block_rows=max_block_rows, cancel=cancel,
-                        stage=stage, cluster=cluster)
+    options = RunOptions(memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
+                         max_block_rows=max_block_rows, stage=stage, device=str(device), strict=strict,
+                         workers=workers)
+    return merge_recipe(recipe, out, options, progress=progress, overwrite=overwrite, resume=resume,
+                        cancel=cancel, cluster=cluster)
 
 
 def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory: int | str | None = None,

@@ -10,8 +10,6 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
-import torch
-
 from ._version import __version__
 from .engine.report import Progress, Report
 from .engine.run import run_plan
@@ -23,16 +21,11 @@ from .planner.recipe import Recipe, dump_recipe
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
 
 
-def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = None,
-                 shard_size: int | str = "5GB", seed: int = 0, device: str | torch.device = "cpu",
+def merge_recipe(recipe: RecipeLike, out: str | Path, options: RunOptions = RunOptions(), *,
                  progress: Callable[[Progress], None] | None = None, overwrite: bool = False,
-                 resume: bool = False, strict: bool = False, allow_pickle: bool = False,
-                 workers: int | None = None, max_block_rows: int | None = None,
-                 cancel: threading.Event | None = None, stage: str | None = None, cluster: Any = None) -> Report:
-    """`lazymerge.merge` (see there for the arguments)."""
-    options = RunOptions(memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                         max_block_rows=max_block_rows, stage=stage, device=str(device), strict=strict,
-                         workers=workers)
+                 resume: bool = False, cancel: threading.Event | None = None, cluster: Any = None) -> Report:
+    """`lazymerge.merge` (see there for the arguments): `options` is how to compile and run, the same value here,
+    in the engine and on every worker of a cluster; the keywords concern this run's output and its caller."""
     p = compile_plan(recipe, **options.compile_args())
     try:
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
@@ -43,7 +36,7 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
             return run_on_cluster(p, out, cluster, recipe=recipe, options=options, progress=progress,
                                   overwrite=overwrite, resume=resume, extra_files=extra, version=__version__,
                                   cancel=cancel)
-        return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
-                        strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
+        return run_plan(p, out, options, progress=progress, overwrite=overwrite, resume=resume, extra_files=extra,
+                        version=__version__, cancel=cancel)
     finally:
         p.close()

@@ -358,8 +358,9 @@ def _finish(st: Any, doc: dict[str, Any], dims: list[SpaceDim], *, best_file: "s
         report.best_file.write_text(yaml.safe_dump(best_recipe, sort_keys=False))
     if out is not None:
         from ..merging import merge_recipe
+        from ..options import RunOptions
 
-        merge_recipe(best_recipe, out, memory=memory, seed=seed, device=device)
+        merge_recipe(best_recipe, out, RunOptions(memory=memory, seed=seed, device=str(device)))
         report.out = Path(out)
     return report
 
