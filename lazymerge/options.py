@@ -14,7 +14,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How a recipe is compiled (`memory` .. `stage`) and run (`device` .. `workers`)."""
+    """How a recipe is compiled (`memory` .. `stream_inputs`) and run (`device` .. `workers`)."""
 
     memory: int | str | None = None     # tensor budget (bytes, "2GiB", "unlimited"); None: a share of free RAM
     shard_size: int | str = "5GB"
@@ -22,6 +22,7 @@ class RunOptions:
     allow_pickle: bool = False
     max_block_rows: int | None = None
     stage: str | None = None            # the output stage of a multi-stage recipe
+    stream_inputs: bool = False         # hub inputs are read by range requests, not downloaded first
     device: str = "cpu"
     strict: bool = False                # NaN/Inf in an input fails instead of warning
     workers: int | None = None          # scheduler threads (per partition on a cluster)
@@ -29,4 +30,5 @@ class RunOptions:
     def compile_args(self) -> dict[str, Any]:
         """The keywords of `compile_plan`."""
         return {"memory": self.memory, "shard_size": self.shard_size, "seed": self.seed,
-                "allow_pickle": self.allow_pickle, "max_block_rows": self.max_block_rows, "stage": self.stage}
+                "allow_pickle": self.allow_pickle, "max_block_rows": self.max_block_rows, "stage": self.stage,
+                "stream_inputs": self.stream_inputs}

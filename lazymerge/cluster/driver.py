@@ -31,6 +31,7 @@ from ..engine.ops import Load, Write
 from ..engine.report import Progress, Report
 from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, meta_files, run_fingerprint
 from ..errors import MergeAborted, OutputError
+from ..io.hub import pinned_name
 from ..io.writer import CheckpointWriter
 from ..options import RunOptions
 from ..planner.recipe import Recipe, read_documents
@@ -133,8 +134,14 @@ def plan_inputs(plan: Any) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]
     """What a worker compiling `plan` again reads, at the client's absolute paths: (files with their sizes here,
     the directories they are read from: a file added to one, a tokenizer_config.json, can change the plan)."""
     dirs = [*_input_dirs(plan), *(Path(f).parent for f in plan.read_files)]
-    dirs = sorted({os.path.abspath(d) for d in dirs if Path(d).is_dir()})
-    return expected_files(input_files(plan) + _small_files(plan)), tuple(dirs)
+    dirs = sorted({os.path.abspath(d) for d in dirs if Path(d).is_dir() and not _pinned(Path(d) / "-")})
+    # hub files are not checked: a commit fixes them, and each worker resolves it itself (its cache, or streamed)
+    local = [f for f in input_files(plan) + _small_files(plan) if not _pinned(f)]
+    return expected_files(local), tuple(dirs)
+
+
+def _pinned(path: "str | Path") -> bool:
+    return pinned_name(Path(path)) is not None
 
 
 def _costs(plan: Any) -> dict[str, int]:
@@ -244,4 +251,5 @@ def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: tor
         bytes_read=sum(r.bytes_read for r in results), bytes_written=sum(r.bytes_written for r in results),
         tensors=tensors_total, tasks=sum(r.tasks for r in results), shards=len(plan.layout),
         blocked_tensors=sum(1 for n in plan.blocks.values() if n > 1), resumed_tensors=resumed,
-        over_budget_tasks=sum(r.over_budget_tasks for r in results), warnings=warnings, version=version)
+        over_budget_tasks=sum(r.over_budget_tasks for r in results), warnings=warnings, version=version,
+        inputs=dict(getattr(plan, "pins", {})), bytes_transferred=sum(r.bytes_transferred for r in results))

@@ -30,6 +30,7 @@ from .._version import __version__
 from ..engine.report import RssSampler
 from ..engine.run import execute_tasks, release_freed_memory, resolve_device, select_tasks
 from ..errors import LazyMergeError, MergeAborted, OutputError
+from ..io.hub import bytes_transferred
 from ..io.paths import files_identity, relative_to
 from ..io.writer import ShardLayout, check_rows, row_bytes
 from ..moe.routers import bind_routers
@@ -82,6 +83,7 @@ class PartitionResult:
     wall_s: float
     cpu_s: float
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    bytes_transferred: int = 0        # from the hub, by this partition's reads
 
 
 def layout_digest(layout: list[ShardLayout]) -> str:
@@ -264,6 +266,7 @@ def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
         check_inputs(job.files, job.version)
         release_freed_memory()
         dev = resolve_device(job.options.device)
+        transferred = bytes_transferred()
         with _plan(job) as plan:
             keys, tasks = select_tasks(plan, set(part.tensors).__contains__)
             writer = RangeWriter(Path(job.tmp_dir) / part.filename, plan.layout[part.shard], part, job.marker)
@@ -280,4 +283,4 @@ def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
         index=part.index, worker=name, edges=writer.edges(), nbytes=part.nbytes, bytes_read=ctx.bytes_read,
         bytes_written=ctx.bytes_written, tasks=stats.tasks_run, peak_live_bytes=stats.peak_live_bytes,
         over_budget_tasks=stats.over_budget_tasks, budget=budget, peak_rss=rss.peak, wall_s=rss.wall,
-        cpu_s=rss.cpu, warnings=warnings)
+        cpu_s=rss.cpu, warnings=warnings, bytes_transferred=bytes_transferred() - transferred)

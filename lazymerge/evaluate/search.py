@@ -19,6 +19,8 @@ import yaml
 from .. import testhold
 from ..errors import LazyMergeError, RecipeError
 from ..planner.methods import METHODS
+from ..io.models import pin_refs, resolve_refs
+from ..options import RunOptions
 from ..planner.recipe import load_yaml, read_documents
 from .data import DataError
 
@@ -243,6 +245,8 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
     doc, dims = _read_search(recipe, space)
     if not Path(data).exists():
         raise DataError(f"{data}: data file does not exist")
+    pins = resolve_refs(doc)       # hub models: every trial (and the best recipe) reads the same commits
+    doc = pin_refs(doc, pins) if pins else doc
 
     def opened() -> Any:
         return open_study(optuna, study, sampler, seed, dims)
@@ -358,7 +362,6 @@ def _finish(st: Any, doc: dict[str, Any], dims: list[SpaceDim], *, best_file: "s
         report.best_file.write_text(yaml.safe_dump(best_recipe, sort_keys=False))
     if out is not None:
         from ..merging import merge_recipe
-        from ..options import RunOptions
 
         merge_recipe(best_recipe, out, RunOptions(memory=memory, seed=seed, device=str(device)))
         report.out = Path(out)
