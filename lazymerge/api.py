@@ -10,6 +10,7 @@ import torch
 from .engine.report import Progress, Report
 from .errors import LazyMergeError
 from .merging import RecipeLike, merge_recipe
+from .options import RunOptions
 from .planner.compile import compile_plan
 from .planner.plan import Plan
 
@@ -55,11 +56,11 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
     `tags: [merge, lazymerge]`, the recipe), as mergekit does. `copy_tokenizer=False` leaves the inputs'
     tokenizer files out (a tokenizer the merge builds, `tokenizer_source: union`, is still written).
     """
-    return merge_recipe(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
-                        progress=progress, overwrite=overwrite, resume=resume, strict=strict,
-                        allow_pickle=allow_pickle, workers=workers, max_block_rows=max_block_rows, cancel=cancel,
-                        stage=stage, cluster=cluster, stream_inputs=stream_inputs,
-                        write_model_card=write_model_card,
+    options = RunOptions(memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
+                         max_block_rows=max_block_rows, stage=stage, stream_inputs=stream_inputs,
+                         device=str(device), strict=strict, workers=workers)
+    return merge_recipe(recipe, out, options, progress=progress, overwrite=overwrite, resume=resume,
+                        cancel=cancel, cluster=cluster, write_model_card=write_model_card,
                         copy_tokenizer=copy_tokenizer)
 
 

@@ -156,12 +156,12 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
 
     bar = MergeBar(enabled=not quiet)
     try:
-        with _cluster_client(cluster) as client, _hub_progress(not quiet):
+        with _hub_progress(not quiet):
             report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                            progress=bar, overwrite=overwrite, resume=resume, strict=strict,
-                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client,
-                           stream_inputs=stream_inputs, write_model_card=write_model_card,
-                           copy_tokenizer=copy_tokenizer)
+                           allow_pickle=allow_pickle, workers=workers, stage=stage,
+                           cluster=_cluster_opener(cluster), stream_inputs=stream_inputs,
+                           write_model_card=write_model_card, copy_tokenizer=copy_tokenizer)
     finally:
         bar.close()
     click.echo(report.summary())
@@ -188,12 +188,13 @@ def _hub_progress(enabled: bool) -> Any:
     return toggled()
 
 
-def _cluster_client(spec: str | None) -> Any:
-    """A Dask client for --cluster (announcing the dashboard), or a null context for a local run."""
+def _cluster_opener(spec: str | None) -> Callable[[], Any] | None:
+    """For --cluster: a function that connects (announcing the dashboard) and returns the client's context, which
+    the API calls once the recipe has compiled (a bad recipe fails before any cluster starts); None: run here."""
     import contextlib
 
     if spec is None or spec.strip().lower() in ("", "none"):
-        return contextlib.nullcontext(None)
+        return None
 
     @contextlib.contextmanager
     def connected() -> Any:
@@ -201,11 +202,12 @@ def _cluster_client(spec: str | None) -> Any:
 
         with open_cluster(spec) as client:
             n = len(client.scheduler_info().get("workers", {}))
-            click.echo(f"cluster       {client.scheduler.address} ({n} workers), dashboard "
-                       f"{client.dashboard_link}", err=True)
+            link = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
+            click.echo(f"cluster       {client.scheduler.address} ({n} workers)"
+                       + (f", dashboard {link}" if link else ""), err=True)
             yield client
 
-    return connected()
+    return connected
 
 
 @main.command("demo")
@@ -501,8 +503,8 @@ def _eval_tasks(target: Path, tasks: str, *, include_path: Path | None, num_fews
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
               help="Evaluate trials on Dask workers, one trial per worker at a time: local:N, tcp://HOST:8786, "
-                   "or none (default: local, or DASK_SCHEDULER_ADDRESS). Data and models must be at the same "
-                   "paths on every worker; the study stays here.")
+                   "or none (default: local, or DASK_SCHEDULER_ADDRESS). Models must be at the same paths on "
+                   "every worker; the data is tokenized here and sent with each trial; the study stays here.")
 @friendly
 def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int,
                memory: str | None, device: str, seed: int, space: tuple[str, ...], space_file: Path | None,
@@ -552,13 +554,12 @@ def search_cmd(recipe: Path, data: Path | None, seq_len: int | None, max_tokens:
             click.echo(f"trial {t.number:>3}  {label} {value}  {vals}", err=True)
 
     try:
-        with _cluster_client(cluster) as client:
-            report = search(recipe, data, dims, trials=trials or int(extra.get("trials", 20)), study=study,
-                            sampler=sampler or str(extra.get("sampler", "tpe")),
-                            seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
-                            max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
-                            on_trial=on_trial, progress=bar, cluster=client, objective=objective,
-                            include_path=include_path, num_fewshot=num_fewshot, limit=limit)
+        report = search(recipe, data, dims, trials=trials or int(extra.get("trials", 20)), study=study,
+                        sampler=sampler or str(extra.get("sampler", "tpe")),
+                        seed=seed if "seed" not in extra else int(extra["seed"]), memory=memory, seq_len=seq_len,
+                        max_tokens=max_tokens, batch=batch, device=device, best_file=best_file, out=out,
+                        on_trial=on_trial, progress=bar, cluster=_cluster_opener(cluster), objective=objective,
+                        include_path=include_path, num_fewshot=num_fewshot, limit=limit)
     finally:
         bar.close()
     click.echo(report.summary())

@@ -10,13 +10,12 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
-import torch
-
 from ._version import __version__
 from .card import model_card
 from .engine.report import Progress, Report
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
+from .options import RunOptions
 from .planner.compile import compile_plan
 from .io.models import pin_refs
 from .planner.recipe import Recipe, dump_recipe, read_documents
@@ -25,17 +24,13 @@ from .planner.tokenizer import TOKENIZER_FILES
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
 
 
-def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = None,
-                 shard_size: int | str = "5GB", seed: int = 0, device: str | torch.device = "cpu",
+def merge_recipe(recipe: RecipeLike, out: str | Path, options: RunOptions = RunOptions(), *,
                  progress: Callable[[Progress], None] | None = None, overwrite: bool = False,
-                 resume: bool = False, strict: bool = False, allow_pickle: bool = False,
-                 workers: int | None = None, max_block_rows: int | None = None,
-                 cancel: threading.Event | None = None, stage: str | None = None, cluster: Any = None,
-                 stream_inputs: bool = False, write_model_card: bool = True,
-                 copy_tokenizer: bool = True) -> Report:
-    """`lazymerge.merge` (see there for the arguments)."""
-    p = compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                     max_block_rows=max_block_rows, stage=stage, stream_inputs=stream_inputs)
+                 resume: bool = False, cancel: threading.Event | None = None, cluster: Any = None,
+                 write_model_card: bool = True, copy_tokenizer: bool = True) -> Report:
+    """`lazymerge.merge` (see there for the arguments): `options` is how to compile and run, the same value here,
+    in the engine and on every worker of a cluster; the keywords concern this run's output and its caller."""
+    p = compile_plan(recipe, **options.compile_args())
     try:
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe, p.pins).encode()}
@@ -49,13 +44,11 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
             if p.pins:                    # every worker reads the commits this client resolved
                 docs = (recipe.documents or [recipe.raw]) if isinstance(recipe, Recipe) else read_documents(recipe)[0]
                 recipe = pin_refs(docs, p.pins)
-            return run_on_cluster(p, out, cluster, recipe=recipe, stage=stage, memory=memory,
-                                  shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
-                                  device=device, progress=progress, overwrite=overwrite, resume=resume,
-                                  strict=strict, workers=workers, extra_files=extra, version=__version__,
-                                  cancel=cancel, stream_inputs=stream_inputs)
-        return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
-                        strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
+            return run_on_cluster(p, out, cluster, recipe=recipe, options=options, progress=progress,
+                                  overwrite=overwrite, resume=resume, extra_files=extra, version=__version__,
+                                  cancel=cancel)
+        return run_plan(p, out, options, progress=progress, overwrite=overwrite, resume=resume, extra_files=extra,
+                        version=__version__, cancel=cancel)
     finally:
         p.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -427,6 +428,95 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a worker keeps between runs, and runs that have ended (issue 26; a live cluster: test_cluster_live.py)
+# ---------------------------------------------------------------------------------------------------------------
+def _job_for(plan, recipe, writer, token: str, **options):
+    from lazymerge.cluster.driver import _job
+    from lazymerge.options import RunOptions
+
+    return _job(plan, recipe, RunOptions(**options), writer, torch.device("cpu"), token)
+
+
+def test_plan_key_holds_everything_the_plan_depends_on(models, tmp_path: Path) -> None:
+    import dataclasses
+
+    from lazymerge.cluster.worker import plan_key
+    from lazymerge.options import RunOptions
+
+    a = tmp_path / "a"
+    shutil.copytree(models["a"], a)
+    recipe = {**recipes(models)["ties"]}
+    recipe["models"] = [{**recipe["models"][0], "model": str(a)}, recipe["models"][1]]
+    plan = lazymerge.plan(recipe)
+    job = _job_for(plan, recipe, CheckpointWriter(tmp_path / "out", plan.layout), "run-1")
+    plan.close()
+    key = plan_key(job, 1 << 20)
+    assert plan_key(dataclasses.replace(job, run="run-2", tmp_dir="/elsewhere"), 1 << 20) == key   # not inputs
+    changed = {"memory": "1MiB", "shard_size": "1GB", "seed": 1, "allow_pickle": True, "max_block_rows": 7,
+               "stage": "x", "stream_inputs": True, "device": "cuda", "strict": True, "workers": 3}
+    assert set(changed) == {f.name for f in dataclasses.fields(RunOptions)}
+    for name, value in changed.items():
+        assert plan_key(dataclasses.replace(job, options=dataclasses.replace(job.options, **{name: value})),
+                        1 << 20) != key, name
+    edited = [{**recipe, "models": [recipe["models"][0], {**recipe["models"][1], "parameters": {"weight": 0.5,
+                                                                                                "density": 0.5}}]}]
+    assert plan_key(dataclasses.replace(job, recipe=edited), 1 << 20) != key
+    assert plan_key(dataclasses.replace(job, cwd="/elsewhere"), 1 << 20) != key
+    assert plan_key(job, 1 << 21) != key
+    st = (a / "config.json").stat()
+    os.utime(a / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1))       # an input file written again
+    assert plan_key(job, 1 << 20) != key
+    key = plan_key(job, 1 << 20)
+    (a / "tokenizer_config.json").write_text("{}")       # a file added to an input directory
+    assert plan_key(job, 1 << 20) != key
+
+
+def test_partition_of_an_ended_run_writes_nothing_into_a_later_run(models, tmp_path: Path) -> None:
+    """Dask cannot stop a running task: a partition of an interrupted run may start writing after the client has
+    removed the run's temporary directory and a new run into the same OUT has created its own files there."""
+    from lazymerge.cluster.worker import run_partition
+    from lazymerge.errors import MergeAborted
+
+    out = tmp_path / "out"
+    r1 = recipes(models)["ties"]
+    r2 = {**r1, "models": [{**m, "parameters": {"weight": 0.5, "density": 0.9}} for m in r1["models"]]}
+    p1, p2 = lazymerge.plan(r1), lazymerge.plan(r2)
+    try:
+        w1 = CheckpointWriter(out, p1.layout)
+        w1.open()
+        job1 = _job_for(p1, r1, w1, "run-1")
+        job1.marker.touch()
+        job1.marker.unlink()                    # run 1 ends (interrupted): marker first, then its files
+        w1.abort()
+        w2 = CheckpointWriter(out, p2.layout)   # run 2, same OUT: new files at the same paths
+        w2.open()
+        job2 = _job_for(p2, r2, w2, "run-2")
+        job2.marker.touch()
+        before = {f.name: f.read_bytes() for f in w2.tmp_dir.glob("*.safetensors")}
+        part = partition_layout(p1.layout, 1)[0]
+        with pytest.raises(MergeAborted, match="ended"):
+            run_partition(job1, part)
+        assert {f.name: f.read_bytes() for f in w2.tmp_dir.glob("*.safetensors")} == before
+        assert run_partition(job2, part).nbytes == part.nbytes          # the live run's partition writes
+        w2.abort()
+    finally:
+        p1.close()
+        p2.close()
+
+
+def test_partition_stops_between_tasks_once_its_run_has_ended(tmp_path: Path, monkeypatch) -> None:
+    import lazymerge.cluster.worker as worker
+
+    monkeypatch.setattr(worker, "MARKER_CHECK_S", 0.0)
+    marker = tmp_path / ".run-x"
+    marker.touch()
+    ended = worker.RunEnded(marker)
+    assert not ended.is_set()
+    marker.unlink()
+    assert ended.is_set()
 
 
 # ---------------------------------------------------------------------------------------------------------------

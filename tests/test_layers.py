@@ -24,7 +24,7 @@ PKG = Path(__file__).resolve().parents[1] / "lazymerge"
 # lower number = lower layer; a module may import its own layer and the ones below
 LAYERS = {
     "lazymerge.errors": 0, "lazymerge.dtypes": 0, "lazymerge.units": 0, "lazymerge.shapes": 0, "lazymerge._version": 0,
-    "lazymerge.memory": 0, "lazymerge.testhold": 0,
+    "lazymerge.memory": 0, "lazymerge.options": 0, "lazymerge.testhold": 0,
     "lazymerge.io": 1,
     "lazymerge.engine": 2,
     "lazymerge.planner": 3,
@@ -47,9 +47,6 @@ KNOWN_LONG: set[str] = set()
 KNOWN_HIDDEN: set[tuple[str, str]] = {
     ("lazymerge.api", "lazymerge.cluster.search"), ("lazymerge.api", "lazymerge.evaluate.generate"),
     ("lazymerge.api", "lazymerge.evaluate.runner"), ("lazymerge.api", "lazymerge.evaluate.search"),
-    ("lazymerge.cluster.driver", "lazymerge.planner.recipe"), ("lazymerge.cluster.preflight", "lazymerge._version"),
-    ("lazymerge.cluster.preflight", "lazymerge.io.shards"), ("lazymerge.cluster.search", "lazymerge.engine.run"),
-    ("lazymerge.cluster.search", "lazymerge.evaluate.runner"), ("lazymerge.cluster.search", "lazymerge.planner.compile"),
     ("lazymerge.evaluate.data", "lazymerge.evaluate.skeleton"), ("lazymerge.evaluate.data", "lazymerge.evaluate.weights"),
     ("lazymerge.evaluate.report", "lazymerge.engine.report"), ("lazymerge.evaluate.runner", "lazymerge.errors"),
     ("lazymerge.evaluate.runner", "lazymerge.evaluate.weights"), ("lazymerge.evaluate.runner", "lazymerge.planner.compile"),

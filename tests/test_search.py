@@ -134,3 +134,38 @@ def test_cmaes_sampler_runs_in_range(search_set, tmp_path):
     for t in report.trials:
         assert 0.1 <= t.params["models[0].parameters.weight"] <= 1
         assert 0.1 <= t.params["models[1].parameters.weight"] <= 0.5
+
+
+def test_degenerate_trial_is_an_infinite_perplexity_not_a_crash(search_set, tmp_path):
+    """Task vectors scaled by 100 put the loss past exp's float range: the trial completes with perplexity
+    inf (its loss is a finite number), the search goes on."""
+    s = search_set
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(s["root"] / "base"), "dtype": "float32",
+              "models": [{"model": str(s["ft1"]), "parameters": {"weight": 100.0}}]}
+    report = lazymerge.search(recipe, s["data"], ["models[0].parameters.weight=100..200"], trials=2, seed=0,
+                              memory="64KiB", seq_len=SEQ, max_tokens=MAX, best_file=None)
+    assert [t.state for t in report.trials] == ["COMPLETE", "COMPLETE"]
+    assert all(t.perplexity == float("inf") and 709 < t.nll < float("inf") for t in report.trials)
+
+
+def test_zero_trials_is_one_line(search_set):
+    with pytest.raises(RecipeError, match="trials must be") as err:
+        lazymerge.search(search_set["recipe"], search_set["data"], ["models[0].parameters.weight=0..1"], trials=0,
+                         best_file=None)
+    assert "\n" not in str(err.value)
+
+
+def test_integer_parameter_is_searched_over_integers(search_set, tmp_path):
+    s = search_set
+    recipe = {"merge_method": "karcher", "dtype": "float32", "parameters": {"max_iter": 3},
+              "models": [{"model": str(s["ft1"])}, {"model": str(s["ft2"])}]}
+    report = lazymerge.search(recipe, s["data"], ["parameters.max_iter=1..6"], trials=3, seed=0, memory="64KiB",
+                              seq_len=SEQ, max_tokens=MAX, best_file=tmp_path / "best.yaml")
+    values = [t.params["parameters.max_iter"] for t in report.trials]
+    assert all(isinstance(v, int) and 1 <= v <= 6 for v in values), values
+    import yaml
+
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())["parameters"]["max_iter"]
+    assert isinstance(best, int) and best == report.best_params["parameters.max_iter"]
+    with pytest.raises(RecipeError, match="whole number"):
+        lazymerge.search(recipe, s["data"], ["parameters.max_iter=1..2.5"], trials=1, best_file=None)

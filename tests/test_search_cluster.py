@@ -6,6 +6,7 @@ One LocalCluster of 2 worker processes serves the module (starting one costs sec
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 optuna = pytest.importorskip("optuna")
@@ -104,3 +105,97 @@ def test_cli_bad_cluster_is_one_line_error(search_set, tmp_path):
                                     "--study", str(tmp_path / "s.db"), "--cluster", "nowhere", "-q"])
     assert res.exit_code != 0
     assert "neither local:N nor a scheduler address" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 26: nothing a worker keeps between searches changes a trial; failures are one line and FAIL in the study
+# ---------------------------------------------------------------------------------------------------------------
+def _bpe_family(root):
+    """Another model family for the same data: a byte-level BPE tokenizer (other ids for the same text)."""
+    from evalkit import make_finetune, make_model
+
+    base = make_model(root / "bpe-base", "llama", seed=6)
+    return {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": str(make_finetune(base, root / "bpe-1", seed=61, std=0.2)), "parameters": {"weight": 0.5}},
+                       {"model": str(make_finetune(base, root / "bpe-2", seed=62, std=0.2)), "parameters": {"weight": 0.25}}]}
+
+
+def test_second_search_with_another_tokenizer_scores_its_own_tokens(search_set, client, tmp_path):
+    s = search_set
+    kw = dict(trials=2, seed=0, memory="64KiB", seq_len=SEQ, max_tokens=MAX, best_file=None, cluster=client)
+    lazymerge.search(s["recipe"], s["data"], SPACE, **kw)               # every worker has seen this family
+    other = _bpe_family(tmp_path)
+    report = lazymerge.search(other, s["data"], SPACE, **kw)
+    dims = [parse_space(SPACE[0])]
+    for t in report.trials:
+        local = lazymerge.evaluate(candidate(other, dims, t.params), s["data"], memory="64KiB", seq_len=SEQ,
+                                   max_tokens=MAX)
+        assert t.nll == local.nll
+
+
+class Boom:
+    """For `_evaluate` on the workers: raise what a bug in a library would."""
+
+    def __call__(self, original):
+        def wrapped(*args, **kwargs):
+            raise RuntimeError("boom\nsecond line")
+
+        return wrapped
+
+
+def test_trial_error_is_one_line_and_fails_the_trial(search_set, client, tmp_path):
+    from livecluster import Hook
+
+    db = tmp_path / "s.db"
+    with Hook(client, Boom(), ("lazymerge.cluster.search", "_evaluate"), ("lazymerge.evaluate.runner", "_evaluate")):
+        with pytest.raises(LazyMergeError, match=r"^search: trial \d+ .*RuntimeError: boom") as err:
+            lazymerge.search(search_set["recipe"], search_set["data"], SPACE, trials=2, study=db, memory="64KiB",
+                             seq_len=SEQ, max_tokens=MAX, best_file=None, cluster=client)
+    assert "\n" not in str(err.value)
+    states = [t.state.name for t in _load(db).get_trials()]
+    assert states and "RUNNING" not in states and "FAIL" in states, states
+
+
+def test_trials_that_all_fail_stop_with_one_line(search_set, client, tmp_path):
+    """A model with NaN weights (not --strict: a warning) makes every candidate's loss NaN: each trial fails in
+    the study, and the search stops with one line instead of reporting a best of nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from evalkit import make_finetune
+
+    nan = make_finetune(search_set["ft2"], tmp_path / "nan", seed=1, std=0.0)
+    f = next(nan.glob("*.safetensors"))
+    tensors = load_file(str(f))
+    name = next(n for n in tensors if n.endswith("norm.weight"))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    recipe = {**search_set["recipe"], "models": [search_set["recipe"]["models"][0],
+                                                 {"model": str(nan), "parameters": {"weight": 0.25}}]}
+    db = tmp_path / "s.db"
+    with pytest.raises(LazyMergeError, match="trials in a row failed") as err:
+        lazymerge.search(recipe, search_set["data"], SPACE, trials=1, study=db, memory="64KiB", seq_len=SEQ,
+                         max_tokens=MAX, best_file=None, cluster=client)
+    assert "\n" not in str(err.value)
+    states = [t.state.name for t in _load(db).get_trials()]
+    assert set(states) == {"FAIL"}, states
+
+
+def test_datasets_directory_as_data(search_set, client, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    d = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": [search_set["data"].read_text()]}).save_to_disk(str(d))
+    report = lazymerge.search(search_set["recipe"], d, SPACE, trials=2, seed=0, memory="64KiB", seq_len=SEQ,
+                              max_tokens=MAX, best_file=None, cluster=client)
+    dims = [parse_space(SPACE[0])]
+    for t in report.trials:
+        local = lazymerge.evaluate(candidate(search_set["recipe"], dims, t.params), search_set["data"],
+                                   memory="64KiB", seq_len=SEQ, max_tokens=MAX)
+        assert t.nll == local.nll
+
+
+def test_bad_cluster_leaves_no_study_file(search_set, tmp_path):
+    db = tmp_path / "s.db"
+    with pytest.raises(OutputError, match="neither local:N nor a scheduler address"):
+        lazymerge.search(search_set["recipe"], search_set["data"], SPACE, trials=1, study=db, best_file=None,
+                         cluster="nowhere")
+    assert not db.exists()

@@ -12,8 +12,10 @@ finished shards; `--resume` against the same cluster recomputes only the shards 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -27,17 +29,20 @@ import torch
 from .. import testhold
 from ..engine.ops import Load, Write
 from ..engine.report import Progress, Report
-from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, run_fingerprint
+from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, meta_files, run_fingerprint
 from ..errors import MergeAborted, OutputError
 from ..io.hub import pinned_name
 from ..io.writer import CheckpointWriter
+from ..options import RunOptions
+from ..planner.recipe import Recipe, read_documents
 from .partition import partition_layout
-from .preflight import check_workers
-from .worker import PartitionJob, PartitionResult, layout_digest, run_partition
+from .preflight import check_workers, expected_files
+from .worker import RUN_MARKER, PartitionJob, PartitionResult, layout_digest, run_partition
 
 ENV_ADDRESS = "DASK_SCHEDULER_ADDRESS"
 CONNECT_TIMEOUT_S = 30
 WORKER_WAIT_S = 120
+CANCEL_POLL_S = 0.1          # how soon the client sees a cancel while partitions run
 
 
 def _distributed() -> Any:
@@ -92,9 +97,13 @@ def _wait_for_workers(client: Any) -> None:
 
 
 def _client_of(cluster: Any) -> contextlib.AbstractContextManager:
-    """A Client passed in is used as is (the caller owns it); a string is opened (and closed) here."""
+    """A Client passed in is used as is (the caller owns it); a string is opened (and closed) here; a callable
+    is called with no argument for a context manager that yields a Client (the CLI's, which announces the
+    dashboard), so that it is opened only once the recipe has compiled."""
     if cluster is None or isinstance(cluster, str):
         return open_cluster(cluster)
+    if callable(cluster) and not hasattr(cluster, "submit"):
+        return cluster()
     return contextlib.nullcontext(cluster)
 
 
@@ -110,15 +119,29 @@ def _device(device: "str | torch.device") -> torch.device:
 
 
 def _small_files(plan: Any) -> list[Path]:
-    """The other files a worker reads when it compiles the plan: each input's config.json and index, and the
-    tokenizer files (vocabulary alignment reads them)."""
-    files = {Path(f) for f in plan.aux_files}
+    """The other files a worker reads when it compiles the plan: each input's config.json, index, tokenizer and
+    adapter files, and what the planner read besides the inputs (a `tokenizer_source` directory's files)."""
+    files = {Path(f) for f in plan.aux_files} | set(meta_files(plan))
     for src in plan.sources.values():
         root = getattr(src, "path", None)
         if root is not None and Path(root).is_dir():
             files |= {Path(root) / n for n in ("config.json", "model.safetensors.index.json")}
             files |= {Path(f) for f in src.aux_files()} if hasattr(src, "aux_files") else set()
     return sorted(f for f in files if f.is_file())
+
+
+def plan_inputs(plan: Any) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """What a worker compiling `plan` again reads, at the client's absolute paths: (files with their sizes here,
+    the directories they are read from: a file added to one, a tokenizer_config.json, can change the plan)."""
+    dirs = [*_input_dirs(plan), *(Path(f).parent for f in plan.read_files)]
+    dirs = sorted({os.path.abspath(d) for d in dirs if Path(d).is_dir() and not _pinned(Path(d) / "-")})
+    # hub files are not checked: a commit fixes them, and each worker resolves it itself (its cache, or streamed)
+    local = [f for f in input_files(plan) + _small_files(plan) if not _pinned(f)]
+    return expected_files(local), tuple(dirs)
+
+
+def _pinned(path: "str | Path") -> bool:
+    return pinned_name(Path(path)) is not None
 
 
 def _costs(plan: Any) -> dict[str, int]:
@@ -130,67 +153,72 @@ def _costs(plan: Any) -> dict[str, int]:
     return cost
 
 
-def run_on_cluster(plan: Any, out: "str | Path", cluster: Any, *, recipe: Any, stage: str | None,
-                   memory: int | str | None, shard_size: int | str, allow_pickle: bool,
-                   max_block_rows: int | None, device: "str | torch.device" = "cpu",
+def run_on_cluster(plan: Any, out: "str | Path", cluster: Any, *, recipe: Any, options: RunOptions,
                    progress: Callable[[Progress], None] | None = None, overwrite: bool = False,
-                   resume: bool = False, strict: bool = False, workers: int | None = None,
-                   extra_files: dict[str, bytes] | None = None, version: str = "",
-                   cancel: threading.Event | None = None, stream_inputs: bool = False) -> Report:
-    """Run `plan` (compiled here from `recipe` with the other arguments, which every worker repeats) into `out`
-    on a Dask cluster (`distributed.Client`, `local:N`, a scheduler address, or None for DASK_SCHEDULER_ADDRESS).
-    """
+                   resume: bool = False, extra_files: dict[str, bytes] | None = None, version: str = "",
+                   cancel: threading.Event | None = None) -> Report:
+    """Run `plan` (compiled here from `recipe` with `options`, which every worker repeats) into `out` on a Dask
+    cluster (`distributed.Client`, `local:N`, a scheduler address, None for DASK_SCHEDULER_ADDRESS, or a
+    function opening a client)."""
     out = Path(os.path.abspath(out))
-    dev = _device(device)
+    dev = _device(options.device)
     check_output_dir(out, _input_dirs(plan))
     with _client_of(cluster) as client:
         writer = CheckpointWriter(out, plan.layout, overwrite=overwrite, resume=resume,
                                   fingerprint=run_fingerprint(plan, dev, version))
         writer.open()
+        token = uuid.uuid4().hex[:12]
+        marker = writer.tmp_dir / RUN_MARKER.format(token)
         try:
-            report = _drive(plan, out, client, writer, dev, recipe=recipe, stage=stage, memory=memory,
-                            shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
-                            progress=progress, resume=resume, strict=strict, workers=workers, version=version,
-                            cancel=cancel, stream_inputs=stream_inputs)
+            marker.touch()
+            report = _drive(plan, out, client, writer, dev, _job(plan, recipe, options, writer, dev, token),
+                            progress=progress, cancel=cancel, resume=resume, version=version)
+            marker.unlink()          # the run is over for every partition still running (see worker.py)
             finalize_output(writer, plan, report, extra_files)
             return report
         except BaseException:
+            marker.unlink(missing_ok=True)
             writer.abort(keep_partial=resume)
             raise
 
 
-def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: torch.device, *, recipe: Any,
-           stage: str | None, memory: int | str | None, shard_size: int | str, allow_pickle: bool,
-           max_block_rows: int | None, progress: Callable[[Progress], None] | None, resume: bool, strict: bool,
-           workers: int | None, version: str, cancel: threading.Event | None, stream_inputs: bool) -> Report:
+def _job(plan: Any, recipe: Any, options: RunOptions, writer: CheckpointWriter, dev: torch.device,
+         token: str) -> PartitionJob:
+    files, dirs = plan_inputs(plan)
+    shipped = recipe if isinstance(recipe, Recipe) else read_documents(recipe)[0]
+    return PartitionJob(recipe=shipped, options=dataclasses.replace(options, seed=plan.seed, device=str(dev)),
+                        cwd=os.getcwd(), run=token, tmp_dir=str(writer.tmp_dir),
+                        layout_digest=layout_digest(plan.layout), files=files, dirs=dirs)
+
+
+def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: torch.device, job: PartitionJob, *,
+           progress: Callable[[Progress], None] | None, cancel: threading.Event | None, resume: bool,
+           version: str) -> Report:
     distributed = _distributed()
     t0, cpu0 = time.perf_counter(), time.process_time()
     _wait_for_workers(client)
-    # hub files are not probed: each worker resolves the pinned commits itself (its own cache, or streamed)
-    local = [f for f in input_files(plan) + _small_files(plan) if pinned_name(f) is None]
-    addresses = check_workers(client, local, writer.tmp_dir, [s.filename for s in plan.layout])
+    addresses = check_workers(client, job.files, writer.tmp_dir, [s.filename for s in plan.layout])
     skip = writer.completed_shards()
     resumed = len(writer.tensors_done())
     parts = partition_layout(plan.layout, len(addresses), skip=skip, cost=_costs(plan))
-    from ..planner.recipe import Recipe, read_documents
-
-    shipped = recipe if isinstance(recipe, Recipe) else read_documents(recipe)[0]
-    job = PartitionJob(recipe=shipped, stage=stage, memory=memory, shard_size=shard_size, seed=plan.seed,
-                       allow_pickle=allow_pickle, max_block_rows=max_block_rows, device=str(dev), strict=strict,
-                       threads=workers, tmp_dir=str(writer.tmp_dir), layout_digest=layout_digest(plan.layout),
-                       cwd=os.getcwd(), stream_inputs=stream_inputs)
-    token = uuid.uuid4().hex[:8]
-    futures = {client.submit(run_partition, job, p, key=f"lazymerge-{token}-{p.index:05d}", pure=False): p
+    futures = {client.submit(run_partition, job, p, key=f"lazymerge-{job.run}-{p.index:05d}", pure=False): p
                for p in parts}
+    finished: queue.Queue = queue.Queue()
+    for fut in futures:
+        fut.add_done_callback(finished.put)
     tensors_total = len(plan.outputs)
     tensors_done = tensors_total - sum(len(p.tensors) for p in parts)
     bytes_total = sum(p.nbytes for p in parts)
     bytes_done = 0
     results: list[PartitionResult] = []
     try:
-        for fut in distributed.as_completed(list(futures)):
+        while len(results) < len(parts):
             if cancel is not None and cancel.is_set():
                 raise MergeAborted(f"{out}: interrupted")
+            try:
+                fut = finished.get(timeout=CANCEL_POLL_S)    # a cancel is seen within this, not at the next result
+            except queue.Empty:
+                continue
             part = futures[fut]
             try:
                 res: PartitionResult = fut.result()

@@ -1,12 +1,17 @@
 """The worker side: run one partition of a merge on a Dask worker.
 
 A worker is shipped the recipe and the run's options, never a Plan (a Plan holds open memory maps): it compiles
-the same plan from the checkpoints' headers (cached per process, so a worker compiles once per run), checks that
+the same plan from the checkpoints' headers (cached per process while nothing it depends on changes), checks that
 its layout is byte for byte the client's, and runs only its partition's tensors through the engine's own
 budgeted scheduler. Its writer opens the client's preallocated temporary shard file and `pwrite`s the pages
 that lie entirely inside the partition's range; the bytes of the edge pages go back to the client (see
 `partition.py`). Writing the same bytes at the same offsets again is harmless, which is what makes a retried
 partition (its worker died) safe.
+
+A partition writes only while its run is live: the client keeps a marker file named for the run in the temporary
+directory and removes it when the run ends (finished, failed, interrupted), before it removes or keeps that
+directory. A partition checks the marker after opening the shard and between tasks, so one that Dask could not
+stop (a running task is never interrupted) cannot write into the files of a later run into the same output.
 """
 from __future__ import annotations
 
@@ -14,43 +19,50 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from .._version import __version__
 from ..engine.report import RssSampler
 from ..engine.run import execute_tasks, release_freed_memory, resolve_device, select_tasks
-from ..errors import LazyMergeError, OutputError
+from ..errors import LazyMergeError, MergeAborted, OutputError
 from ..io.hub import bytes_transferred
+from ..io.paths import files_identity, relative_to
 from ..io.writer import ShardLayout, check_rows, row_bytes
 from ..moe.routers import bind_routers
+from ..options import RunOptions
 from ..planner.compile import compile_plan
 from ..planner.plan import DEFAULT_MEMORY_FRACTION, resolve_budget
 from .partition import Partition, page_split
+from .preflight import check_inputs
+
+RUN_MARKER = ".run-{}"      # in the temporary directory while the run of that token is live
+MARKER_CHECK_S = 0.5        # how often a running partition looks for its run's marker
 
 
 @dataclass(frozen=True)
 class PartitionJob:
-    """What every partition task of one run needs besides its Partition: how to rebuild the plan, where to
-    write, and how to run. `recipe` is the recipe's parsed documents (or a Recipe), so no worker re-reads a
-    file the user may have edited since; relative model paths are resolved against the client's `cwd`."""
+    """What every partition task of one run needs besides its Partition: how to rebuild the plan, what to check
+    first, where to write. `recipe` is the recipe's parsed documents (or a Recipe), so no worker re-reads a file
+    the user may have edited since; relative paths in it are relative to the client's `cwd`."""
 
     recipe: Any
-    stage: str | None
-    memory: int | str | None          # per worker; None: 60% of the worker's Dask memory limit
-    shard_size: int | str
-    seed: int
-    allow_pickle: bool
-    max_block_rows: int | None
-    device: str
-    strict: bool
-    threads: int | None               # scheduler threads per partition (the engine's --workers)
+    options: RunOptions
+    cwd: str
+    run: str                          # the run's token: RUN_MARKER in tmp_dir says it is live
     tmp_dir: str
     layout_digest: str
-    cwd: str
-    stream_inputs: bool = False       # hub inputs: each worker streams its own partition's byte ranges
+    files: tuple[tuple[str, int], ...]   # (absolute path, size here) of every file the plan reads
+    dirs: tuple[str, ...]                # the input directories (config, tokenizer and adapter files live there)
+    version: str = __version__
+
+    @property
+    def marker(self) -> Path:
+        return Path(self.tmp_dir) / RUN_MARKER.format(self.run)
 
 
 @dataclass(frozen=True)
@@ -82,13 +94,34 @@ def layout_digest(layout: list[ShardLayout]) -> str:
     return h.hexdigest()
 
 
+class RunEnded(threading.Event):
+    """The engine's cancel flag for a partition: set when its run's marker is gone (looked at most every
+    MARKER_CHECK_S), or when the engine sets it after a task failed."""
+
+    def __init__(self, marker: Path):
+        super().__init__()
+        self.marker = marker
+        self._checked = time.monotonic()
+
+    def is_set(self) -> bool:
+        if super().is_set():
+            return True
+        now = time.monotonic()
+        if now - self._checked >= MARKER_CHECK_S:
+            self._checked = now
+            if not self.marker.exists():
+                self.set()
+        return super().is_set()
+
+
 class RangeWriter:
     """Writes one partition's rows into the existing temporary shard file: whole pages inside the partition's
     range directly, edge-page bytes into buffers returned to the client. Thread-safe like CheckpointWriter."""
 
-    def __init__(self, path: Path, shard: ShardLayout, part: Partition):
+    def __init__(self, path: Path, shard: ShardLayout, part: Partition, marker: Path | None = None):
         self.path = path
         self.part = part
+        self.marker = marker
         self._where = {t.name: (t, len(shard.header) + off) for t, off in shard.tensors if t.name in part.tensors}
         self.direct, edge_ranges = page_split(part.start, part.stop)
         self._edges = [(lo, bytearray(hi - lo)) for lo, hi in edge_ranges]
@@ -102,6 +135,12 @@ class RangeWriter:
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot open the temporary output for writing: "
                               f"{exc.strerror or exc}") from None
+        # after the open: a marker still there means the file opened is the live run's (the client removes the
+        # marker before the directory, and a later run creates its files after that)
+        if self.marker is not None and not self.marker.exists():
+            os.close(self._fd)
+            self._fd = None
+            raise MergeAborted(f"{self.path}: the run of this partition has ended; not writing")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -142,7 +181,7 @@ class RangeWriter:
         return tuple((lo, bytes(buf)) for lo, buf in self._edges)
 
 
-# -- the plan, once per worker process --------------------------------------------------------------------------
+# -- the plan, cached per worker process ---------------------------------------------------------------------
 
 _plan_lock = threading.Lock()
 _cached: dict[str, list] = {}          # key -> [plan, partitions using it]; the newest stays for the next one
@@ -159,29 +198,26 @@ def _budget_for(job: PartitionJob) -> int | str | None:
         threads, limit = max(1, w.state.nthreads), w.memory_manager.memory_limit
     except (ImportError, ValueError, AttributeError):
         threads, limit = 1, None
-    if job.memory is None and limit:
+    if job.options.memory is None and limit:
         return max(1, int(limit * DEFAULT_MEMORY_FRACTION) // threads)
-    budget = resolve_budget(job.memory)
+    budget = resolve_budget(job.options.memory)
     return "unlimited" if budget is None else max(1, budget // threads)
 
 
-def _plan_key(job: PartitionJob) -> str:
-    return repr((job.layout_digest, job.memory, job.tmp_dir, job.max_block_rows, job.stage, job.seed,
-                 job.stream_inputs))
+def plan_key(job: PartitionJob, budget: int | str | None) -> str:
+    """Everything the compiled plan depends on: the recipe as shipped, every option, the directory relative
+    paths are relative to, the budget this worker gives a partition, and the identity (path, size, mtime) of
+    every input file and of every file in the input directories (configs, tokenizers, adapter configs) as this
+    worker sees them now. A run that changes any of these (an edited weight, an option, an input rewritten)
+    compiles afresh; one that changes none reuses the plan (a --resume, the same merge again)."""
+    h = hashlib.sha256(repr((job.recipe, job.options, job.cwd, budget)).encode())
+    h.update(files_identity([f for f, _ in job.files], job.dirs).encode())
+    return h.hexdigest()
 
 
-def _compile(job: PartitionJob) -> Any:
-    here = os.getcwd()
-    moved = here != job.cwd and os.path.isdir(job.cwd)
-    if moved:
-        os.chdir(job.cwd)                 # relative model paths mean what they meant on the client
-    try:
-        plan = compile_plan(job.recipe, memory=_budget_for(job), shard_size=job.shard_size, seed=job.seed,
-                            allow_pickle=job.allow_pickle, max_block_rows=job.max_block_rows, stage=job.stage,
-                            stream_inputs=job.stream_inputs)
-    finally:
-        if moved:
-            os.chdir(here)
+def _compile(job: PartitionJob, budget: int | str | None) -> Any:
+    with relative_to(job.cwd):        # relative model paths mean what they meant on the client; this thread only
+        plan = compile_plan(job.recipe, **{**job.options.compile_args(), "memory": budget})
     if layout_digest(plan.layout) != job.layout_digest:
         plan.close()
         raise OutputError("the plan compiled on this worker lays the output out differently from the "
@@ -192,12 +228,13 @@ def _compile(job: PartitionJob) -> Any:
 
 @contextlib.contextmanager
 def _plan(job: PartitionJob) -> Iterator[Any]:
-    """The run's plan, compiled here from headers once per worker process and run. Plans of other runs are
-    closed (their memory maps released) once no partition uses them."""
-    key = _plan_key(job)
+    """The run's plan, compiled here from headers once per worker process while its key holds (`plan_key`).
+    Plans of other keys are closed (their memory maps released) once no partition uses them."""
+    budget = _budget_for(job)
+    key = plan_key(job, budget)
     with _plan_lock:
         if key not in _cached:
-            _cached[key] = [_compile(job), 0]
+            _cached[key] = [_compile(job, budget), 0]
         _cached[key][1] += 1
         _newest[0] = key
         plan = _cached[key][0]
@@ -224,14 +261,18 @@ def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
     client with the worker's address in front of its one-line message."""
     name = worker_name()
     try:
+        if not job.marker.exists():
+            raise MergeAborted(f"partition {part.index}: its run has ended")
+        check_inputs(job.files, job.version)
         release_freed_memory()
-        dev = resolve_device(job.device)
+        dev = resolve_device(job.options.device)
         transferred = bytes_transferred()
         with _plan(job) as plan:
             keys, tasks = select_tasks(plan, set(part.tensors).__contains__)
-            writer = RangeWriter(Path(job.tmp_dir) / part.filename, plan.layout[part.shard], part)
+            writer = RangeWriter(Path(job.tmp_dir) / part.filename, plan.layout[part.shard], part, job.marker)
             with RssSampler() as rss, writer:
-                stats, ctx = execute_tasks(plan, writer, dev, keys, tasks, strict=job.strict, workers=job.threads)
+                stats, ctx = execute_tasks(plan, writer, dev, keys, tasks, strict=job.options.strict,
+                                           workers=job.options.workers, cancel=RunEnded(job.marker))
             budget, warnings = plan.budget, tuple(list(plan.warnings) + ctx.warnings)
         if writer.written != part.nbytes:
             raise OutputError(f"{part.filename}: partition {part.index} wrote {writer.written} of its "

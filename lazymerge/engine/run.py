@@ -20,6 +20,7 @@ from .. import memory, testhold
 from ..errors import MergeAborted, OutputError
 from ..io.hub import bytes_transferred, pinned_name
 from ..io.writer import CheckpointWriter
+from ..options import RunOptions
 from . import fused
 from .context import RunContext
 from .inputs import reading
@@ -211,12 +212,14 @@ def finalize_output(writer: CheckpointWriter, plan: Any, report: Report,
     writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
 
 
-def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cpu",
+def run_plan(plan: Any, out: "str | Path", options: RunOptions = RunOptions(), *,
              progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
-             strict: bool = False, workers: int | None = None, extra_files: dict[str, bytes] | None = None,
-             version: str = "", cancel: threading.Event | None = None) -> Report:
+             extra_files: dict[str, bytes] | None = None, version: str = "",
+             cancel: threading.Event | None = None) -> Report:
+    """Run `plan` (compiled with `options`) here into `out`, on `options.device` with `options.workers`
+    scheduler threads."""
     out = Path(out)
-    dev = resolve_device(device)
+    dev = resolve_device(options.device)
     release_freed_memory()
     check_output_dir(out, _input_dirs(plan))
     writer = CheckpointWriter(out, plan.layout, overwrite=overwrite, resume=resume,
@@ -246,8 +249,8 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
                     progress(Progress(state["tensors"], total_tensors, state["bytes"], bytes_total, rss.wall))
 
             try:
-                stats, ctx = execute_tasks(plan, writer, dev, keys, tasks, strict=strict, workers=workers,
-                                           on_done=on_done, cancel=cancel)
+                stats, ctx = execute_tasks(plan, writer, dev, keys, tasks, strict=options.strict,
+                                           workers=options.workers, on_done=on_done, cancel=cancel)
             except KeyboardInterrupt:
                 raise MergeAborted(f"{out}: interrupted; no output written"
                                    + (" (re-run with --resume to continue)" if resume else "")) from None

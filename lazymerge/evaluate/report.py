@@ -10,12 +10,20 @@ import torch
 BOOTSTRAP_SAMPLES = 1000
 
 
+def perplexity(nll: float) -> float:
+    """exp(mean NLL per token); inf past float64's range (a degenerate merge is a result, not a crash)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 def bootstrap_ppl(window_nll: torch.Tensor, tokens_per_window: int, *, samples: int = BOOTSTRAP_SAMPLES,
                   seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the perplexity, resampling windows (seeded: same data, same interval)."""
     w = window_nll.shape[0]
     if w < 2:
-        ppl = math.exp(float(window_nll.sum()) / (w * tokens_per_window))
+        ppl = perplexity(float(window_nll.sum()) / (w * tokens_per_window))
         return ppl, ppl
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(w, (samples, w), generator=g)

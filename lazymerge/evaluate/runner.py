@@ -7,7 +7,6 @@ work, head blocks) plus the activations (`activation_bytes`).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ from ..io.models import pin_refs
 from ..moe.routers import prepare_routers
 from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
-from .report import EvalProgress, EvalReport, bootstrap_ppl
+from .report import EvalProgress, EvalReport, bootstrap_ppl, perplexity
 from .stream import LayerStream, open_stream
 
 DEFAULT_SEQ_LEN = 512
@@ -65,6 +64,35 @@ def score_windows(stream: LayerStream, windows: torch.Tensor, *, batch: int = DE
     return loss.nll().reshape(windows.shape[0], -1).sum(dim=1).cpu()
 
 
+def stream_windows(stream: LayerStream, data: "str | Path", *, seq_len: int | None, max_tokens: int,
+                   windows: torch.Tensor | None = None) -> torch.Tensor:
+    """The windows `stream`'s model is scored on: `data` tokenized with its tokenizer, in windows of `seq_len`
+    (default min(512, its positions)); `windows` given are checked against its positions and kept."""
+    limit = getattr(stream.sk.config.get_text_config(), "max_position_embeddings", None)
+    if windows is not None:
+        seq_len = windows.shape[1]
+    elif seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+    if limit and seq_len > limit:
+        raise DataError(f"seq-len: {seq_len} is longer than the model's {limit} positions")
+    if windows is None:
+        tok = load_tokenizer(stream.source.config_dir, stream.source.label)
+        windows = load_windows(data, tok, seq_len=seq_len, max_tokens=max_tokens)
+    return windows
+
+
+def evaluation_windows(target: Any, data: "str | Path", *, memory: int | str | None = None,
+                       seq_len: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                       device: "str | torch.device" = "cpu", seed: int = 0) -> torch.Tensor:
+    """The windows `evaluate(target, data, ...)` scores, without scoring them: what a search computes once and
+    evaluates every candidate on (a candidate differs in numbers only, never in tokenizer or positions)."""
+    stream = open_stream(target, memory=memory, device=device, seed=seed)
+    try:
+        return stream_windows(stream, data, seq_len=seq_len, max_tokens=max_tokens)
+    finally:
+        stream.close()
+
+
 def evaluate(target: Any, data: "str | Path", *, memory: int | str | None = None, seq_len: int | None = None,
              max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH, device: "str | torch.device" = "cpu",
              seed: int = 0, progress: Callable[[EvalProgress], None] | None = None,
@@ -88,16 +116,8 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
         # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
         start_rss = rss.peak = rss.proc.memory_info().rss
         try:
-            limit = getattr(stream.sk.config.get_text_config(), "max_position_embeddings", None)
-            if windows is not None:
-                seq_len = windows.shape[1]
-            elif seq_len is None:
-                seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
-            if limit and seq_len > limit:
-                raise DataError(f"seq-len: {seq_len} is longer than the model's {limit} positions")
-            if windows is None:
-                tok = load_tokenizer(stream.source.config_dir, stream.source.label)
-                windows = load_windows(data, tok, seq_len=seq_len, max_tokens=max_tokens)
+            windows = stream_windows(stream, data, seq_len=seq_len, max_tokens=max_tokens, windows=windows)
+            seq_len = windows.shape[1]
             window_nll = score_windows(stream, windows, batch=batch, progress=progress)
         finally:
             stream.close()
@@ -107,7 +127,7 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
     lo, hi = bootstrap_ppl(window_nll, predicted)
     return EvalReport(
         target=str(target) if isinstance(target, (str, Path)) else "recipe",
-        perplexity=math.exp(total / n_tokens), nll=total / n_tokens, tokens=n_tokens, windows=windows.shape[0],
+        perplexity=perplexity(total / n_tokens), nll=total / n_tokens, tokens=n_tokens, windows=windows.shape[0],
         seq_len=seq_len, ppl_low=lo, ppl_high=hi, total_nll=total, wall_s=rss.wall, peak_rss=rss.peak,
         start_rss=start_rss, budget=stream.budget,
         activation_bytes=activation_bytes(stream.sk.config, windows.shape[0], seq_len, batch),

@@ -20,20 +20,26 @@ from .. import testhold
 from ..errors import LazyMergeError, RecipeError
 from ..planner.methods import METHODS
 from ..io.models import pin_refs, resolve_refs
+from ..options import RunOptions
 from ..planner.recipe import load_yaml, read_documents
+from .data import DataError
 
 _TOKEN = re.compile(r"(\.?)([A-Za-z_][\w-]*)|\[(\d+)\]")
 STUDY_NAME = "lazymerge-search"
+MIN_FAIL_LIMIT = 10     # failed trials in a row that stop a search (or its `trials`, when more)
 
 
 @dataclass(frozen=True)
 class SpaceDim:
-    """One searched value: where it sits in the recipe and its range."""
+    """One searched value: where it sits in the recipe and its range; `integer` for a whole-number value (an
+    integer parameter such as karcher's max_iter, or an integer in the recipe where no parameter is declared,
+    such as a layer_range bound), searched over the integers LOW..HIGH."""
 
     path: str
     low: float
     high: float
     log: bool = False
+    integer: bool = False
 
     @property
     def steps(self) -> list["str | int"]:
@@ -159,9 +165,11 @@ def _param_name(steps: Sequence["str | int"]) -> str | None:
     return None
 
 
-def check_space(doc: dict[str, Any], dims: list[SpaceDim], source: str) -> None:
-    """Every path names a number already in the recipe, and its range lies in the parameter's domain."""
+def check_space(doc: dict[str, Any], dims: list[SpaceDim], source: str) -> list[SpaceDim]:
+    """Every path names a number already in the recipe, and its range lies in the parameter's domain. Returns
+    the dims with `integer` set where the value is a whole number (see SpaceDim)."""
     method = METHODS.get(doc.get("merge_method"))
+    out = []
     for d in dims:
         node, last = _walk(doc, d.steps, source, d.path)
         value = node[last]
@@ -170,22 +178,30 @@ def check_space(doc: dict[str, Any], dims: list[SpaceDim], source: str) -> None:
                               "gradient's entries as PATH[i])")
         name = _param_name(d.steps)
         param = next((p for p in method.params if p.name == name), None) if method and name else None
+        if param is not None and param.kind not in (float, int):
+            raise RecipeError(f"{source}: search space: '{d.path}': {name} is not a numeric parameter")
+        integer = param.kind is int if param is not None else isinstance(value, int)
+        if integer:
+            if not (float(d.low).is_integer() and float(d.high).is_integer()):
+                raise RecipeError(f"{source}: search space: '{d.path}' is a whole number; give whole LOW..HIGH, "
+                                  f"not {d.low:g}..{d.high:g}")
+            d = SpaceDim(d.path, d.low, d.high, d.log, integer=True)
+        out.append(d)
         if param is None:
             continue
-        if param.kind not in (float, int):
-            raise RecipeError(f"{source}: search space: '{d.path}': {name} is not a numeric parameter")
         for bound in (d.low, d.high):
             try:
                 param.coerce(bound, f"{source}: search space: '{d.path}' range {d.low:g}..{d.high:g}: {name}")
             except RecipeError as exc:
                 raise RecipeError(f"{exc} (outside the domain of {name})") from None
+    return out
 
 
 def candidate(doc: dict[str, Any], dims: list[SpaceDim], values: dict[str, float]) -> dict[str, Any]:
     out = copy.deepcopy(doc)
     for d in dims:
         node, last = _walk(out, d.steps, "<recipe>", d.path)
-        node[last] = float(values[d.path])
+        node[last] = int(values[d.path]) if d.integer else float(values[d.path])
     return out
 
 
@@ -209,31 +225,44 @@ def search(recipe: Any, data: "str | Path | None", space: Sequence["str | SpaceD
            seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
            best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
            on_trial: Callable[[Trial], None] | None = None, progress: Callable[[Any], None] | None = None,
-           run_trials: Callable[..., None] | None = None,
+           run_trials: Callable[..., Any] | None = None,
            score: Callable[[dict[str, Any]], tuple[float, float]] | None = None,
            objective: str = "perplexity") -> SearchReport:
     """Search `space` (`PATH=LOW..HIGH` strings or SpaceDims) for the recipe values with the lowest perplexity
     on `data`, until `trials` trials have completed in the study (a re-run with the same `study` file continues).
     Writes the best recipe to `best_file`, and merges it into `out` when given. `run_trials` completes the
-    trials elsewhere instead of one by one here: called as run_trials(study, doc, dims, trials, data=, memory=,
-    seq_len=, max_tokens=, batch=, device=, seed=, on_trial=), it asks and tells the opened study
-    (`lazymerge.cluster.search.run_trials` on Dask workers); the study, its resume and the report stay here.
-    `score` replaces the perplexity on `data` as the objective (`objective` names it): a candidate recipe ->
-    (value to minimise, value to report), e.g. minus an lm-eval task metric (`lazymerge.tasks.task_scorer`)."""
+    trials elsewhere instead of one by one here: called as run_trials(open_study, doc, dims, trials, data=,
+    memory=, seq_len=, max_tokens=, batch=, device=, seed=, on_trial=), it opens the study with `open_study()`
+    once it is ready to run trials (so that a cluster that cannot be reached leaves no study file), asks and tells
+    it, and returns it (`lazymerge.cluster.search.run_trials` on Dask workers); the study, its resume and the
+    report stay here. `score` replaces the perplexity on `data` as the objective (`objective` names it): a
+    candidate recipe -> (value to minimise, value to report), e.g. minus an lm-eval task metric
+    (`lazymerge.tasks.task_scorer`).
+
+    A trial whose loss is not a number (a degenerate candidate: NaN weights) fails in the study and the search
+    goes on; after `max(trials, MIN_FAIL_LIMIT)` failed trials in a row it stops with a one-line error."""
     try:
         import optuna
     except ImportError:
         raise LazyMergeError("search needs optuna: pip install 'lazymerge[search]'") from None
     from .runner import _evaluate
 
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise RecipeError(f"search: trials must be a whole number of at least 1, not {trials!r}")
     doc, dims = _read_search(recipe, space)
+    if data is not None and not Path(data).exists():
+        raise DataError(f"{data}: data file does not exist")
     pins = resolve_refs(doc)       # hub models: every trial (and the best recipe) reads the same commits
     doc = pin_refs(doc, pins) if pins else doc
-    st = open_study(optuna, study, sampler, seed, dims, objective)
+
+    def opened() -> Any:
+        return open_study(optuna, study, sampler, seed, dims, objective)
+
     if run_trials is not None:
-        run_trials(st, doc, dims, trials, data=data, memory=memory, seq_len=seq_len,
-                   max_tokens=max_tokens, batch=batch, device=device, seed=seed, on_trial=on_trial)
+        st = run_trials(opened, doc, dims, trials, data=data, memory=memory, seq_len=seq_len,
+                        max_tokens=max_tokens, batch=batch, device=device, seed=seed, on_trial=on_trial)
         return _finish(st, doc, dims, best_file=best_file, out=out, memory=memory, seed=seed, device=device)
+    st = opened()
     windows_box: dict[str, Any] = {}
 
     def objective_fn(trial: Any) -> float:
@@ -249,9 +278,12 @@ def search(recipe: Any, data: "str | Path | None", space: Sequence["str | SpaceD
         trial.set_user_attr("perplexity", report.perplexity)
         return report.nll
 
+    failures = FailureCount(trials)
+
     def report_trial(_study: Any, frozen: Any) -> None:
         if on_trial is not None:
             on_trial(trial_of(frozen))
+        failures.add(frozen)
 
     while completed_count(st) < trials:
         st.optimize(objective_fn, n_trials=1, catch=(), callbacks=[report_trial])
@@ -270,8 +302,7 @@ def _read_search(recipe: Any, space: Sequence["str | SpaceDim"]) -> tuple[dict[s
         raise RecipeError("search: no --space given")
     if len({d.path for d in dims}) != len(dims):
         raise RecipeError("search: the same path is given twice in the space")
-    check_space(doc, dims, source)
-    return doc, dims
+    return doc, check_space(doc, dims, source)
 
 
 def open_study(optuna: Any, study: "str | Path | None", sampler: str, seed: int, dims: list[SpaceDim],
@@ -289,6 +320,10 @@ def open_study(optuna: Any, study: "str | Path | None", sampler: str, seed: int,
         if sorted(t.params) != paths:
             raise RecipeError(f"{study}: this study searched {', '.join(sorted(t.params))}; use another --study "
                               "file for a different space")
+        for d in dims:
+            if isinstance(t.distributions[d.path], optuna.distributions.IntDistribution) != d.integer:
+                raise RecipeError(f"{study}: this study searched {d.path} as "
+                                  f"{'a real number' if d.integer else 'a whole number'}; use another --study file")
     for t in st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         st.tell(t.number, state=optuna.trial.TrialState.FAIL)     # left by a killed run: one process per study
     was = st.user_attrs.get("objective", "perplexity")
@@ -299,7 +334,8 @@ def open_study(optuna: Any, study: "str | Path | None", sampler: str, seed: int,
 
 
 def suggest(trial: Any, dims: list[SpaceDim]) -> dict[str, float]:
-    return {d.path: trial.suggest_float(d.path, d.low, d.high, log=d.log) for d in dims}
+    return {d.path: trial.suggest_int(d.path, int(d.low), int(d.high), log=d.log) if d.integer
+            else trial.suggest_float(d.path, d.low, d.high, log=d.log) for d in dims}
 
 
 def completed_count(st: Any) -> int:
@@ -308,11 +344,31 @@ def completed_count(st: Any) -> int:
     return len(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
+class FailureCount:
+    """Failed trials in a row (a loss that is not a number): a search that only fails stops, with one line."""
+
+    def __init__(self, trials: int):
+        self.limit = max(trials, MIN_FAIL_LIMIT)
+        self.in_a_row = 0
+
+    def add(self, frozen: Any) -> None:
+        if frozen.state.name == "COMPLETE":
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            vals = ", ".join(f"{k}={v:g}" for k, v in frozen.params.items())
+            raise LazyMergeError(f"search: {self.in_a_row} trials in a row failed (their loss is not a number; "
+                                 f"the last at {vals}): is the space's range degenerate?")
+
+
 def _finish(st: Any, doc: dict[str, Any], dims: list[SpaceDim], *, best_file: "str | Path | None",
             out: "str | Path | None", memory: Any, seed: int, device: str) -> SearchReport:
     import optuna
 
     completed = [t for t in st.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        raise LazyMergeError("search: no trial completed, so there is no best recipe")
     best = min(completed, key=lambda t: (t.value, t.number))
     best_recipe = candidate(doc, dims, best.params)
     objective = st.user_attrs.get("objective", "perplexity")
@@ -325,7 +381,7 @@ def _finish(st: Any, doc: dict[str, Any], dims: list[SpaceDim], *, best_file: "s
     if out is not None:
         from ..merging import merge_recipe
 
-        merge_recipe(best_recipe, out, memory=memory, seed=seed, device=device)
+        merge_recipe(best_recipe, out, RunOptions(memory=memory, seed=seed, device=str(device)))
         report.out = Path(out)
     return report
 

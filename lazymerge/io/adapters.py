@@ -17,6 +17,7 @@ import torch
 
 from lazymerge.errors import CheckpointError
 from lazymerge.io.checkpoint import Checkpoint, load_pickle
+from lazymerge.io.paths import user_path
 from lazymerge.io.shards import TensorInfo, read_header
 
 CONFIG_NAME = "adapter_config.json"
@@ -62,12 +63,12 @@ def parse_model_ref(ref: str | Path) -> tuple[Path, Path | None]:
     """Split mergekit's `base+adapter` model syntax. A path that exists as written is never split, so a
     directory whose name contains '+' still works."""
     text = str(ref)
-    if "+" not in text or Path(text).exists():
-        return Path(text), None
+    if "+" not in text or user_path(text).exists():
+        return user_path(text), None
     base, _, adapter = text.rpartition("+")
     if not base or not adapter:
         raise CheckpointError(f"model reference {text!r}: expected 'base_dir+adapter_dir'")
-    return Path(base), Path(adapter)
+    return user_path(base), user_path(adapter)
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -219,7 +220,7 @@ class Adapter:
 
     @classmethod
     def open(cls, path: Path | str, *, allow_pickle: bool = False) -> "Adapter":
-        root = Path(path)
+        root = user_path(path)
         if not root.is_dir():
             raise CheckpointError(f"{root}: adapter directory does not exist")
         if not is_adapter_dir(root):
@@ -232,7 +233,7 @@ class Adapter:
         name = self.config.get("base_model_name_or_path")
         if not isinstance(name, str) or not name:
             return None
-        for candidate in (Path(name), self.path / name):   # as written (cwd), then beside the adapter
+        for candidate in (user_path(name), self.path / name):   # as written (cwd), then beside the adapter
             if candidate.is_dir():
                 return candidate
         return None

@@ -17,6 +17,7 @@ import torch
 
 from lazymerge.errors import CheckpointError
 from lazymerge.dtypes import dtype_code, itemsize
+from lazymerge.io.paths import user_path
 from lazymerge.io.shards import ShardReader, TensorInfo, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -125,7 +126,7 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: Path | str, *, allow_pickle: bool = False) -> "Checkpoint":
-        root = Path(path)
+        root = user_path(path)
         if not root.exists():
             raise CheckpointError(f"{root}: does not exist")
         if not root.is_dir():

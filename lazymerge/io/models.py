@@ -18,6 +18,7 @@ from .adapters import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, AdaptedC
 from .checkpoint import (AUX_NAMES, PICKLE_INDEX, SAFETENSORS_INDEX, Checkpoint, member_name, weight_names,
                          load_pickle)
 from .hub import HubRef, HubRepo, HubSettings, parse_hub_ref, resolve
+from .paths import user_path
 from .remote import RemoteShardReader, schedule_window, start_read_ahead
 from .shards import row_span
 
@@ -33,7 +34,7 @@ class OpenOptions:
 def hub_ref(text: str) -> HubRef | None:
     """One part of a reference as a hub id, None when it is not one or names an existing local path (which wins)."""
     ref = parse_hub_ref(text)
-    return ref if ref is not None and not Path(text).expanduser().exists() else None
+    return ref if ref is not None and not user_path(text).exists() else None
 
 
 def part_key(text: str) -> str:
@@ -41,7 +42,7 @@ def part_key(text: str) -> str:
     resolved path, a hub id's `org/name@revision` (revision `main` when none is given), else the resolved path
     of the directory that does not exist (opening it then says so)."""
     ref = hub_ref(text)
-    return ref.key if ref is not None else str(Path(text).expanduser().resolve())
+    return ref.key if ref is not None else str(user_path(text).resolve())
 
 
 def source_key(ref: str) -> str:
@@ -51,7 +52,7 @@ def source_key(ref: str) -> str:
 
 
 def _split(ref: str) -> tuple[str, str | None]:
-    if "+" in ref and not Path(ref).expanduser().exists():
+    if "+" in ref and not user_path(ref).exists():
         base, adapter = parse_model_ref(ref)
         return str(base), (str(adapter) if adapter is not None else None)
     return ref, None
@@ -126,7 +127,7 @@ class ModelOpener:
         ref = hub_ref(text)
         if ref is not None:
             return self.repo(ref, where)
-        p = Path(text).expanduser()
+        p = user_path(text)
         if not p.exists():
             raise CheckpointError(f"{p}: model directory does not exist" + (f" ({where})" if where else ""))
         return p
@@ -191,7 +192,7 @@ class ModelOpener:
         name = adapter.config.get("base_model_name_or_path")
         try:
             if isinstance(name, str) and name:
-                candidates = [Path(name).expanduser()] + ([loc / name] if isinstance(loc, Path) else [])
+                candidates = [user_path(name)] + ([loc / name] if isinstance(loc, Path) else [])
                 for candidate in candidates:
                     if candidate.is_dir():
                         return candidate

@@ -54,6 +54,7 @@ from typing import Any, Iterable, Mapping
 from ..engine.vocab_rows import Fill, VocabRows, row_runs
 from ..errors import CheckpointError, RecipeError
 from ..io.models import ModelOpener, hub_ref, source_key
+from ..io.paths import user_path
 from .keys import check_keys, closest
 from .params import layer_index
 from .recipe import tokenizer_setting
@@ -295,7 +296,7 @@ def _parse_tokens(tokens: Mapping[str, Any], where: str, model_keys: list[str], 
 def _tokenizer_dir(ref: str, opener: ModelOpener | None, at: str) -> Path:
     """The directory holding the tokenizer `tokenizer_source` names: a local directory, or (a hub id, pinned by
     the compile's opener like the inputs) its tokenizer files and config.json in the Hugging Face cache."""
-    d = Path(ref).expanduser()
+    d = user_path(ref)
     hub = hub_ref(ref) if opener is not None else None
     if hub is None:
         return d
