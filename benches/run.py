@@ -367,6 +367,7 @@ def markdown(results: dict) -> str:
             {True: "yes", False: "**no**", None: "–"}[r["rss_within_budget"]],
             M.fmt_bytes(r["cgroup_peak_bytes"]), _gb(r["read_bytes"]), _gb(r["write_bytes"]),
         ]) + " |")
+    L += per_method_table(results)
     sc = results.get("safety_cap")
     L += ["", "wall s = from start to exit plus fsync of the output files (the floor fsyncs itself); ratios are "
           "against the uncapped floor / naive / mergekit rows of the same method in this run. Peak RSS = the "
@@ -396,6 +397,36 @@ def markdown(results: dict) -> str:
     if results.get("notes"):
         L += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(L) + "\n"
+
+
+def per_method_table(results: dict) -> list[str]:
+    """One line per method for the uncapped lazymerge runs: the figures the issue's targets are stated in (wall,
+    CPU, x the *direct* floor and x mergekit of the same method in this run, bytes read against the inputs' size,
+    peak RSS)."""
+    rows = results["summary"]
+    lz = [r for r in rows if r["tool"] == "lazymerge" and not r["memcap"]]
+    if not lz:
+        return []
+    sizes = results["checkpoints"]["bytes"]
+    recipes = {m: input_models(recipe(m, Path("base"), [Path("ft1"), Path("ft2")])) for m in {r["method"] for r in lz}}
+
+    def direct(method):
+        w = [r["wall_s"] for r in rows if r["method"] == method and r["tool"] == "floor" and r["memory"] == "direct"
+             and r["wall_s"]]
+        return w[0] if w else None
+
+    L = ["", "## Per method (uncapped lazymerge runs)", "",
+         "| method | --memory | wall s | CPU s | × direct floor | × mergekit | read GB | × inputs | peak RSS |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in lz:
+        inputs = sum(sizes.get(Path(m).name, 0) for m in recipes[r["method"]])
+        d = direct(r["method"])
+        L.append("| " + " | ".join([
+            r["method"], r["memory"] or "–", _f(r["wall_s"]), _f(r["cpu_s"], "{:.1f}"),
+            _f(r["wall_s"] / d if d and r["wall_s"] else None), _f(r["x_mergekit"]), _gb(r["read_bytes"]),
+            _f(r["read_bytes"] / inputs if r["read_bytes"] and inputs else None, "{:.3f}"),
+            M.fmt_bytes(r["peak_rss_bytes"])]) + " |")
+    return L
 
 
 def plot(results: dict, traces: dict, path: Path) -> str | None:
@@ -527,6 +558,7 @@ def merge_bench(args, ctx, results) -> None:
             log(f"WARNING: lazymerge CLI unusable, skipping it: {msg}")
     scratch = ctx["scratch"]
     out_bytes = safetensors_bytes(base)
+    floors: dict[tuple, dict] = {}
     for rep in range(args.repeat):
         for method in args.methods:
             rec = recipe(method, base, tunes)
@@ -535,9 +567,17 @@ def merge_bench(args, ctx, results) -> None:
             if "floor" in tools:
                 inputs = [Path(m) for m in input_models(rec)]
                 for mode in args.floor_modes:
-                    results["runs"].append(run_one(args, ctx, tool="floor", method=method, rec_path=rec_path,
-                                                   out_dir=None, memory=mode, rep=rep, floor_inputs=inputs,
-                                                   floor_bytes=out_bytes))
+                    # methods that read the same inputs share one floor run (most methods read base + 2 fine-tunes)
+                    key = (rep, mode, tuple(map(str, inputs)))
+                    if key in floors:
+                        shared = dict(floors[key], method=method, id=f"{method}-floor-{mode}-r{rep}",
+                                      shared_from=floors[key]["id"])
+                        results["runs"].append(shared)
+                        continue
+                    r = run_one(args, ctx, tool="floor", method=method, rec_path=rec_path, out_dir=None,
+                                memory=mode, rep=rep, floor_inputs=inputs, floor_bytes=out_bytes)
+                    floors[key] = r
+                    results["runs"].append(r)
             for cap in args.memcap:
                 for tool in ("naive", "mergekit"):
                     if tool not in tools:
