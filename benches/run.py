@@ -103,6 +103,30 @@ def ensure_checkpoints(preset: str, seed: int, workdir: Path, *, header_only: bo
     return base, tunes, want
 
 
+def ensure_layout(base: Path, tunes: list[Path], info: dict, layout: str) -> tuple[Path, list[Path], dict]:
+    """The checkpoints in another layout, made once from the generated ones: `hf` = two shards per model written
+    by safetensors' save_file in save_pretrained's way (benches/relayout.py); `lazymerge` = as generated."""
+    if layout == "lazymerge":
+        return base, tunes, info
+    from relayout import relayout
+    d = base.parent.with_name(base.parent.name + f"-{layout}")
+    want = dict(info, layout=layout, shards=2)
+    marker = d / "bench-marker.json"
+    out = [d / p.name for p in [base, *tunes]]
+    if marker.exists() and json.loads(marker.read_text()) == want and all(p.exists() for p in out):
+        log(f"reusing {layout}-layout checkpoints in {d}")
+        return out[0], out[1:], want
+    t0 = time.perf_counter()
+    log(f"writing the checkpoints in the {layout} layout (two shards each, save_file order) to {d}")
+    d.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    for src, dst in zip([base, *tunes], out):
+        relayout(src, dst, shards=2)
+    marker.write_text(json.dumps(want, indent=2))
+    log(f"written in {time.perf_counter() - t0:.1f} s")
+    return out[0], out[1:], want
+
+
 def safetensors_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -429,6 +453,26 @@ def per_method_table(results: dict) -> list[str]:
     return L
 
 
+def _plot_timeline(ax, results: dict, method: str) -> None:
+    """lazymerge's own timeline (its report's `timeline`): how many threads were reading, computing and writing,
+    over time; overlap shows as the three curves being up at the same time."""
+    runs = [r for r in results["runs"] if r["method"] == method and r["tool"] == "lazymerge" and r["repeat"] == 0
+            and not r["memcap"] and (r.get("lazymerge_report") or {}).get("timeline")]
+    if not runs:
+        ax.set_axis_off()
+        return
+    tl = runs[0]["lazymerge_report"]["timeline"]
+    step = tl["bin_s"]
+    for kind, color in (("read", "tab:blue"), ("compute", "tab:orange"), ("write", "tab:green")):
+        ys = [v / step for v in tl.get(kind, [])]
+        ax.plot([i * step for i in range(len(ys))], ys, label=kind, color=color, lw=1.0)
+    ax.set_title(f"{method}: lazymerge --memory {runs[0]['memory']}, busy threads by kind of task")
+    ax.set_xlabel("seconds since the merge started (after planning)")
+    ax.set_ylabel("threads busy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(results: dict, traces: dict, path: Path) -> str | None:
     try:
         import matplotlib
@@ -439,8 +483,9 @@ def plot(results: dict, traces: dict, path: Path) -> str | None:
     methods = sorted({r["method"] for r in results["runs"] if r["tool"] != "floor"})
     if not methods:
         return "nothing to plot"
-    fig, axes = plt.subplots(len(methods), 1, figsize=(10, 3.6 * len(methods)), squeeze=False)
-    for ax, method in zip(axes[:, 0], methods):
+    fig, axes = plt.subplots(len(methods), 2, figsize=(16, 3.6 * len(methods)), squeeze=False)
+    for (ax, tax), method in zip(axes, methods):
+        _plot_timeline(tax, results, method)
         for r in results["runs"]:
             if r["method"] != method or r["repeat"] != 0 or r["tool"] == "floor":
                 continue
@@ -543,7 +588,7 @@ def plan_markdown(results: dict) -> str:
 
 
 def merge_bench(args, ctx, results) -> None:
-    base, tunes, info = ensure_checkpoints(args.preset, args.seed, ctx["workdir"])
+    base, tunes, info = ensure_layout(*ensure_checkpoints(args.preset, args.seed, ctx["workdir"]), args.layout)
     results["checkpoints"] = {"dir": str(base.parent), "marker": info,
                               "bytes": {p.name: safetensors_bytes(p) for p in [base, *tunes]}}
     tools = list(args.only)
@@ -658,6 +703,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", default="2GB", help="output shard size (lazymerge and naive)")
     ap.add_argument("--workdir", type=Path, default=HERE / ".work", help="cached checkpoints and scratch outputs")
     ap.add_argument("--out", type=Path, help="results directory (default benches/results/<preset>-<timestamp>)")
+    ap.add_argument("--layout", default="lazymerge", choices=("lazymerge", "hf"),
+                    help="input layout: as lazymerge.synth writes it (1 GB shards in model order), or 'hf': two "
+                         "shards per model written by safetensors' save_file as save_pretrained does "
+                         "(benches/relayout.py)")
     ap.add_argument("--plan-only", action="store_true", help="time lazymerge.plan() on header-only checkpoints")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache before each run")
     ap.add_argument("--floor-modes", default="direct,cached",

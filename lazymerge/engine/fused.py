@@ -2,8 +2,13 @@
 
 Why: on CPU the exact top-k and the sign election are memory-bound chains of element-wise torch ops (abs, view,
 shift, bincount; mask, sign, compare, multiply, add, divide), each a full pass over a block. Each kernel here does
-one chain in a single parallel pass (`parallel=True`) that releases the GIL (`nogil=True`), so the scheduler's
-other workers keep running.
+one chain in a single pass that releases the GIL (`nogil=True`), so the scheduler's other workers keep running.
+
+Serial on purpose: the scheduler already runs one worker per core (engine/run.py `choose_threads`), each on its own
+block, so a kernel has no idle core to spread over. And numba's parallel kernels go through a threading layer that
+is not always thread-safe: on the `workqueue` layer (numba's fallback where neither TBB nor OpenMP loads) two
+scheduler threads launching parallel kernels at once abort the whole process (issue 26). A serial kernel never
+touches a threading layer.
 
 Bit-identity with the torch kernels (`engine.kernels`, the reference) is by construction:
 
@@ -29,7 +34,7 @@ from .. import memory
 
 try:  # pragma: no cover - exercised when the extra is installed
     import numba
-    from numba import njit, prange
+    from numba import njit, prange   # prange: a plain range in a serial kernel
 except ImportError:  # pragma: no cover
     numba = None
 
@@ -50,14 +55,8 @@ def use(*xs: Tensor) -> bool:
                                 for x in xs) and xs[0].numel() >= MIN_NUMEL)
 
 
-def set_threads(n: int) -> None:
-    """Threads of the fused kernels called from this thread (numba's setting is per calling thread)."""
-    if numba is not None and numba.get_num_threads() != min(n, numba.config.NUMBA_NUM_THREADS):
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-
-
 def _chunks(n: int) -> int:
-    return max(1, min(numba.get_num_threads() * 4, n >> 14))
+    return 1                  # serial kernels (see the module docstring): one histogram, one scan
 
 
 def _flat(x: Tensor) -> np.ndarray:
@@ -78,7 +77,7 @@ if numba is not None:
     def _sign(x):  # torch.sign: (0 < x) - (x < 0), NaN -> 0
         return np.float32(x > _ZERO) - np.float32(x < _ZERO)
 
-    @njit(parallel=True, nogil=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _hist(bits, nchunks, high_bin):
         """high_bin < 0: histogram of the high 16 bits of |x|; else of the low 16 bits of the entries in that bin."""
         n = bits.size
@@ -97,7 +96,7 @@ if numba is not None:
             out += hs[c]
         return out
 
-    @njit(parallel=True, nogil=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _cut(bits, t, quota, nchunks):
         """One past the flat index of the `quota`-th entry whose |x| bits equal `t` (0 when quota is 0)."""
         n = bits.size
@@ -122,7 +121,7 @@ if numba is not None:
             seen += counts[c]
         return n
 
-    @njit(parallel=True, nogil=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _nonfinite(bits, exp):
         """How many entries of a float block (its bits) are NaN or +-Inf: all bits of the exponent `exp` set."""
         k = 0
@@ -130,7 +129,7 @@ if numba is not None:
             k += (bits[i] & exp) == exp
         return k
 
-    @njit(parallel=True, nogil=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _widen_bf16(src, dst):
         """dst = src as float32 bits (bfloat16 is the top half of a float32: the shift is exact, NaN payloads
         included, which is what torch's conversion does) and how many entries are NaN or +-Inf."""
@@ -143,7 +142,7 @@ if numba is not None:
 
     _TILE = 4096
 
-    @njit(parallel=True, nogil=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _keep_mul(d, bits, t, cut, out):
         """out = d * keep (keep: |d| above the threshold, or equal to it before `cut`), as `d.mul_(bool mask)`;
         tile by tile through a scratch array, as `_combine` (out is usually d)."""
@@ -159,7 +158,7 @@ if numba is not None:
                 tmp[j] = x[j] * np.float32((b > t) | ((b == t) & (lo + j < cut)))
             out[lo:hi] = tmp
 
-    @njit(parallel=True, nogil=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _elect(es, count, out):
         """out = (sum of the e_k, or of their signs, in list order) >= 0."""
         n = len(es)
@@ -169,7 +168,7 @@ if numba is not None:
                 s = s + (_sign(es[k][i]) if count else es[k][i])
             out[i] = s >= _ZERO
 
-    @njit(parallel=True, nogil=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _combine(es, w, nonneg, elect, normalize, lam, scale, base, out):
         """base + lam * (sum_k agree_k e_k) / (sum_k agree_k w_k), each step the float32 op of the torch chain.
 
@@ -231,25 +230,15 @@ _EXPONENTS = {torch.float32: (np.int32, 0x7F800000), torch.bfloat16: (np.int16, 
               torch.float16: (np.int16, 0x7C00)}
 
 
-_jit_loaded = False       # set once a fused kernel has run in this process
-
-
 def finite_checkable(x: Tensor) -> bool:
-    """Whether `all_finite` should check this block: a float32/bf16/f16 contiguous CPU block, once a fused kernel
-    has run. Loading numba's compiled code costs ~80 MB of RSS; a method that never runs a fused kernel (linear,
-    slerp) keeps the torch check instead of paying that for a check alone."""
-    return (_jit_loaded and available() and x.dtype in _EXPONENTS and x.device.type == "cpu" and x.is_contiguous()
+    """Whether `all_finite` can check this block: a float32/bf16/f16 contiguous CPU block, big enough."""
+    return (available() and x.dtype in _EXPONENTS and x.device.type == "cpu" and x.is_contiguous()
             and x.numel() >= MIN_NUMEL)
 
 
 def finite_checkable_dtype(dtype: torch.dtype) -> bool:
     """`finite_checkable` for a block not read yet (its size aside)."""
-    return _jit_loaded and available() and dtype in _EXPONENTS
-
-
-def _loaded() -> None:
-    global _jit_loaded
-    _jit_loaded = True
+    return available() and dtype in _EXPONENTS
 
 
 def all_finite(x: Tensor) -> bool:
@@ -270,7 +259,6 @@ def widen_checked(raw: Tensor) -> tuple[Tensor, bool]:
 
 def topk_hist(d: Tensor, high_bin: int = -1) -> Tensor:
     """`kernels.topk_pass1` (high_bin < 0) or `topk_pass2`'s histogram for bin `high_bin`, in one pass."""
-    _loaded()
     bits = _flat(d).view(np.int32)
     return torch.from_numpy(_hist(bits, _chunks(bits.size), high_bin))
 
@@ -278,7 +266,6 @@ def topk_hist(d: Tensor, high_bin: int = -1) -> Tensor:
 def keep_mul(d: Tensor, threshold: int, quota: int, out: Tensor, all_equal: bool = False) -> Tensor:
     """`d * topk_mask(d, ...)` into `out` (may be `d`): the threshold's bit pattern and this block's tie quota
     (`all_equal`: the quota is every entry equal to the threshold, so no scan for the cut is needed)."""
-    _loaded()
     bits = _flat(d).view(np.int32)
     cut = bits.size if all_equal else _cut(bits, np.int32(threshold), quota, _chunks(bits.size))
     _keep_mul(_flat(d), bits, np.int32(threshold), cut, _flat(out))
@@ -287,7 +274,6 @@ def keep_mul(d: Tensor, threshold: int, quota: int, out: Tensor, all_equal: bool
 
 def elect_nonneg(es: Sequence[Tensor], consensus: str) -> Tensor:
     """`kernels.elect_nonneg` in one pass."""
-    _loaded()
     out = memory.empty(tuple(es[0].shape), torch.bool)
     _elect(tuple(_flat(e) for e in es), consensus == "count", _flat(out))
     return out
@@ -319,7 +305,6 @@ def combine_elected(es: Sequence[Tensor], weights: Sequence[float], nonneg: "Ten
                     lam: float, base: Tensor, out: Tensor) -> Tensor:
     """`base + lam * kernels.combine_elected(es, weights, nonneg, ...)` in one pass, into `out` (may be `base`);
     with a `Deferred` election, `kernels.elect_nonneg` is computed in the same pass."""
-    _loaded()
     w = np.array(weights, dtype=np.float32)        # torch rounds a Python scalar to the tensor's float32
     if isinstance(nonneg, Deferred):
         sign, elect = _NO_SIGN, 2 if nonneg.consensus == "count" else 1
