@@ -18,7 +18,7 @@ Bit-identity with the torch kernels (`engine.kernels`, the reference) is by cons
 * signs follow torch.sign ((0 < x) - (x < 0): NaN and ±0 have sign 0), |x| is the bit pattern with the sign bit
   cleared, as torch.abs.
 
-numba is optional (the `fast` extra): without it, or with LAZYMERGE_FUSED=0, the torch kernels run. tests/
+numba is a dependency; LAZYMERGE_FUSED=0 runs the torch kernels instead (the reference). tests/
 test_fused.py compares every kernel with its torch chain with torch.equal.
 """
 from __future__ import annotations
@@ -28,15 +28,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from numba import njit, prange   # prange: a plain range in a serial kernel
 from torch import Tensor
 
 from .. import memory
-
-try:  # pragma: no cover - exercised when the extra is installed
-    import numba
-    from numba import njit, prange   # prange: a plain range in a serial kernel
-except ImportError:  # pragma: no cover
-    numba = None
 
 _BINS = 65536
 # below this many elements numba's call overhead beats the saving and torch runs (the env variable lets a test or
@@ -45,8 +40,8 @@ MIN_NUMEL = int(os.environ.get("LAZYMERGE_FUSED_MIN_NUMEL", 1 << 14))
 
 
 def available() -> bool:
-    """Whether the fused kernels can run (numba importable and not disabled with LAZYMERGE_FUSED=0)."""
-    return numba is not None and os.environ.get("LAZYMERGE_FUSED", "1") != "0"
+    """Whether the fused kernels run (not disabled with LAZYMERGE_FUSED=0)."""
+    return os.environ.get("LAZYMERGE_FUSED", "1") != "0"
 
 
 def use(*xs: Tensor) -> bool:
@@ -63,167 +58,175 @@ def _flat(x: Tensor) -> np.ndarray:
     return x.reshape(-1).numpy()
 
 
-if numba is not None:
-    _ONE = np.float32(1.0)
-    _ZERO = np.float32(0.0)
-    _MINUS = np.float32(-1.0)
-    _ABS = np.int32(0x7FFFFFFF)
+_ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
+_MINUS = np.float32(-1.0)
+_ABS = np.int32(0x7FFFFFFF)
 
-    # Branch-free on purpose: the kernels often write in place (out is an input), where LLVM cannot vectorize, and
-    # the signs and masks of real deltas are random, so every data-dependent branch would be mispredicted half of
-    # the time (15 ns an element instead of 1). Booleans become 0/1 floats (exact), selects become arithmetic.
+# Branch-free on purpose: the kernels often write in place (out is an input), where LLVM cannot vectorize, and
+# the signs and masks of real deltas are random, so every data-dependent branch would be mispredicted half of
+# the time (15 ns an element instead of 1). Booleans become 0/1 floats (exact), selects become arithmetic.
 
-    @njit(inline="always")
-    def _sign(x):  # torch.sign: (0 < x) - (x < 0), NaN -> 0
-        return np.float32(x > _ZERO) - np.float32(x < _ZERO)
 
-    @njit(nogil=True, cache=True)
-    def _hist(bits, nchunks, high_bin):
-        """high_bin < 0: histogram of the high 16 bits of |x|; else of the low 16 bits of the entries in that bin."""
-        n = bits.size
-        step = (n + nchunks - 1) // nchunks
-        hs = np.zeros((nchunks, _BINS), np.uint32)         # a chunk has < 2**32 entries; half the cache of int64
-        for c in prange(nchunks):
-            h = hs[c]
-            for i in range(c * step, min(n, (c + 1) * step)):
-                b = bits[i] & _ABS
-                if high_bin < 0:
-                    h[b >> 16] += 1
-                elif (b >> 16) == high_bin:
-                    h[b & 0xFFFF] += 1
-        out = np.zeros(_BINS, np.int64)
-        for c in range(nchunks):
-            out += hs[c]
-        return out
+@njit(inline="always")
+def _sign(x):  # torch.sign: (0 < x) - (x < 0), NaN -> 0
+    return np.float32(x > _ZERO) - np.float32(x < _ZERO)
 
-    @njit(nogil=True, cache=True)
-    def _cut(bits, t, quota, nchunks):
-        """One past the flat index of the `quota`-th entry whose |x| bits equal `t` (0 when quota is 0)."""
-        n = bits.size
-        if quota <= 0:
-            return 0
-        step = (n + nchunks - 1) // nchunks
-        counts = np.zeros(nchunks, np.int64)
-        for c in prange(nchunks):
-            k = 0
+
+@njit(nogil=True, cache=True)
+def _hist(bits, nchunks, high_bin):
+    """high_bin < 0: histogram of the high 16 bits of |x|; else of the low 16 bits of the entries in that bin."""
+    n = bits.size
+    step = (n + nchunks - 1) // nchunks
+    hs = np.zeros((nchunks, _BINS), np.uint32)         # a chunk has < 2**32 entries; half the cache of int64
+    for c in prange(nchunks):
+        h = hs[c]
+        for i in range(c * step, min(n, (c + 1) * step)):
+            b = bits[i] & _ABS
+            if high_bin < 0:
+                h[b >> 16] += 1
+            elif (b >> 16) == high_bin:
+                h[b & 0xFFFF] += 1
+    out = np.zeros(_BINS, np.int64)
+    for c in range(nchunks):
+        out += hs[c]
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _cut(bits, t, quota, nchunks):
+    """One past the flat index of the `quota`-th entry whose |x| bits equal `t` (0 when quota is 0)."""
+    n = bits.size
+    if quota <= 0:
+        return 0
+    step = (n + nchunks - 1) // nchunks
+    counts = np.zeros(nchunks, np.int64)
+    for c in prange(nchunks):
+        k = 0
+        for i in range(c * step, min(n, (c + 1) * step)):
+            if (bits[i] & _ABS) == t:
+                k += 1
+        counts[c] = k
+    seen = 0
+    for c in range(nchunks):
+        if seen + counts[c] >= quota:
             for i in range(c * step, min(n, (c + 1) * step)):
                 if (bits[i] & _ABS) == t:
-                    k += 1
-            counts[c] = k
-        seen = 0
-        for c in range(nchunks):
-            if seen + counts[c] >= quota:
-                for i in range(c * step, min(n, (c + 1) * step)):
-                    if (bits[i] & _ABS) == t:
-                        seen += 1
-                        if seen == quota:
-                            return i + 1
-            seen += counts[c]
-        return n
+                    seen += 1
+                    if seen == quota:
+                        return i + 1
+        seen += counts[c]
+    return n
 
-    @njit(nogil=True, cache=True)
-    def _nonfinite(bits, exp):
-        """How many entries of a float block (its bits) are NaN or +-Inf: all bits of the exponent `exp` set."""
-        k = 0
-        for i in prange(bits.size):
-            k += (bits[i] & exp) == exp
-        return k
 
-    @njit(nogil=True, cache=True)
-    def _widen_bf16(src, dst):
-        """dst = src as float32 bits (bfloat16 is the top half of a float32: the shift is exact, NaN payloads
-        included, which is what torch's conversion does) and how many entries are NaN or +-Inf."""
-        k = 0
-        for i in prange(src.size):
-            v = np.uint32(src[i])
-            dst[i] = v << np.uint32(16)
-            k += (v & np.uint32(0x7F80)) == np.uint32(0x7F80)
-        return k
+@njit(nogil=True, cache=True)
+def _nonfinite(bits, exp):
+    """How many entries of a float block (its bits) are NaN or +-Inf: all bits of the exponent `exp` set."""
+    k = 0
+    for i in prange(bits.size):
+        k += (bits[i] & exp) == exp
+    return k
 
-    _TILE = 4096
 
-    @njit(nogil=True, cache=True)
-    def _keep_mul(d, bits, t, cut, out):
-        """out = d * keep (keep: |d| above the threshold, or equal to it before `cut`), as `d.mul_(bool mask)`;
-        tile by tile through a scratch array, as `_combine` (out is usually d)."""
-        size = d.size
-        for c in prange((size + _TILE - 1) // _TILE):
-            lo = c * _TILE
-            hi = min(size, lo + _TILE)
-            tmp = np.empty(hi - lo, np.float32)
-            x = d[lo:hi]
-            bb = bits[lo:hi]
-            for j in range(hi - lo):
-                b = bb[j] & _ABS
-                tmp[j] = x[j] * np.float32((b > t) | ((b == t) & (lo + j < cut)))
-            out[lo:hi] = tmp
+@njit(nogil=True, cache=True)
+def _widen_bf16(src, dst):
+    """dst = src as float32 bits (bfloat16 is the top half of a float32: the shift is exact, NaN payloads
+    included, which is what torch's conversion does) and how many entries are NaN or +-Inf."""
+    k = 0
+    for i in prange(src.size):
+        v = np.uint32(src[i])
+        dst[i] = v << np.uint32(16)
+        k += (v & np.uint32(0x7F80)) == np.uint32(0x7F80)
+    return k
 
-    @njit(nogil=True, cache=True)
-    def _elect(es, count, out):
-        """out = (sum of the e_k, or of their signs, in list order) >= 0."""
-        n = len(es)
-        for i in prange(out.size):
-            s = _sign(es[0][i]) if count else es[0][i]
-            for k in range(1, n):
-                s = s + (_sign(es[k][i]) if count else es[k][i])
-            out[i] = s >= _ZERO
 
-    @njit(nogil=True, cache=True)
-    def _combine(es, w, nonneg, elect, normalize, lam, scale, base, out):
-        """base + lam * (sum_k agree_k e_k) / (sum_k agree_k w_k), each step the float32 op of the torch chain.
+_TILE = 4096
 
-        Tile by tile through small scratch arrays: `out` is usually `base` (donated), and a loop that stores into
-        one of its inputs is not vectorized (15 ns an element); loops into fresh scratch are (1 ns)."""
-        n = len(es)
-        size = out.size
-        for c in prange((size + _TILE - 1) // _TILE):
-            lo = c * _TILE
-            hi = min(size, lo + _TILE)
-            m = hi - lo
-            el = np.empty(m, np.float32)
-            mixed = np.empty(m, np.float32)
-            div = np.empty(m, np.float32)
-            if elect == 0:
-                nb = nonneg[lo:hi]
-                for j in range(m):
-                    el[j] = np.float32(nb[j]) * np.float32(2.0) - _ONE    # elected sign: +1 / -1
-            else:                     # elect here: (sum of e_k or of their signs) >= 0, as `_elect`
-                e = es[0][lo:hi]
-                for j in range(m):
-                    el[j] = _sign(e[j]) if elect == 2 else e[j]
-                for k in range(1, n):
-                    e = es[k][lo:hi]
-                    for j in range(m):
-                        el[j] = el[j] + (_sign(e[j]) if elect == 2 else e[j])
-                for j in range(m):
-                    el[j] = np.float32(el[j] >= _ZERO) * np.float32(2.0) - _ONE
-            e = es[0][lo:hi]
-            w0 = w[0]
+
+@njit(nogil=True, cache=True)
+def _keep_mul(d, bits, t, cut, out):
+    """out = d * keep (keep: |d| above the threshold, or equal to it before `cut`), as `d.mul_(bool mask)`;
+    tile by tile through a scratch array, as `_combine` (out is usually d)."""
+    size = d.size
+    for c in prange((size + _TILE - 1) // _TILE):
+        lo = c * _TILE
+        hi = min(size, lo + _TILE)
+        tmp = np.empty(hi - lo, np.float32)
+        x = d[lo:hi]
+        bb = bits[lo:hi]
+        for j in range(hi - lo):
+            b = bb[j] & _ABS
+            tmp[j] = x[j] * np.float32((b > t) | ((b == t) & (lo + j < cut)))
+        out[lo:hi] = tmp
+
+
+@njit(nogil=True, cache=True)
+def _elect(es, count, out):
+    """out = (sum of the e_k, or of their signs, in list order) >= 0."""
+    n = len(es)
+    for i in prange(out.size):
+        s = _sign(es[0][i]) if count else es[0][i]
+        for k in range(1, n):
+            s = s + (_sign(es[k][i]) if count else es[k][i])
+        out[i] = s >= _ZERO
+
+
+@njit(nogil=True, cache=True)
+def _combine(es, w, nonneg, elect, normalize, lam, scale, base, out):
+    """base + lam * (sum_k agree_k e_k) / (sum_k agree_k w_k), each step the float32 op of the torch chain.
+
+    Tile by tile through small scratch arrays: `out` is usually `base` (donated), and a loop that stores into
+    one of its inputs is not vectorized (15 ns an element); loops into fresh scratch are (1 ns)."""
+    n = len(es)
+    size = out.size
+    for c in prange((size + _TILE - 1) // _TILE):
+        lo = c * _TILE
+        hi = min(size, lo + _TILE)
+        m = hi - lo
+        el = np.empty(m, np.float32)
+        mixed = np.empty(m, np.float32)
+        div = np.empty(m, np.float32)
+        if elect == 0:
+            nb = nonneg[lo:hi]
             for j in range(m):
-                x = e[j]
-                a = np.float32(_sign(x) == el[j])                        # a zero entry (sign 0) never agrees
-                mixed[j] = x * a
-                div[j] = a * w0
+                el[j] = np.float32(nb[j]) * np.float32(2.0) - _ONE    # elected sign: +1 / -1
+        else:                     # elect here: (sum of e_k or of their signs) >= 0, as `_elect`
+            e = es[0][lo:hi]
+            for j in range(m):
+                el[j] = _sign(e[j]) if elect == 2 else e[j]
             for k in range(1, n):
                 e = es[k][lo:hi]
-                wk = w[k]
                 for j in range(m):
-                    x = e[j]
-                    a = np.float32(_sign(x) == el[j])
-                    mixed[j] = mixed[j] + x * a
-                    div[j] = div[j] + a * wk
-            b = base[lo:hi]
+                    el[j] = el[j] + (_sign(e[j]) if elect == 2 else e[j])
             for j in range(m):
-                v = mixed[j]
-                if normalize:
-                    # masked_fill(div == 0, 1): adding 1 to a zero (of either sign) gives 1; adding +0 changes no
-                    # other value (nonzero, inf or NaN)
-                    d = div[j]
-                    v = v / (d + np.float32(d == _ZERO))
-                if scale:
-                    v = v * lam
-                mixed[j] = b[j] + v
-            out[lo:hi] = mixed
+                el[j] = np.float32(el[j] >= _ZERO) * np.float32(2.0) - _ONE
+        e = es[0][lo:hi]
+        w0 = w[0]
+        for j in range(m):
+            x = e[j]
+            a = np.float32(_sign(x) == el[j])                        # a zero entry (sign 0) never agrees
+            mixed[j] = x * a
+            div[j] = a * w0
+        for k in range(1, n):
+            e = es[k][lo:hi]
+            wk = w[k]
+            for j in range(m):
+                x = e[j]
+                a = np.float32(_sign(x) == el[j])
+                mixed[j] = mixed[j] + x * a
+                div[j] = div[j] + a * wk
+        b = base[lo:hi]
+        for j in range(m):
+            v = mixed[j]
+            if normalize:
+                # masked_fill(div == 0, 1): adding 1 to a zero (of either sign) gives 1; adding +0 changes no
+                # other value (nonzero, inf or NaN)
+                d = div[j]
+                v = v / (d + np.float32(d == _ZERO))
+            if scale:
+                v = v * lam
+            mixed[j] = b[j] + v
+        out[lo:hi] = mixed
 
 
 _EXPONENTS = {torch.float32: (np.int32, 0x7F800000), torch.bfloat16: (np.int16, 0x7F80),

@@ -18,88 +18,88 @@ import numpy as np
 
 from . import kernels as K
 
-try:  # pragma: no cover - numba is a dependency; its absence only disables the fused kernels
-    from numba import njit
-except ImportError:  # pragma: no cover
-    njit = None
+from numba import njit
 
 N = 624
 POS = N                      # index of the read position in a stream array
 STREAM_WORDS = N + 1
 _U24 = np.float32(2.0 ** -24)
 
-if njit is not None:
 
-    @njit(nogil=True, cache=True)
-    def mt_seed(st, seed):
-        """Seed stream `st` with the low 32 bits of `seed` (at::mt19937's init_with_uint32); the next draw twists."""
-        s = np.uint64(seed) & np.uint64(0xFFFFFFFF)
-        st[0] = s
-        for i in range(1, N):
-            s = (np.uint64(1812433253) * (s ^ (s >> np.uint64(30))) + np.uint64(i)) & np.uint64(0xFFFFFFFF)
-            st[i] = s
-        st[POS] = N
+@njit(nogil=True, cache=True)
+def mt_seed(st, seed):
+    """Seed stream `st` with the low 32 bits of `seed` (at::mt19937's init_with_uint32); the next draw twists."""
+    s = np.uint64(seed) & np.uint64(0xFFFFFFFF)
+    st[0] = s
+    for i in range(1, N):
+        s = (np.uint64(1812433253) * (s ^ (s >> np.uint64(30))) + np.uint64(i)) & np.uint64(0xFFFFFFFF)
+        st[i] = s
+    st[POS] = N
 
-    @njit(nogil=True, cache=True)
-    def _twist(st):
-        for i in range(N):
-            y = (np.uint64(st[i]) & np.uint64(0x80000000)) | (np.uint64(st[(i + 1) % N]) & np.uint64(0x7FFFFFFF))
-            v = np.uint64(st[(i + 397) % N]) ^ (y >> np.uint64(1))
-            if y & np.uint64(1):
-                v ^= np.uint64(0x9908B0DF)
-            st[i] = v
-        st[POS] = 0
 
-    @njit(nogil=True, cache=True)
-    def mt_skip(st, k):
-        """Advance the stream by k draws (whole states are twisted without being tempered)."""
-        pos = np.int64(st[POS])
-        if k <= N - pos:
-            st[POS] = pos + k
+@njit(nogil=True, cache=True)
+def _twist(st):
+    for i in range(N):
+        y = (np.uint64(st[i]) & np.uint64(0x80000000)) | (np.uint64(st[(i + 1) % N]) & np.uint64(0x7FFFFFFF))
+        v = np.uint64(st[(i + 397) % N]) ^ (y >> np.uint64(1))
+        if y & np.uint64(1):
+            v ^= np.uint64(0x9908B0DF)
+        st[i] = v
+    st[POS] = 0
+
+
+@njit(nogil=True, cache=True)
+def mt_skip(st, k):
+    """Advance the stream by k draws (whole states are twisted without being tempered)."""
+    pos = np.int64(st[POS])
+    if k <= N - pos:
+        st[POS] = pos + k
+        return
+    k -= N - pos
+    while True:
+        _twist(st)
+        if k <= N:
+            st[POS] = k
             return
-        k -= N - pos
-        while True:
+        k -= N
+
+
+@njit(nogil=True, cache=True)
+def mt_uniform(st, out, m):
+    """out[:m] = the next m float32 uniforms of the stream, as torch.rand draws them."""
+    pos = np.int64(st[POS])
+    for j in range(m):
+        if pos >= N:
             _twist(st)
-            if k <= N:
-                st[POS] = k
-                return
-            k -= N
+            pos = 0
+        y = np.uint64(st[pos])
+        pos += 1
+        y ^= y >> np.uint64(11)
+        y ^= (y << np.uint64(7)) & np.uint64(0x9D2C5680)
+        y ^= (y << np.uint64(15)) & np.uint64(0xEFC60000)
+        y ^= y >> np.uint64(18)
+        out[j] = np.float32(y & np.uint64(0xFFFFFF)) * _U24
+    st[POS] = pos
 
-    @njit(nogil=True, cache=True)
-    def mt_uniform(st, out, m):
-        """out[:m] = the next m float32 uniforms of the stream, as torch.rand draws them."""
-        pos = np.int64(st[POS])
-        for j in range(m):
-            if pos >= N:
-                _twist(st)
-                pos = 0
-            y = np.uint64(st[pos])
-            pos += 1
-            y ^= y >> np.uint64(11)
-            y ^= (y << np.uint64(7)) & np.uint64(0x9D2C5680)
-            y ^= (y << np.uint64(15)) & np.uint64(0xEFC60000)
-            y ^= y >> np.uint64(18)
-            out[j] = np.float32(y & np.uint64(0xFFFFFF)) * _U24
-        st[POS] = pos
 
-    @njit(nogil=True, cache=True)
-    def rows_uniform(st, seeds, first, group_numel, skip, out, n):
-        """out[:n] = the uniforms of a block: groups `seeds[first:]` in order, the first entered `skip` draws in
-        (the block's offset inside it), each group `group_numel` draws long. Returns nothing; `st` is scratch."""
-        g = first
-        mt_seed(st, seeds[g])
-        mt_skip(st, skip)
-        left = group_numel - skip
-        done = 0
-        while done < n:
-            if left == 0:
-                g += 1
-                mt_seed(st, seeds[g])
-                left = group_numel
-            m = min(left, n - done)
-            mt_uniform(st, out[done:], m)
-            done += m
-            left -= m
+@njit(nogil=True, cache=True)
+def rows_uniform(st, seeds, first, group_numel, skip, out, n):
+    """out[:n] = the uniforms of a block: groups `seeds[first:]` in order, the first entered `skip` draws in
+    (the block's offset inside it), each group `group_numel` draws long. Returns nothing; `st` is scratch."""
+    g = first
+    mt_seed(st, seeds[g])
+    mt_skip(st, skip)
+    left = group_numel - skip
+    done = 0
+    while done < n:
+        if left == 0:
+            g += 1
+            mt_seed(st, seeds[g])
+            left = group_numel
+        m = min(left, n - done)
+        mt_uniform(st, out[done:], m)
+        done += m
+        left -= m
 
 
 def new_stream() -> np.ndarray:

@@ -357,6 +357,15 @@ def row_gram(xs: Sequence[Any]) -> Tensor | None:
     return out
 
 
+def variance_key(ds: Sequence[Any]) -> Tensor | None:
+    """`kernels.variance_key` of plain task vectors of one base, from the stored bytes."""
+    if not ds or not all(_sparse_ready(d) for d in ds) or not _same_base(ds, ds[0].base):
+        return None
+    out = memory.empty(tuple(ds[0].shape), torch.float32)
+    S.variance(tuple(d.x.bits() for d in ds), ds[0].base.bits(), out.reshape(-1).numpy())
+    return out
+
+
 def write_value(x: Any, dtype: torch.dtype) -> Tensor | None:
     """A lazy block in the output dtype, for `write`."""
     if isinstance(x, Pending):

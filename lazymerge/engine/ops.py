@@ -653,8 +653,12 @@ class Variance(Attrs):
     n: int
 
 
-@op("variance", Variance, scratch=_variance_scratch)
+@op("variance", Variance, scratch=_variance_scratch, lazy=True)
 def _variance(ctx: RunContext, ins: list[Any], a: Variance, own: tuple[bool, ...]) -> Tensor:
+    key = lazy.variance_key(ins)
+    if key is not None:
+        return key
+    ins, own = eager(ins, own)
     return K.variance_key(ins)
 
 
