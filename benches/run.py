@@ -627,6 +627,8 @@ def merge_bench(args, ctx, results) -> None:
                 for tool in ("naive", "mergekit"):
                     if tool not in tools:
                         continue
+                    if tool == "mergekit" and args.mergekit_methods and method not in args.mergekit_methods:
+                        continue
                     out_dir = scratch / f"{method}-{tool}"
                     r = run_one(args, ctx, tool=tool, method=method, rec_path=rec_path, out_dir=out_dir,
                                 memcap=cap, rep=rep)
@@ -698,6 +700,9 @@ def main(argv=None) -> int:
                     help="comma list of cgroup caps (memcap LIMIT), 'none' = uncapped; e.g. none,3G")
     ap.add_argument("--only", default=",".join(TOOLS), help="comma list of tools: " + ", ".join(TOOLS))
     ap.add_argument("--mergekit", help="path to mergekit-yaml in mergekit's own venv")
+    ap.add_argument("--mergekit-methods", default="",
+                    help="comma list: run mergekit for these methods only (it takes minutes per method); "
+                         "default: every method")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="checkpoint and merge seed")
     ap.add_argument("--shard-size", default="2GB", help="output shard size (lazymerge and naive)")
@@ -727,6 +732,7 @@ def main(argv=None) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     args.methods = split(args.methods)
     args.floor_modes = split(args.floor_modes)
+    args.mergekit_methods = split(args.mergekit_methods)
     for m in args.floor_modes:
         if m not in ("direct", "cached"):
             ap.error(f"--floor-modes: unknown mode {m!r}: choose from direct, cached")
