@@ -61,7 +61,10 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
     `on_done(task, result)` is called on the scheduling thread after each task (progress); `on_start(live)` before
     each task starts, with the bytes now held, its own included (the buffer pool trims itself to the rest of the
     budget). `io(task)`: whether a task waits on the disk; such tasks run on `io_workers` threads of their own
-    (0: one pool for all). Raises the first task error, or MergeAborted on cancel."""
+    (0: one pool for all). Raises the first task error, or MergeAborted on cancel.
+
+    Long because the start loop, the completion loop and the reference counts share the scheduler's state (live
+    bytes, lanes, ready heap): split apart they would pass it all around."""
     index, waiting, consumers, refs = _links(keys, tasks)
     n = len(keys)
     ready = [i for i in range(n) if waiting[i] == 0]
