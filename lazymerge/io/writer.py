@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from lazymerge import testhold
 from lazymerge.dtypes import DTYPES
 from lazymerge.errors import OutputError
 from lazymerge.units import human
@@ -496,6 +497,8 @@ class CheckpointWriter:
         with self._journal_lock:
             self._journal[shard.filename] = {"size": shard.size, "sha256": digest, "pieces": whole}
         self._write_journal()
+        if testhold.ARMED:
+            testhold.reached("shard", here=False)     # maybe a scheduler worker thread: held at its next task
 
     # -- finishing ------------------------------------------------------------------------------------------
 
@@ -529,6 +532,8 @@ class CheckpointWriter:
                 raise self._disk_error(exc, name) from None
         (self.tmp_dir / JOURNAL).unlink(missing_ok=True)
         _fsync_dir(self.tmp_dir)
+        if testhold.ARMED:
+            testhold.reached("finalize")
         self._refuse_existing()
         if self.out_dir.exists() or self.out_dir.is_symlink():
             # --overwrite: swap atomically, so a kill at any moment leaves the old or the new output in place
