@@ -18,7 +18,8 @@ def plan(recipe: RecipeLike, *, memory: int | str | None = None, shard_size: int
          stage: str | None = None) -> Plan:
     """Validate a recipe and compile it into a Plan (task graph + output layout) from checkpoint headers only.
 
-    `recipe` is a path to a YAML file, YAML text, or a mapping in mergekit's format. `memory` is the budget for
+    `recipe` is a path to a YAML file, YAML text, or a mapping in mergekit's format; its models may be hub ids,
+    whose headers are read with HTTP range requests (no shard is downloaded). `memory` is the budget for
     tensors lazymerge allocates (bytes or "2GiB"; None = a fraction of available RAM; "unlimited"). A
     multi-stage recipe (several `---` documents with `name:`) produces the stage named `stage`, else its unnamed
     document, else its last one. Raises a `LazyMergeError` subclass with a one-line message on any problem.
@@ -33,11 +34,15 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
           progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
           strict: bool = False, allow_pickle: bool = False, workers: int | None = None,
           max_block_rows: int | None = None, cancel: threading.Event | None = None,
-          stage: str | None = None, cluster: Any = None) -> Report:
+          stage: str | None = None, cluster: Any = None, stream_inputs: bool = False) -> Report:
     """Run a merge into `out` (a Hugging Face checkpoint directory that appears only when complete).
 
     The same recipe, inputs and seed give bit-identical output whatever `memory`, `workers` or block size.
     `progress(Progress)` is called after each task. Returns the Report also saved as OUT/lazymerge_report.json.
+
+    Models may be hub ids (`org/name`, `org/name@revision`, `base+adapter`), pinned to a commit when the merge
+    starts (`Report.inputs`). Their files the plan needs are downloaded into the Hugging Face cache, or, with
+    `stream_inputs`, read straight from the hub with range requests and never stored (docs/hub.md).
 
     `cluster` runs the merge on Dask (`pip install 'lazymerge[dask]'`): a `distributed.Client`, `"local:N"` (a
     LocalCluster of N worker processes) or a scheduler address `"tcp://HOST:PORT"`; `memory` is then per
@@ -46,14 +51,16 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
     return merge_recipe(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                         progress=progress, overwrite=overwrite, resume=resume, strict=strict,
                         allow_pickle=allow_pickle, workers=workers, max_block_rows=max_block_rows, cancel=cancel,
-                        stage=stage, cluster=cluster)
+                        stage=stage, cluster=cluster, stream_inputs=stream_inputs)
 
 
 def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory: int | str | None = None,
              seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4,
-             device: str | torch.device = "cpu", seed: int = 0, progress: Callable[[Any], None] | None = None):
-    """Perplexity of a checkpoint directory or of a recipe's merge (computed layer by layer, never written) on
-    `data`, holding one decoder layer's weights at a time within `memory`. Returns an `EvalReport`.
+             device: str | torch.device = "cpu", seed: int = 0, progress: Callable[[Any], None] | None = None,
+             stream_inputs: bool = False):
+    """Perplexity of a checkpoint directory, a hub id, or a recipe's merge (computed layer by layer, never
+    written) on `data`, holding one decoder layer's weights at a time within `memory`. Returns an `EvalReport`.
+    `stream_inputs`: hub models are read with range requests as the layers need them, never stored.
 
     The data is tokenized with the target's tokenizer: each document with its defaults, documents joined with
     EOS, cut to `max_tokens`, then to full windows of `seq_len` (default min(512, the model's positions)).
@@ -62,7 +69,7 @@ def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory
     from .evaluate.runner import evaluate as run_eval
 
     return run_eval(target, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                    device=device, seed=seed, progress=progress)
+                    device=device, seed=seed, progress=progress, stream_inputs=stream_inputs)
 
 
 def compare_inputs(recipe: RecipeLike, data: "str | Path", **kwargs: Any) -> list:
@@ -75,13 +82,13 @@ def compare_inputs(recipe: RecipeLike, data: "str | Path", **kwargs: Any) -> lis
 
 def generate(target: Union[RecipeLike, str, Path], prompt: str, *, max_new_tokens: int = 20,
              memory: int | str | None = None, device: str | torch.device = "cpu", seed: int = 0,
-             progress: Callable[[Any], None] | None = None) -> str:
+             progress: Callable[[Any], None] | None = None, stream_inputs: bool = False) -> str:
     """Greedy continuation of `prompt` by a checkpoint or a recipe's merge: the whole model when it fits
     `memory`, else streamed layer by layer for every new token (slow, within the budget)."""
     from .evaluate.generate import generate as run_generate
 
     return run_generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
-                        progress=progress)
+                        progress=progress, stream_inputs=stream_inputs)
 
 
 def search(recipe: RecipeLike, data: "str | Path", space: list, *, trials: int = 20,

@@ -65,12 +65,12 @@ class _Bar:
     def __call__(self, p: Any) -> None:
         if not self.enabled:
             return
+        self.info = f"{p.tensors_done}/{p.tensors_total} tensors"     # before the bar: a terminal draws it at once
         if self.bar is None:
             self.bar = click.progressbar(length=max(p.bytes_total, 1), label="merging", show_eta=True,
                                          show_percent=True, file=sys.stderr,
                                          item_show_func=lambda _: self.info)
             self.bar.__enter__()
-        self.info = f"{p.tensors_done}/{p.tensors_total} tensors"
         self.bar.update(p.bytes_done - self.last, self.info)
         self.last = p.bytes_done
 
@@ -123,7 +123,8 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
              out: Path | None, graph_file: Path | None) -> None:
     """Validate RECIPE and show what a run would do: tasks, bytes read and written, estimated peak memory.
 
-    Reads checkpoint headers only; no tensor data is touched.
+    Reads checkpoint headers only; no tensor data is touched. For hub models (org/name[@revision]) the headers
+    are read with HTTP range requests: a few KB per shard, no shard is downloaded.
     """
     import shutil
 
@@ -133,6 +134,16 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
     p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle, stage=stage)
     try:
         click.echo(p.summary())
+        for ref, sha in sorted(p.pins.items()):
+            click.echo(f"input         {ref} at {sha}")
+        if p.pins:
+            from .engine.inputs import planned_reads
+            from .io.models import files_to_fetch
+
+            need = [(hub, n) for hub, names in files_to_fetch(planned_reads(p.sources, p.tasks.tasks)) for n in names]
+            size = sum(hub.files.get(n) or 0 for hub, n in need)
+            click.echo(f"download      {human(size)} in {len(need)} file(s) not in the Hugging Face cache "
+                       "(none with --stream-inputs)")
         where = (out.parent if out is not None else Path.cwd()).resolve()
         while not where.exists():
             where = where.parent
@@ -170,7 +181,11 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 @click.option("--workers", type=int, default=None,
               help="Tasks run at once (default: one per usable core, at least 2, fewer when the budget is small; "
                    "kernel threads share the cores among them; with --cluster, per partition).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the report.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the report.")
+@click.option("--stream-inputs", is_flag=True,
+              help="Read hub models straight from the hub with HTTP range requests, block by block, and never "
+                   "store them (disk needed: the output). Without it, the files the merge needs are downloaded "
+                   "into the Hugging Face cache first.")
 @click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
               help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (a running scheduler); "
                    "'none' runs here. Inputs and OUT must be at the same paths on every worker; --memory is then "
@@ -178,8 +193,11 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
 @_friendly
 def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
             seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
-            quiet: bool, cluster: str | None) -> None:
+            quiet: bool, stream_inputs: bool, cluster: str | None) -> None:
     """Merge the models in RECIPE into the checkpoint directory OUT.
+
+    Models are local directories or Hugging Face hub ids (org/name, org/name@revision, base+adapter), pinned to
+    a commit when the run starts; HF_TOKEN, HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE=1 are honoured (docs/hub.md).
 
     RECIPE may also be a mergekit-moe config (base_model + experts, or merge_method: moe): OUT is then a Mixtral,
     Qwen2-MoE or Qwen3-MoE whose experts are the listed models' MLPs, routed by their prompts (gate_mode).
@@ -196,13 +214,35 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
 
     bar = _Bar(enabled=not quiet)
     try:
-        with _cluster_client(cluster) as client:
+        with _cluster_client(cluster) as client, _hub_progress(not quiet):
             report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                            progress=bar, overwrite=overwrite, resume=resume, strict=strict,
-                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client)
+                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client,
+                           stream_inputs=stream_inputs)
     finally:
         bar.close()
     click.echo(report.summary())
+
+
+def _hub_progress(enabled: bool) -> Any:
+    """huggingface_hub's download progress bars on (the default) or off (--quiet) for the command's duration."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def toggled() -> Any:
+        from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                           enable_progress_bars)
+
+        was = are_progress_bars_disabled()
+        if not enabled:
+            disable_progress_bars()
+        try:
+            yield
+        finally:
+            if not enabled and not was:
+                enable_progress_bars()
+
+    return toggled()
 
 
 def _cluster_client(spec: str | None) -> Any:
@@ -248,8 +288,8 @@ def demo_cmd(workdir: Path | None, preset: str, method: str, memory: str) -> Non
 
 
 @main.command("extract-lora")
-@click.argument("finetuned", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("base", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("finetuned")
+@click.argument("base")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rank", "-r", type=click.IntRange(min=1), required=True, help="LoRA rank of the adapter.")
 @click.option("--include-embeddings", is_flag=True, help="Also factor embedding and lm_head deltas.")
@@ -257,9 +297,11 @@ def demo_cmd(workdir: Path | None, preset: str, method: str, memory: str) -> Non
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Also read PyTorch .bin checkpoints (weights_only).")
 @_friendly
-def extract_lora_cmd(finetuned: Path, base: Path, out: Path, rank: int, include_embeddings: bool, device: str,
+def extract_lora_cmd(finetuned: str, base: str, out: Path, rank: int, include_embeddings: bool, device: str,
                      overwrite: bool, allow_pickle: bool) -> None:
     """Write a PEFT LoRA adapter OUT that approximates FINETUNED - BASE at rank R.
+
+    FINETUNED and BASE are checkpoint directories or hub ids (org/name[@revision]).
 
     Each linear weight's difference is factored by truncated SVD, one tensor at a time; the relative
     reconstruction error of every tensor is reported.
@@ -272,7 +314,7 @@ def extract_lora_cmd(finetuned: Path, base: Path, out: Path, rank: int, include_
 
 
 @main.command("fisher")
-@click.argument("model", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("model")
 @click.argument("data", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--max-samples", default=256, show_default=True, help="Sequences of the text to use.")
@@ -280,9 +322,11 @@ def extract_lora_cmd(finetuned: Path, base: Path, out: Path, rank: int, include_
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_friendly
-def fisher_cmd(model: Path, data: Path, out: Path, max_samples: int, seq_len: int, device: str,
+def fisher_cmd(model: str, data: Path, out: Path, max_samples: int, seq_len: int, device: str,
                overwrite: bool) -> None:
     """Compute MODEL's diagonal Fisher information on the text file DATA into the checkpoint OUT.
+
+    MODEL is a model directory or a hub id (org/name[@revision], downloaded whole into the Hugging Face cache).
 
     Use it in a recipe with `merge_method: fisher` and `parameters: {fisher: OUT}` per model.
     Needs transformers: pip install 'lazymerge[fisher]'.
@@ -378,15 +422,18 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True,
               help="Tokens to generate for --prompt.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--stream-inputs", is_flag=True,
+              help="Read hub models layer by layer with HTTP range requests instead of downloading them.")
 @_friendly
 def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: int, batch: int, memory: str | None,
              device: str, seed: int, as_json: bool, compare_inputs: bool, prompt: str | None,
-             max_new_tokens: int, quiet: bool) -> None:
+             max_new_tokens: int, quiet: bool, stream_inputs: bool) -> None:
     """Perplexity of TARGET on --data, without ever holding the whole model.
 
-    TARGET is a checkpoint directory or a merge recipe. A recipe is merged one decoder layer at a time, in
-    memory, and never written; the result equals evaluating the written merge. Each decoder layer's weights are
-    loaded (or merged), every window goes through it, and they are freed before the next layer.
+    TARGET is a checkpoint directory, a hub id (org/name[@revision]) or a merge recipe. A recipe is merged one
+    decoder layer at a time, in memory, and never written; the result equals evaluating the written merge. Each
+    decoder layer's weights are loaded (or merged), every window goes through it, and they are freed before the
+    next layer.
 
     \b
     lazymerge eval ./merged --data wiki.txt --memory 512MiB
@@ -397,36 +444,38 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
 
     from .api import evaluate, generate
 
-    if prompt is not None:
-        text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
-                        progress=_EvalBar(enabled=not quiet, label="generating"))
-        click.echo(json.dumps({"prompt": prompt, "completion": text}) if as_json else prompt + text)
+    with _hub_progress(not quiet):       # huggingface_hub's download bars, as the merge's own
+        if prompt is not None:
+            text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
+                            progress=_EvalBar(enabled=not quiet, label="generating"), stream_inputs=stream_inputs)
+            click.echo(json.dumps({"prompt": prompt, "completion": text}) if as_json else prompt + text)
+            if data is None:
+                return
         if data is None:
-            return
-    if data is None:
-        raise click.UsageError("--data is required (or --prompt)")
-    kwargs = dict(memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, seed=seed)
-    if compare_inputs:
-        from .api import compare_inputs as compare
+            raise click.UsageError("--data is required (or --prompt)")
+        kwargs = dict(memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch, device=device, seed=seed,
+                      stream_inputs=stream_inputs)
+        if compare_inputs:
+            from .api import compare_inputs as compare
 
+            bar = _EvalBar(enabled=not quiet)
+            try:
+                reports = compare(target, data, progress=bar, **kwargs)
+            finally:
+                bar.close()
+            if as_json:
+                click.echo(json.dumps([json.loads(r.to_json()) for r in reports], indent=2))
+            else:
+                from .evaluate.report import comparison_table
+
+                click.echo(comparison_table(reports))
+            return
         bar = _EvalBar(enabled=not quiet)
         try:
-            reports = compare(target, data, progress=bar, **kwargs)
+            report = evaluate(target, data, progress=bar, **kwargs)
         finally:
             bar.close()
-        if as_json:
-            click.echo(json.dumps([json.loads(r.to_json()) for r in reports], indent=2))
-        else:
-            from .evaluate.report import comparison_table
-
-            click.echo(comparison_table(reports))
-        return
-    bar = _EvalBar(enabled=not quiet)
-    try:
-        report = evaluate(target, data, progress=bar, **kwargs)
-    finally:
-        bar.close()
-    click.echo(report.to_json() if as_json else report.summary())
+        click.echo(report.to_json() if as_json else report.summary())
 
 
 @main.command("search")

@@ -17,7 +17,8 @@ from .engine.report import Progress, Report
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
 from .planner.compile import compile_plan
-from .planner.recipe import Recipe, dump_recipe
+from .io.models import pin_refs
+from .planner.recipe import Recipe, dump_recipe, read_documents
 
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
 
@@ -27,21 +28,25 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
                  progress: Callable[[Progress], None] | None = None, overwrite: bool = False,
                  resume: bool = False, strict: bool = False, allow_pickle: bool = False,
                  workers: int | None = None, max_block_rows: int | None = None,
-                 cancel: threading.Event | None = None, stage: str | None = None, cluster: Any = None) -> Report:
+                 cancel: threading.Event | None = None, stage: str | None = None, cluster: Any = None,
+                 stream_inputs: bool = False) -> Report:
     """`lazymerge.merge` (see there for the arguments)."""
     p = compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                     max_block_rows=max_block_rows, stage=stage)
+                     max_block_rows=max_block_rows, stage=stage, stream_inputs=stream_inputs)
     try:
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
-        extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
+        extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe, p.pins).encode()}
         if cluster is not None:           # -- lazymerge.cluster: the same plan, partitioned over Dask workers
             from .cluster.driver import run_on_cluster
 
+            if p.pins:                    # every worker reads the commits this client resolved
+                docs = (recipe.documents or [recipe.raw]) if isinstance(recipe, Recipe) else read_documents(recipe)[0]
+                recipe = pin_refs(docs, p.pins)
             return run_on_cluster(p, out, cluster, recipe=recipe, stage=stage, memory=memory,
                                   shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
                                   device=device, progress=progress, overwrite=overwrite, resume=resume,
                                   strict=strict, workers=workers, extra_files=extra, version=__version__,
-                                  cancel=cancel)
+                                  cancel=cancel, stream_inputs=stream_inputs)
         return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
     finally:

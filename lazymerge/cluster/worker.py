@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import LazyMergeError, OutputError
+from ..io.hub import bytes_transferred
 from ..io.writer import ShardLayout, check_rows, row_bytes
 from .partition import Partition, page_split
 
@@ -44,6 +45,7 @@ class PartitionJob:
     tmp_dir: str
     layout_digest: str
     cwd: str
+    stream_inputs: bool = False       # hub inputs: each worker streams its own partition's byte ranges
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class PartitionResult:
     wall_s: float
     cpu_s: float
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    bytes_transferred: int = 0        # from the hub, by this partition's reads
 
 
 def layout_digest(layout: list[ShardLayout]) -> str:
@@ -160,7 +163,8 @@ def _budget_for(job: PartitionJob) -> int | str | None:
 
 
 def _plan_key(job: PartitionJob) -> str:
-    return repr((job.layout_digest, job.memory, job.tmp_dir, job.max_block_rows, job.stage, job.seed))
+    return repr((job.layout_digest, job.memory, job.tmp_dir, job.max_block_rows, job.stage, job.seed,
+                 job.stream_inputs))
 
 
 def _compile(job: PartitionJob) -> Any:
@@ -172,7 +176,8 @@ def _compile(job: PartitionJob) -> Any:
         os.chdir(job.cwd)                 # relative model paths mean what they meant on the client
     try:
         plan = compile_plan(job.recipe, memory=_budget_for(job), shard_size=job.shard_size, seed=job.seed,
-                            allow_pickle=job.allow_pickle, max_block_rows=job.max_block_rows, stage=job.stage)
+                            allow_pickle=job.allow_pickle, max_block_rows=job.max_block_rows, stage=job.stage,
+                            stream_inputs=job.stream_inputs)
     finally:
         if moved:
             os.chdir(here)
@@ -225,6 +230,7 @@ def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
     try:
         release_freed_memory()
         dev = resolve_device(job.device)
+        transferred = bytes_transferred()
         with _plan(job) as plan:
             keys, tasks = select_tasks(plan, set(part.tensors).__contains__)
             writer = RangeWriter(Path(job.tmp_dir) / part.filename, plan.layout[part.shard], part)
@@ -240,4 +246,4 @@ def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
         index=part.index, worker=name, edges=writer.edges(), nbytes=part.nbytes, bytes_read=ctx.bytes_read,
         bytes_written=ctx.bytes_written, tasks=stats.tasks_run, peak_live_bytes=stats.peak_live_bytes,
         over_budget_tasks=stats.over_budget_tasks, budget=budget, peak_rss=rss.peak, wall_s=rss.wall,
-        cpu_s=rss.cpu, warnings=warnings)
+        cpu_s=rss.cpu, warnings=warnings, bytes_transferred=bytes_transferred() - transferred)

@@ -19,6 +19,7 @@ import yaml
 from .. import testhold
 from ..errors import LazyMergeError, RecipeError
 from ..planner.methods import METHODS
+from ..io.models import pin_refs, resolve_refs
 from ..planner.recipe import load_yaml, read_documents
 
 _TOKEN = re.compile(r"(\.?)([A-Za-z_][\w-]*)|\[(\d+)\]")
@@ -219,6 +220,8 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
     from .runner import _evaluate
 
     doc, dims = _read_search(recipe, space)
+    pins = resolve_refs(doc)       # hub models: every trial (and the best recipe) reads the same commits
+    doc = pin_refs(doc, pins) if pins else doc
     st = open_study(optuna, study, sampler, seed, dims)
     if run_trials is not None:
         run_trials(st, doc, dims, trials, data=data, memory=memory, seq_len=seq_len,

@@ -255,18 +255,19 @@ class LayerStream:
 
 def open_stream(target: Any, *, memory: Any = None, device: "str | torch.device" = "cpu",
                 dtype: torch.dtype = torch.float32, seed: int = 0, workers: int = 2,
-                prepare: Callable[[Any], None] | None = None) -> LayerStream:
-    """`target` (checkpoint directory or recipe) ready to stream. `prepare(plan)` runs on a recipe's compiled plan
-    before anything is read: the evaluation entry points pass the merge's own `moe.routers.prepare_routers`, so a
+                prepare: Callable[[Any], None] | None = None, stream_inputs: bool = False) -> LayerStream:
+    """`target` (checkpoint directory, hub id or recipe) ready to stream. `prepare(plan)` runs on a recipe's compiled
+    plan before anything is read: the evaluation entry points pass the merge's own `moe.routers.prepare_routers`, so a
     MoE recipe's routers are computed as a merge computes them (this module cannot import it: the router pass
-    streams the base model through here)."""
+    streams the base model through here). `stream_inputs` reads hub inputs by range requests, storing none."""
     from ..engine.run import release_freed_memory, resolve_device
     from ..planner.plan import resolve_budget
 
     release_freed_memory()                  # freed weights go back to the OS: RSS follows what is live
     budget = resolve_budget(memory)
     dev = resolve_device(device)
-    source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers, prepare=prepare)
+    source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers, prepare=prepare,
+                         stream=stream_inputs)
     try:
         return LayerStream(source, budget=budget, device=dev, dtype=dtype)
     except BaseException:

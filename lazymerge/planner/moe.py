@@ -33,6 +33,7 @@ from typing import Any
 from ..dtypes import FLOAT_CODES, RECIPE_NAMES
 from ..engine import ops
 from ..errors import CheckpointError, RecipeError
+from ..io.models import ModelOpener, pin_refs
 from ..moe.sources import NoiseSource, RouterSource
 from ..units import human
 from .emit import emit_plan
@@ -204,12 +205,12 @@ def _dtype_of_config(cfg: dict[str, Any] | None) -> str | None:
 
 
 def compile_moe(r: Recipe, sources: dict[str, Any], stages: dict[str, Any], *, budget: int | None,
-                shard_bytes: int, seed: int = 0, allow_pickle: bool = False,
+                shard_bytes: int, seed: int = 0, opener: ModelOpener | None = None,
                 max_block_rows: int | None = None) -> MoEPlan:
     """Compile the MoE recipe `r` into a Plan, against the checkpoints opened so far and the earlier stages'
     outputs (`plan.compile_plan` compiles those and closes the sources on failure)."""
     cfg = parse_moe(r.raw, r.source)
-    comp = StageCompiler(r, MOE_METHOD, sources, stages, allow_pickle)
+    comp = StageCompiler(r, MOE_METHOD, sources, stages, opener or ModelOpener())
     stage_plan, info, routers, warnings = _MoECompiler(cfg, r, comp, budget, seed).compile()
     p = emit_plan(stage_plan, sources, budget, shard_bytes, seed, max_block_rows)
     out = MoEPlan(**{f.name: getattr(p, f.name) for f in fields(p)}, moe=info, routers=routers)
@@ -393,8 +394,9 @@ class _MoECompiler:
             tensors += [RouterTensor(f"model.layers.{i}.mlp.shared_expert_gate.weight", (m, base.hidden), i,
                                      (n, n + m)) for i in range(layers)]
         # what the layer-streaming forward runs: the directory, or base+adapter as a merge-and-unload recipe
-        target: Any = base.key if "+" not in base.key or Path(base.key).is_dir() else \
-            {"merge_method": "passthrough", "models": [{"model": base.key}]}
+        ref = pin_refs(base.key, self.comp.opener.pins())     # a hub base: the commit this plan read
+        target: Any = ref if "+" not in base.key or Path(base.key).is_dir() else \
+            {"merge_method": "passthrough", "models": [{"model": ref}]}
         spec = RouterPass(cfg.gate_mode, self.seed, base.key, Path(base.src.path), target,
                           tuple(e.prompts for e in cfg.experts + cfg.shared_experts), layers,
                           self.budget if self.budget is not None else "unlimited", tuple(tensors))
