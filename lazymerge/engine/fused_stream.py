@@ -149,7 +149,10 @@ def family(base, xs, pres, modes, thr, cuts, flags, dens, scales, nscales, seeds
            lam, use_lam, total, use_total, out16, out32, to16):
     """base + lam * D over the task vectors of xs (each against `base`): D their TIES mix (elect 1: sum, 2:
     count; `engine/fused.py` `_combine`) or their plain sum (elect 0), divided by `total` when `use_total`
-    (`ops.combine`). Returns how many output entries are NaN."""
+    (`ops.combine`). Returns how many output entries are NaN.
+
+    Long because the whole chain runs tile by tile in one pass: its scratch tiles are allocated once here, and a
+    helper per step would need them all passed in."""
     n = len(xs)
     size = base.size
     bb = np.empty(T, np.uint32)
