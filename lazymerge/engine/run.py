@@ -210,7 +210,9 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
 
             with reading(plan.sources, tasks, plan.budget):   # hub inputs: downloaded or streamed ahead
                 stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done,
-                                on_start=on_start, cancel=cancel, io=_reads, io_workers=IO_WORKERS)
+                                on_start=on_start, cancel=cancel, io=_reads,
+                                # an explicit worker count is every thread: tasks then run in task order
+                                io_workers=IO_WORKERS if workers is None else 0)
     finally:
         gc.unfreeze()
         torch.set_num_threads(torch_threads)
