@@ -99,8 +99,16 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--memory", "-m", default=None, metavar="SIZE",
                      help=f"Budget for tensors lazymerge holds ({SIZE_HELP}). Default: 60% of available RAM."),
-        click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
-                     help="Largest output shard (GB = 10^9 bytes, GiB = 2^30)."),
+        click.option("--shard-size", default=None, metavar="SIZE",
+                     help="Largest output shard (GB = 10^9 bytes, GiB = 2^30). Default: 5GB; a GGUF is one file "
+                          "unless a size is given (then llama.cpp's split files)."),
+        click.option("--gguf-type", default=None, metavar="TYPE",
+                     help="Write the merge as GGUF with this tensor type: auto, f32, f16, bf16, q8_0, q4_0, q4_1, "
+                          "q5_0 or q5_1 (implied by an OUT ending in .gguf; default auto: bf16, or f16 for a "
+                          "float16 merge). docs/gguf.md"),
+        click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,
+                     help="Output format (default: gguf for an OUT ending in .gguf or with --gguf-type, else "
+                          "safetensors). gguf with a directory OUT: the directory holds <OUT name>.gguf."),
         click.option("--allow-pickle", is_flag=True,
                      help="Also read PyTorch .bin checkpoints (torch.load with weights_only=True)."),
         click.option("--stage", default=None, metavar="NAME",
@@ -114,13 +122,13 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command("plan")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @_run_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the output will go: check free disk space there.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where the output will go (a .gguf: plan that GGUF): check free disk space there.")
 @click.option("--graph", "graph_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the task graph as JSON (node-link format).")
 @_friendly
-def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
-             out: Path | None, graph_file: Path | None) -> None:
+def plan_cmd(recipe: Path, memory: str | None, shard_size: str | None, gguf_type: str | None, fmt: str | None,
+             allow_pickle: bool, stage: str | None, out: Path | None, graph_file: Path | None) -> None:
     """Validate RECIPE and show what a run would do: tasks, bytes read and written, estimated peak memory.
 
     Reads checkpoint headers only; no tensor data is touched.
@@ -130,7 +138,8 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
     from .api import plan
     from .units import human
 
-    p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle, stage=stage)
+    p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle, stage=stage, out=out,
+             gguf_type=gguf_type, format=fmt)
     try:
         click.echo(p.summary())
         where = (out.parent if out is not None else Path.cwd()).resolve()
@@ -176,10 +185,10 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
                    "'none' runs here. Inputs and OUT must be at the same paths on every worker; --memory is then "
                    "per worker. Needs pip install 'lazymerge[dask]'.")
 @_friendly
-def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
-            seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
-            quiet: bool, cluster: str | None) -> None:
-    """Merge the models in RECIPE into the checkpoint directory OUT.
+def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str | None, gguf_type: str | None,
+            fmt: str | None, allow_pickle: bool, stage: str | None, seed: int, device: str, overwrite: bool,
+            resume: bool, strict: bool, workers: int | None, quiet: bool, cluster: str | None) -> None:
+    """Merge the models in RECIPE into the checkpoint directory OUT, or into the GGUF file OUT (.gguf).
 
     RECIPE may also be a mergekit-moe config (base_model + experts, or merge_method: moe): OUT is then a Mixtral,
     Qwen2-MoE or Qwen3-MoE whose experts are the listed models' MLPs, routed by their prompts (gate_mode).
@@ -189,6 +198,13 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
 
     OUT appears only when the merge is complete. The report is printed and saved to OUT/lazymerge_report.json,
     the recipe to OUT/lazymerge_recipe.yaml.
+
+    A GGUF (for llama.cpp, Ollama, LM Studio) is written in the same pass, each row block quantized as it is
+    merged, with the metadata llama.cpp's converter writes (docs/gguf.md):
+
+    \b
+      lazymerge run recipe.yaml merged.Q8_0.gguf --gguf-type q8_0
+      lazymerge run recipe.yaml ./merged-gguf --format gguf --gguf-type q4_0 --shard-size 4GB
 
     \b
     On a Dask cluster (same output, bit for bit):
@@ -202,7 +218,8 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
         with _cluster_client(cluster) as client:
             report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                            progress=bar, overwrite=overwrite, resume=resume, strict=strict,
-                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client)
+                           allow_pickle=allow_pickle, workers=workers, stage=stage, cluster=client,
+                           gguf_type=gguf_type, format=fmt)
     finally:
         bar.close()
     click.echo(report.summary())

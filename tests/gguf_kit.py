@@ -49,12 +49,38 @@ def family_config(family: str, vocab: int, hidden: int = 64, layers: int = 2):
     raise ValueError(family)
 
 
-def make_hf_model(directory: Path, family: str, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """A random tiny model of `family` saved with save_pretrained (float32), with its tokenizer."""
+def make_llama_tokenizer(directory: Path, vocab_size: int = 400):
+    """A Llama-2 style tokenizer.json (BPE with byte fallback: <0x00>..<0xFF> tokens, "▁" for spaces, the
+    decoder llama's), trained here: the kind llama.cpp's converter writes as a `llama` vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from evalkit import corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator(corpus(200, seed=99), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def make_hf_model(directory: Path, family: str, *, seed: int = 0, hidden: int = 64, layers: int = 2,
+                  llama_vocab: bool = False) -> Path:
+    """A random tiny model of `family` saved with save_pretrained (float32), with its tokenizer (byte-level BPE,
+    or with `llama_vocab` a Llama-2 style one)."""
     import transformers as T
 
     directory.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(directory, vocab_size=320)
+    tok = make_llama_tokenizer(directory) if llama_vocab else make_tokenizer(directory, vocab_size=320)
+    if family.startswith("qwen"):       # transformers' Qwen2Tokenizer adds <|endoftext|> when a vocabulary lacks it
+        tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+        tok.save_pretrained(str(directory))
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(family_config(family, len(tok), hidden, layers))
     with torch.no_grad():

@@ -23,10 +23,12 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .. import memory
-from ..dtypes import torch_dtype
+from ..dtypes import BLOCK_CODES, torch_dtype
 from ..io.checkpoint import Checkpoint
+from ..io.gguf.rows import RowEncoding, encode
 from . import kernels as K
 from .context import RunContext
+from .quantize import quantize
 from .vocab_rows import VocabRows, load_block, read_token_rows
 
 Tensor = torch.Tensor
@@ -155,17 +157,22 @@ def _cast(ctx: RunContext, ins: list[Any], a: Cast, own: tuple[bool, ...]) -> Te
 
 @dataclass(frozen=True)
 class Write(Attrs):
-    """Cast a block to the output dtype and write it at its rows of the output tensor; returns nothing."""
+    """Cast a block to the output dtype (or quantize it: GGUF) and write it at its rows of the output tensor."""
 
     name: str
     row_start: int
-    dtype: str                           # safetensors code
+    dtype: str                           # safetensors code, or a GGUF block type (dtypes.BLOCK_CODES)
+    gguf: RowEncoding | None = None      # GGUF output: what llama.cpp's converter does to these rows first
 
 
 @op("write", Write, scratch=0.0)
 def _write(ctx: RunContext, ins: list[Any], a: Write, own: tuple[bool, ...]) -> None:
     x = ins[0]
-    if x.device.type == "cpu":
+    if a.gguf is not None:
+        x = encode(x.cpu(), a.gguf)
+    if a.dtype in BLOCK_CODES:
+        y = quantize(x.reshape(x.shape[0] if x.dim() >= 2 else 1, -1), a.dtype)
+    elif x.device.type == "cpu":
         y = memory.empty(tuple(x.shape), torch_dtype(a.dtype)).copy_(x)
     else:
         y = x.to(device="cpu", dtype=torch_dtype(a.dtype)).contiguous()

@@ -19,7 +19,7 @@ from typing import Self
 
 import torch
 
-from lazymerge import memory, shapes
+from lazymerge import dtypes, memory, shapes
 from lazymerge.io import pagecache
 from lazymerge.dtypes import DTYPES
 from lazymerge.errors import CheckpointError
@@ -52,7 +52,8 @@ class ShapedTensor:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        """The dtype its rows are handed over in (uint8 bytes for a GGUF block type)."""
+        return torch.uint8 if self.dtype in dtypes.BLOCK_CODES else DTYPES[self.dtype][0]
 
     @property
     def itemsize(self) -> int:
@@ -60,7 +61,7 @@ class ShapedTensor:
 
     @property
     def row_nbytes(self) -> int:
-        return self.row_numel * self.itemsize
+        return dtypes.row_nbytes(self.dtype, self.row_numel)
 
 
 @dataclass(frozen=True)

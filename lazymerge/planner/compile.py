@@ -70,9 +70,10 @@ def _method_of(r: Recipe) -> tuple[Method, list[str]]:
 
 def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: "int | str" = "5GB",
                  seed: int = 0, allow_pickle: bool = False, max_block_rows: int | None = None,
-                 stage: str | None = None) -> Plan:
+                 stage: str | None = None, gguf: Any = None) -> Plan:
     """Compile a recipe (one document, or a multi-stage recipe whose output is `stage`, the unnamed document
-    or the last one) into a Plan. Raises a LazyMergeError subclass on any problem."""
+    or the last one) into a Plan. Raises a LazyMergeError subclass on any problem. `gguf`
+    (io.gguf.layout.GGUFOptions): the output is a GGUF, laid out and encoded as llama.cpp's converter would."""
     chain = resolve_stages(recipe, stage)
     moe = chain[-1].merge_method == "moe"      # the output may be a mixture of experts (planner/moe.py)
     for r in chain[:-1]:
@@ -95,9 +96,9 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
                                                          st.aux_files)
         if moe:
             return compile_moe(chain[-1], sources, stages, budget=budget, shard_bytes=shard_bytes, seed=seed,
-                               allow_pickle=allow_pickle, max_block_rows=max_block_rows)
+                               allow_pickle=allow_pickle, max_block_rows=max_block_rows, gguf=gguf)
         final = StageCompiler(chain[-1], methods[-1], sources, stages, allow_pickle).compile()
-        plan = emit_plan(final, sources, budget, shard_bytes, seed, max_block_rows)
+        plan = emit_plan(final, sources, budget, shard_bytes, seed, max_block_rows, gguf)
         plan.warnings[:0] = [w for _, notes in checked for w in notes]
         return plan
     except BaseException:

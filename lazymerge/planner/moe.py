@@ -206,13 +206,13 @@ def _dtype_of_config(cfg: dict[str, Any] | None) -> str | None:
 
 def compile_moe(r: Recipe, sources: dict[str, Any], stages: dict[str, Any], *, budget: int | None,
                 shard_bytes: int, seed: int = 0, allow_pickle: bool = False,
-                max_block_rows: int | None = None) -> MoEPlan:
+                max_block_rows: int | None = None, gguf: Any = None) -> MoEPlan:
     """Compile the MoE recipe `r` into a Plan, against the checkpoints opened so far and the earlier stages'
     outputs (`plan.compile_plan` compiles those and closes the sources on failure)."""
     cfg = parse_moe(r.raw, r.source)
     comp = StageCompiler(r, MOE_METHOD, sources, stages, allow_pickle)
     stage_plan, info, routers, warnings = _MoECompiler(cfg, r, comp, budget, seed).compile()
-    p = emit_plan(stage_plan, sources, budget, shard_bytes, seed, max_block_rows)
+    p = emit_plan(stage_plan, sources, budget, shard_bytes, seed, max_block_rows, gguf)
     out = MoEPlan(**{f.name: getattr(p, f.name) for f in fields(p)}, moe=info, routers=routers)
     out.warnings.extend(warnings)
     if out.config is not None and "dtype" in out.config and "torch_dtype" in out.config:

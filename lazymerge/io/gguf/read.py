@@ -28,20 +28,12 @@ from lazymerge.io.checkpoint import AUX_NAMES
 from lazymerge.io.gguf.files import gguf_files
 from lazymerge.io.gguf.format import GGUFHeader, StoredTensor, block_of, read_gguf_header, type_name
 from lazymerge.io.gguf.hf import HFView, hf_view
+from lazymerge.io.gguf.rows import RowTransform, as_rows, unpermute_heads
 from lazymerge.io.shards import ALIGNMENT, ReaderPool, TensorInfo
 
 # ggml types stored as plain values: their safetensors code
 PLAIN = {0: "F32", 1: "F16", 30: "BF16", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
 DEQUANT_CHUNK = 4 << 20           # bytes of float32 dequantized per call of gguf's dequantizer
-
-
-@dataclass(frozen=True)
-class RowTransform:
-    """What reading undoes. `permute`: llama.cpp's rotary reordering of llama's q/k rows inside groups of `group`
-    rows (a head); `offset`: a value llama.cpp added (Gemma's norms: w + 1)."""
-
-    permute: int = 0
-    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +52,7 @@ def _transform(arch: str, gguf_name: str, config: dict) -> RowTransform:
             return RowTransform()
         return RowTransform(permute=heads if ".attn_q." in gguf_name else kv)
     if arch in ("gemma2", "gemma3") and "norm.weight" in gguf_name:
-        return RowTransform(offset=-1.0)
+        return RowTransform(offset=1.0)
     return RowTransform()
 
 
@@ -160,13 +152,13 @@ class GGUFCheckpoint(ReaderPool):
         if a == b:
             return torch.empty(shape, dtype=info.torch_dtype)
         tr = info.transform
-        head = info.shape[0] // tr.permute if tr.permute else 0       # rows (a 1-d tensor: values) of one head
+        head = tr.head_rows(info.shape[0])          # rows (a 1-d tensor: values) of one head
         lo, hi = (a - a % head, -(-b // head) * head) if head and len(info.shape) >= 2 else (a, b)
         x = self._rows(info, lo, hi, evict)
         if head:                 # a permuted block holds whole heads
-            _unpermute(x.view(-1, x.shape[-1] if len(info.shape) >= 2 else 1), head)
+            unpermute_heads(as_rows(x, len(info.shape)), head)
         if tr.offset:
-            x.add_(tr.offset)
+            x.add_(-tr.offset)
         if (lo, hi) != (a, b):
             x = x[a - lo:b - lo]
             if x.data_ptr() % ALIGNMENT:
@@ -204,16 +196,6 @@ class GGUFCheckpoint(ReaderPool):
 
     def data_files(self) -> set[Path]:
         return {hd.path for hd in self.headers}
-
-
-def _unpermute(flat: torch.Tensor, head: int) -> None:
-    """transformers' `reverse_permute_weights`, in place on whole heads of `head` rows: each head's rows from
-    llama.cpp's interleaved rotary pairs (dim, 2) back to Hugging Face's halves (2, dim). One head at a time, so
-    the only temporary is one head."""
-    heads = flat.view(flat.shape[0] // head, head, -1)
-    for h in heads:
-        tmp = h.clone()
-        h.view(2, head // 2, -1).copy_(tmp.view(head // 2, 2, -1).transpose(0, 1))
 
 
 _DEQUANTIZABLE: dict[int, bool] = {}
