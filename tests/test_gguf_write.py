@@ -260,3 +260,73 @@ def test_unmappable_architecture_is_one_line_before_any_work(root, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "architecture 'GPT2LMHeadModel' cannot be written as GGUF" in lines[0], lines
     assert sorted(x.name for x in tmp_path.iterdir()) == ["gpt2", "r.yaml"]
+
+
+# -- mixture of experts: the converter's stacked expert tensors ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,gtype", [("llama", "q8_0"), ("qwen2", "f16")])
+def test_moe_experts_are_stacked_as_llamacpp_does(tmp_path, kind, gtype):
+    """Mixtral (llama) and Qwen2-MoE: each layer's experts are rows of one `ffn_{gate,up,down}_exps` tensor, in
+    expert order, their bytes the safetensors MoE's experts stacked then cast or quantized; routers stay F32."""
+    from moe_models import make_model as moe_member
+
+    base = moe_member(tmp_path / "base", kind, 1)
+    experts = [moe_member(tmp_path / f"e{i}", kind, 2 + i, like=base) for i in range(3)]
+    recipe = {"base_model": str(base), "gate_mode": "random", "dtype": "float32", "experts_per_token": 2,
+              "experts": [{"source_model": str(e), "positive_prompts": ["hello"]} for e in experts]}
+    if kind == "qwen2":
+        recipe["shared_experts"] = [{"source_model": str(base), "positive_prompts": ["hello"]}]
+    sf = safetensors(_run(recipe, tmp_path / "st"))
+    out = tmp_path / "moe.gguf"
+    lazymerge.merge(recipe, out, gguf_type=gtype)
+    files = stored(out)
+    arch = gguf.GGUFReader(out).fields["general.architecture"].contents()
+    assert arch == {"llama": "llama", "qwen2": "qwen2moe"}[kind]
+    assert gguf.GGUFReader(out).fields[f"{arch}.expert_count"].contents() == 3
+    proj = {"llama": {"gate": "w1", "up": "w3", "down": "w2"},
+            "qwen2": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}[kind]
+    pre = "block_sparse_moe" if kind == "llama" else "mlp"
+    for layer in range(2):
+        for g, w in proj.items():
+            t = files[f"blk.{layer}.ffn_{g}_exps.weight"]
+            stack = torch.stack([sf[f"model.layers.{layer}.{pre}.experts.{e}.{w}.weight"] for e in range(3)])
+            assert tuple(int(d) for d in reversed(t.shape)) == tuple(stack.shape)
+            rows = stack.reshape(-1, stack.shape[-1]).numpy()
+            want = gguf.quants.quantize(rows, gguf.GGMLQuantizationType[gtype.upper()])
+            assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), (layer, g)
+        router = files[f"blk.{layer}.ffn_gate_inp.weight"]
+        assert router.tensor_type.name == "F32"
+        assert np.array_equal(np.asarray(router.data).reshape(3, -1),
+                              sf[f"model.layers.{layer}.{pre}.gate.weight"].numpy())
+    if kind == "qwen2":
+        assert files["blk.0.ffn_gate_inp_shexp.weight"].tensor_type.name == "F32"
+        assert files["blk.0.ffn_up_shexp.weight"].tensor_type.name == "F16"
+
+
+def test_resume_keeps_finished_split_files(root, tmp_path):
+    """An interrupted --resume run of split GGUF files keeps the finished files (checksummed in the journal) and
+    the resumed output is the clean run's, byte for byte."""
+    import threading
+
+    recipe = linear(root, "qwen2")
+    opts = dict(gguf_type="q8_0", shard_size="20KB", memory="16KiB", workers=2)
+    lazymerge.merge(recipe, tmp_path / "ref" / "m.gguf", **opts)
+    ref = sorted((tmp_path / "ref").glob("m-*.gguf"))
+    assert len(ref) >= 3
+    stop = threading.Event()
+
+    def progress(p):
+        if p.tensors_done >= p.tensors_total // 2:
+            stop.set()
+
+    out = tmp_path / "run" / "m.gguf"
+    with pytest.raises(LazyMergeError, match="interrupted"):
+        lazymerge.merge(recipe, out, resume=True, cancel=stop, progress=progress, **opts)
+    assert not list((tmp_path / "run").glob("m*.gguf"))                  # nothing half-written is visible
+    report = lazymerge.merge(recipe, out, resume=True, **opts)
+    assert report.resumed_tensors > 0
+    got = sorted((tmp_path / "run").glob("m-*.gguf"))
+    assert [p.name for p in got] == [p.name for p in ref]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(got, ref))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [p.name for p in ref]

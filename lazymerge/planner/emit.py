@@ -59,9 +59,9 @@ def _gguf_pieces(st: StagePlan, opts: GGUFOptions) -> tuple[Any, dict[str, GGUFP
     """What each output tensor becomes in the GGUF (io.gguf.names): before any task, so an architecture or a
     tensor the GGUF writer cannot map stops the merge before any work."""
     arch = arch_of(st.config, st.recipe.source)
-    codes = {j.out_dtype for j in st.jobs if j.params is not None}
+    codes = {j.out_dtype for j in st.jobs if j.out_dtype in FLOAT_CODES}
     for j in st.jobs:
-        if j.params is None and j.out_dtype not in FLOAT_CODES:
+        if j.out_dtype not in FLOAT_CODES:
             raise OutputError(f"{j.name}: a {j.out_dtype} tensor cannot be written to GGUF (float tensors only)")
     pieces = plan_pieces(arch, st.config or {}, [(j.name, tuple(j.shape)) for j in st.jobs], opts.type, codes)
     return arch, {p.name: p for p in pieces}, codes
