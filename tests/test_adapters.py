@@ -166,6 +166,17 @@ def test_untargeted_modules_are_ignored_like_peft(tmp_path: Path, toy: dict) -> 
     ad = Adapter.open(adapter)
     assert set(ad.lora) == {"m.fc.weight"}
     assert ad.ignored == ["base_model.model.m.out.lora_A.weight", "base_model.model.m.out.lora_B.weight"]
+    # and the plan says so, naming them (issue 27): an adapter whose config lost a target must not merge
+    # silently without it
+    import lazymerge
+
+    p = lazymerge.plan({"merge_method": "passthrough", "models": [{"model": f"{toy['dir']}+{adapter}"}]})
+    try:
+        notes = [w for w in p.warnings if "target_modules" in w]
+    finally:
+        p.close()
+    assert len(notes) == 1 and "m.out" in notes[0] and "m.fc" not in notes[0], p.warnings
+    assert str(adapter / "adapter_model.safetensors") in notes[0] and "\n" not in notes[0]
 
 
 def test_adapter_dir_alone_uses_local_base(tmp_path: Path, toy: dict) -> None:
@@ -284,3 +295,41 @@ def test_two_adapters_merge_like_full_finetunes(tmp_path: Path) -> None:
     assert ya.keys() == yb.keys()
     for name in ya:
         torch.testing.assert_close(ya[name], yb[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_ignored_factors_of_many_layers_are_summarised() -> None:
+    from lazymerge.io.adapters import module_summary
+
+    names = [f"model.layers.{i}.mlp.gate_proj" for i in range(32)] + ["model.layers.3.self_attn.k_proj",
+                                                                       "model.layers.7.self_attn.k_proj", "lm_head"]
+    assert module_summary(names) == ("lm_head, model.layers.{0..31}.mlp.gate_proj, "
+                                     "model.layers.{3,7}.self_attn.k_proj")
+
+
+@pytest.mark.parametrize("keys", [
+    ("m.fc.lora_A.one.weight", "m.fc.lora_B.two.weight"),                      # A of one adapter, B of another
+    ("m.fc.lora_A.one.weight", "m.fc.lora_B.one.weight", "m.fc.lora_A.two.weight", "m.fc.lora_B.two.weight"),
+    ("m.fc.lora_A.weight", "m.fc.lora_B.weight", "m.out.lora_A.two.weight", "m.out.lora_B.two.weight"),
+], ids=["crossed", "two_pairs", "unnamed_and_named"])
+def test_several_adapters_in_one_file_are_refused(tmp_path: Path, toy: dict, keys: tuple[str, ...]) -> None:
+    """PEFT saves one adapter per directory, without its name in the keys; a file holding factors under several
+    adapter names could pair one adapter's A with another's B. Refused, naming the file and the adapters."""
+    g = toy["g"]
+    shapes = {"m.fc.lora_A": (2, 8), "m.fc.lora_B": (12, 2), "m.out.lora_A": (2, 12), "m.out.lora_B": (5, 2)}
+    tensors = {f"base_model.model.{k}": torch.randn(shapes[".".join(k.split(".")[:3])], generator=g) for k in keys}
+    adapter = _write_adapter(tmp_path / "ad", tensors, r=2, lora_alpha=2, target_modules=["fc", "out"])
+    with pytest.raises(CheckpointError, match="several adapters") as exc:
+        Adapter.open(adapter)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(adapter / "adapter_model.safetensors") in msg and "two" in msg
+
+
+def test_one_named_adapter_is_read(tmp_path: Path, toy: dict) -> None:
+    """A state dict saved with its adapter name in the keys (`lora_A.default.weight`) is one adapter: merged."""
+    g = toy["g"]
+    a, b = torch.randn(2, 8, generator=g), torch.randn(12, 2, generator=g)
+    adapter = _write_adapter(tmp_path / "ad", {"base_model.model.m.fc.lora_A.default.weight": a,
+                                               "base_model.model.m.fc.lora_B.default.weight": b},
+                             r=2, lora_alpha=4, target_modules=["fc"])
+    with open_model(f"{toy['dir']}+{adapter}") as ckpt:
+        torch.testing.assert_close(ckpt.read("m.fc.weight"), toy["base"]["m.fc.weight"] + 2 * b @ a)

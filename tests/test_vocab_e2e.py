@@ -90,3 +90,51 @@ def test_union_ties_blocks_bit_identical(abc, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
         assert torch.isfinite(a[name]).all(), name
+
+
+def _tie(path):
+    """Make a make_model checkpoint tied: no lm_head tensor, tie_word_embeddings true (its head is its embedding)."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(path / "model.safetensors")
+    t.pop("lm_head.weight")
+    save_file(t, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    return path
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_fill_rows_come_from_each_models_own_head(tmp_path, with_base):
+    """Model A ties its head to its embedding (no lm_head tensor), model B has its own lm_head (= -embedding in
+    these models). A token a model lacks is filled from the rows of the head of the model it is taken from: B's
+    lm_head row (B the base, or the only model with the token), or A's embedding row (A the only model with it).
+    The fills were read under the name the *loading* model uses (A's head is `embed_tokens`, B's `lm_head`), so
+    B's embedding row went into the head, and A's missing `lm_head` failed the merge."""
+    from test_vocab import ADDED_B, VOCAB_A, VOCAB_B, make_model
+
+    a = _tie(make_model(tmp_path / "A", "A", VOCAB_A, seed=1))
+    b = make_model(tmp_path / "B", "B", VOCAB_B, ADDED_B, seed=2)
+    if with_base:     # B + (A - B): A's rows, A's missing ones from the base B
+        recipe = {"merge_method": "task_arithmetic", "base_model": str(b), "tokenizer_source": "union",
+                  "dtype": "float32", "models": [{"model": str(a), "parameters": {"weight": 1.0}}]}
+    else:             # the mean of A's and B's rows, each one's missing rows from the other (B leads: a head)
+        recipe = {"merge_method": "linear", "tokenizer_source": "union", "dtype": "float32",
+                  "models": [{"model": str(b), "parameters": {"weight": 0.5}},
+                             {"model": str(a), "parameters": {"weight": 0.5}}]}
+    out = tmp_path / "out"
+    merge(recipe, out, memory="unlimited")
+    t = read_all_f32(out)
+    vocab = json.loads((out / "tokenizer.json").read_text())
+    ids = {**vocab["model"]["vocab"], **{e["content"]: e["id"] for e in vocab["added_tokens"]}}
+    own = {"A": set(VOCAB_A), "B": set(VOCAB_B) | {"<|im_start|>"}}
+    rows = {"lm_head.weight": {"A": lambda tok: row_value("A", tok), "B": lambda tok: -row_value("B", tok)},
+            "model.embed_tokens.weight": {"A": lambda tok: row_value("A", tok), "B": lambda tok: row_value("B", tok)}}
+    assert sorted(ids.values()) == list(range(t["lm_head.weight"].shape[0]))
+    for name, of in rows.items():
+        for tok, r in ids.items():
+            if with_base:
+                want = of["A" if tok in own["A"] else "B"](tok)
+            else:
+                want = sum(0.5 * of[m if tok in own[m] else "AB".replace(m, "")](tok) for m in "AB")
+            torch.testing.assert_close(t[name][r], want, rtol=0, atol=1e-5, msg=f"{name} {tok}")

@@ -114,8 +114,11 @@ def _finite(x: Tensor) -> bool:
 def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Tensor:
     ckpt = ctx.sources[a.model]
     if a.vocab is not None:      # a vocab-indexed tensor whose rows are mapped token by token (engine/vocab_rows.py)
+        names = dict(a.vocab.names)      # a fill's source reads its own tensor (tied: its embedding)
+
         def read(key: str, rows: tuple[int, int]) -> Tensor:
-            return read_token_rows(ctx.sources[key], a.name, rows, ctx.device)
+            name = a.name if key == a.model else names[key]
+            return read_token_rows(ctx.sources[key], name, rows, ctx.device)
 
         x = load_block(read, a.model, a.vocab)
     elif _widen_in_one_pass(ctx, ckpt, a):

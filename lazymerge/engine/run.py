@@ -112,16 +112,34 @@ def input_files(plan: Any) -> list[Path]:
     return sorted(files)
 
 
+def meta_files(plan: Any) -> list[Path]:
+    """Every small file whose bytes decide what the merge computes, besides the tensor data: each input's
+    config.json, index, tokenizer and adapter config (`meta_files()` of each source), and what the planner read
+    besides them (a tokenizer_source directory), sorted."""
+    files: set[Path] = {Path(f) for f in getattr(plan, "read_files", ())}
+    for src in plan.sources.values():
+        files |= src.meta_files()
+    return sorted(files)
+
+
 def run_fingerprint(plan: Any, device: torch.device, version: str) -> str:
     """What the output bytes depend on besides the layout: a resumed run keeps finished shards only when this is
-    unchanged (the recipe, seed, device kind, lazymerge version, and each input file's path, size and mtime)."""
+    unchanged. The recipe, seed, device kind, lazymerge and torch versions; each tensor data file's path, size
+    and mtime (hashing gigabytes would cost a read of every input); and the bytes of every small file that
+    decides what is merged (`meta_files`: an edited adapter_config.json, config.json or tokenizer changes the
+    result without touching a weight file)."""
     h = hashlib.sha256()
     h.update(json.dumps([plan.method.name, plan.recipe.raw, getattr(plan.recipe, "documents", None), plan.seed,
-                         device.type, version], sort_keys=True, default=str).encode())
+                         device.type, version, torch.__version__], sort_keys=True, default=str).encode())
     for f in input_files(plan):
         try:
             st = f.stat()
             h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        except OSError:
+            h.update(f"{f}\0missing\0".encode())
+    for f in meta_files(plan):
+        try:
+            h.update(f"{f.resolve()}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\0".encode())
         except OSError:
             h.update(f"{f}\0missing\0".encode())
     return h.hexdigest()

@@ -27,12 +27,15 @@ class VocabRows:
 
     `map[i]` is the source row of the block's output row i, or -1; `fill` has one Fill per -1, in order;
     `row_shape` is the shape of one row (for a block with no source row); `read_rows` counts the source rows
-    `load_block` reads (the task's read bytes)."""
+    `load_block` reads (the task's read bytes); `names` gives, for each source a fill reads, its own tensor for
+    this output tensor, which need not be the loaded source's (a model with tied embeddings has no lm_head: its
+    head rows are its embed_tokens rows)."""
 
     map: tuple[int, ...]
     fill: tuple[Fill, ...]
     row_shape: tuple[int, ...]
     read_rows: int
+    names: tuple[tuple[str, str], ...] = ()
 
 
 def row_runs(row_map: Iterable[int], gap: int = GAP_ROWS) -> list[tuple[int, int]]:

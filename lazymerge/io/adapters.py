@@ -31,8 +31,9 @@ OUTPUT_LAYERS = ("lm_head", "embed_out")
 # Config switches whose merge is not `W + scale * B @ A`; refusing them beats merging something else silently.
 UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "layer_replication", "trainable_token_indices")
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
-_EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
+# PEFT saves factors without the adapter's name (`x.lora_A.weight`); a raw state dict has it (`x.lora_A.default.weight`)
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
 # A full tensor saved next to the factors: `modules_to_save` (`x.modules_to_save.default.weight`, or plain
 # `x.weight` as PEFT saves it now) or a targeted embedding's own weight (`x.base_layer.weight`), which PEFT loads
 # into the base layer underneath the LoRA.
@@ -73,6 +74,29 @@ def parse_model_ref(ref: str | Path) -> tuple[Path, Path | None]:
 def is_adapter_dir(path: Path) -> bool:
     """A PEFT adapter is recognised by its config, as PEFT itself does; its weights may still be missing."""
     return (Path(path) / CONFIG_NAME).is_file()
+
+
+def module_summary(modules: list[str]) -> str:
+    """Module names, those that differ only in their layer index collapsed (`model.layers.{0..31}.mlp.up_proj`),
+    so that a warning naming 200 modules stays one readable line."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    single: list[str] = []
+    for m in modules:
+        hit = re.match(r"^(.*?\.)(\d+)(\..*)$", m)
+        if hit:
+            groups.setdefault((hit[1], hit[3]), []).append(int(hit[2]))
+        else:
+            single.append(m)
+    parts = list(single)
+    for (head, tail), idx in groups.items():
+        idx = sorted(set(idx))
+        if len(idx) == 1:
+            parts.append(f"{head}{idx[0]}{tail}")
+        elif idx == list(range(idx[0], idx[-1] + 1)):
+            parts.append(f"{head}{{{idx[0]}..{idx[-1]}}}{tail}")
+        else:
+            parts.append(f"{head}{{{','.join(map(str, idx))}}}{tail}")
+    return ", ".join(sorted(parts))
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
@@ -179,7 +203,8 @@ class Adapter:
     `lora` maps a base tensor name (`model.layers.0.self_attn.q_proj.weight`) to its factors and scale;
     `replaced` maps a base tensor name to a full tensor that replaces it (`modules_to_save`, or a targeted
     embedding's saved weight, which its LoRA delta is then added to);
-    `ignored` lists file keys PEFT would not load (modules outside `target_modules`).
+    `ignored` lists file keys PEFT would not load (modules outside `target_modules`); `warnings` says so, in one
+    line naming their modules.
     """
 
     def __init__(self, path: Path, config: dict, weights: Checkpoint) -> None:
@@ -190,6 +215,7 @@ class Adapter:
         self.lora: dict[str, LoraModule] = {}
         self.replaced: dict[str, TensorInfo] = {}
         self.ignored: list[str] = []
+        self.warnings: list[str] = []     # what a merge through it should say (ignored factors)
         self._map_keys()
 
     @classmethod
@@ -214,10 +240,12 @@ class Adapter:
 
     def _map_keys(self) -> None:
         factors: dict[str, dict[str, TensorInfo]] = {}
+        adapters: set[str | None] = set()
         for key, info in self._weights.tensors.items():
             name = key.removeprefix(PEFT_PREFIX)
             match = _LORA_KEY.match(name) or _EMBED_KEY.match(name)
             if match:
+                adapters.add(match["adapter"])
                 factors.setdefault(match["module"], {})[match["kind"]] = info
             elif _PEFT_ONLY.search(name):
                 raise CheckpointError(f"{self.weights_file}: tensor {key!r} is not a plain LoRA factor "
@@ -228,6 +256,11 @@ class Adapter:
                     raise CheckpointError(f"{self.weights_file}: tensors {self.replaced[target].name!r} and "
                                           f"{key!r} both replace {target!r}")
                 self.replaced[target] = info
+        if len(adapters) > 1:         # one adapter's A must never meet another's B
+            names = ", ".join(sorted(a or "(unnamed)" for a in adapters))
+            raise CheckpointError(f"{self.weights_file}: holds the LoRA factors of several adapters ({names}); "
+                                  "merge one adapter per directory, as PEFT's save_pretrained writes them")
+        ignored: list[str] = []
         for module, parts in factors.items():
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
             a = parts.get("lora_embedding_A" if embedding else "lora_A")
@@ -237,8 +270,13 @@ class Adapter:
                                       f"factor, found {sorted(parts)}")
             if not _is_targeted(self.config, module):
                 self.ignored.extend(sorted(i.name for i in parts.values()))
+                ignored.append(module)
                 continue
             self.lora[f"{module}.weight"] = self._module(module, a, b, embedding)
+        if ignored:
+            self.warnings.append(f"{self.weights_file}: LoRA factors of {len(ignored)} module(s) outside "
+                                 f"{CONFIG_NAME}'s target_modules ignored, as PEFT ignores them: "
+                                 f"{module_summary(ignored)}")
 
     def _module(self, module: str, a: TensorInfo, b: TensorInfo, embedding: bool) -> LoraModule:
         rank = _pattern_value(self.config["rank_pattern"], module, self.config["r"])
@@ -314,11 +352,18 @@ class AdaptedCheckpoint:
         self.config_dir = base.config_dir
         self.tensors = {**base.tensors, **adapter.replaced}
 
+    def has_stored_form(self, name: str) -> bool:
+        """False for an adapted weight: W + scale * B @ A exists only as the float32 value computed on read, and
+        rounding it to W's dtype would make a merge's result depend on how it was read (issue 27). A tensor the
+        adapter leaves alone, or replaces with a saved one, is read from a file as it is stored."""
+        return name not in self.adapter.lora
+
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
              device: str | torch.device = "cpu", evict: bool = True) -> torch.Tensor:
-        """Rows [a, b) of the adapted tensor, W + delta summed in float32 and then cast to `dtype` (None: the
-        stored dtype). Only those rows of the delta are formed, with the block-invariant `lora_rows`, so a
-        row's bits do not depend on the block it is read in."""
+        """Rows [a, b) of the adapted tensor, W + delta summed in float32 and then cast to `dtype`. With `dtype`
+        None ("as stored") an adapted weight stays float32: it has no stored form (`has_stored_form`). Only
+        those rows of the delta are formed, with the block-invariant `lora_rows`, so a row's bits do not depend
+        on the block it is read in."""
         mod = self.adapter.lora.get(name)
         if mod is None:
             return self._read_weight(name, rows, dtype, device, evict)
@@ -328,7 +373,7 @@ class AdaptedCheckpoint:
         b = self.adapter.read(mod.b)
         w = self._read_weight(name, span, torch.float32, "cpu", evict)
         out = w + lora_rows(a, b, mod.scale, span, mod.fan_in_fan_out)
-        return out.to(device=device, dtype=info.torch_dtype if dtype is None else dtype)
+        return out.to(device=device, dtype=torch.float32 if dtype is None else dtype)
 
     def _read_weight(self, name: str, rows: tuple[int, int] | None, dtype: torch.dtype | None,
                      device: str | torch.device, evict: bool) -> torch.Tensor:
@@ -344,6 +389,14 @@ class AdaptedCheckpoint:
     def data_files(self) -> set[Path]:
         """The files whose bytes the adapted tensors are read from: the base's and the adapter's weights."""
         return {Path(info.file) for info in self.tensors.values()} | {self.adapter.weights_file}
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.adapter.warnings
+
+    def meta_files(self) -> set[Path]:
+        """The base's, and the adapter's config (targets, rank and alpha patterns: the scale of each delta)."""
+        return self.base.meta_files() | {self.adapter.path / CONFIG_NAME}
 
     def close(self) -> None:
         self.adapter.close()

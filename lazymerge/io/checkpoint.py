@@ -97,6 +97,8 @@ class Checkpoint(ReaderPool):
     for an opt-in compatibility route.
     """
 
+    warnings: tuple[str, ...] = ()    # what a merge reading it should say (sources that adapt or compute do)
+
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], config: dict | None,
                  pickled: dict[Path, dict[str, torch.Tensor]] | None = None) -> None:
         self.path = path
@@ -208,6 +210,11 @@ class Checkpoint(ReaderPool):
             return self.read(name, rows, None, "cpu", evict)
         return self.reader(info.file).read(info, rows, None, "cpu", evict, aligned=False)
 
+    def has_stored_form(self, name: str) -> bool:
+        """Whether reading `name` in its stored dtype gives its value exactly: always, for a file's tensors (every
+        source answers this; a source that computes a tensor, like an adapted weight, says no)."""
+        return True
+
     def _info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)
         if info is None:
@@ -238,6 +245,13 @@ class Checkpoint(ReaderPool):
     def data_files(self) -> set[Path]:
         """The files its tensors are read from (what a resumed run checks for changes)."""
         return {Path(info.file) for info in self.tensors.values()}
+
+    def meta_files(self) -> set[Path]:
+        """The small files that decide what its tensors are and how a merge uses them: config.json (layer count,
+        tied embeddings), the index (which file holds which tensor), the tokenizer files (vocabulary alignment,
+        prompts) and the other files copied with it. A resumed run compares their bytes."""
+        names = ("config.json", SAFETENSORS_INDEX, PICKLE_INDEX)
+        return {p for p in (self.path / n for n in names) if p.is_file()} | set(self.aux_files())
 
 
 _UNSAFE_ADVICE = ("weights only load failed", "weights_only` set to `false`", "weights_only=false",

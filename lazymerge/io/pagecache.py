@@ -14,12 +14,13 @@ the merge-level effect is in `benches/results/1b-io-*`). So:
   once they are on disk, a few tens of MiB behind the writer, instead of piling up dirty until the final fsync.
 
 Everything here is advisory: where a call is unavailable (not Linux, not glibc) or refused, it does nothing, and
-the data read or written is the same.
+the data read or written is the same. Except a write error met on the way: that is raised (`WritebackError`).
 """
 from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -126,24 +127,51 @@ class ResidentSnapshot:
             page = end
 
 
+class WritebackError(OSError):
+    """Writeback of a written range failed (EIO, ENOSPC on a thin-provisioned or network disk...). `fd` is the
+    file's descriptor. Fatal: the data did not reach the disk, and the kernel reports such an error once per
+    open file, so the final fsync may no longer see it."""
+
+    def __init__(self, fd: int, err: int) -> None:
+        super().__init__(err, os.strerror(err))
+        self.fd = fd
+
+
+LAG = 64 << 20          # bytes written but not yet waited for, per writer
+
+# sync_file_range's answers that mean "not supported here" (a pipe, a file system without it), not a lost write
+_UNSUPPORTED = {errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
 class WriteBehind:
     """Start writeback of each written range at once and drop it from the cache once it is on disk.
 
     At most `lag` bytes are in flight; older ranges are waited for (the disk is slower than the kernels, so
     this is where the writer would wait anyway at the final fsync) and dropped. Durability is still the final
     fsync's job: ``sync_file_range`` flushes no metadata.
+
+    Errors are not advisory. Waiting on a range (``SYNC_FILE_RANGE_WAIT_AFTER``) reports a writeback error of
+    the file *and consumes it* for this open file, so the final fsync succeeds on a file with missing data.
+    Any error is therefore raised (`WritebackError`) by the call that met it and again by `forget_fd` for that
+    file, and a range is never settled after its file was forgotten (its descriptor may name another file by
+    then): `forget_fd` waits for the settles in flight.
     """
 
-    def __init__(self, lag: int = 64 << 20) -> None:
-        self.lag = lag
+    def __init__(self, lag: int | None = None) -> None:
+        self.lag = LAG if lag is None else lag
         self._ranges: collections.deque[tuple[int, int, int]] = collections.deque()
         self._pending = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._settling: collections.Counter[int] = collections.Counter()
+        self._failed: dict[int, int] = {}          # fd -> errno of its first writeback error
 
     def wrote(self, fd: int, offset: int, nbytes: int) -> None:
+        """`nbytes` at `offset` of `fd` were written: start their writeback, and settle the oldest ranges beyond
+        the lag. Raises `WritebackError` when a range of any file failed."""
         if _sync_file_range is None or nbytes <= 0:
             return
-        _sync_file_range(fd, offset, nbytes, _SYNC_WRITE)
+        self._check(fd, _sync_file_range(fd, offset, nbytes, _SYNC_WRITE))
         done: list[tuple[int, int, int]] = []
         with self._lock:
             self._ranges.append((fd, offset, nbytes))
@@ -152,19 +180,40 @@ class WriteBehind:
                 old = self._ranges.popleft()
                 self._pending -= old[2]
                 done.append(old)
-        for fd_, off, n in done:
-            self._settle(fd_, off, n)
+                self._settling[old[0]] += 1
+        try:
+            for fd_, off, n in done:
+                self._settle(fd_, off, n)
+        finally:                          # after an error, the ranges not reached are settled by nobody
+            with self._lock:
+                for fd_, _, _ in done:
+                    self._settling[fd_] -= 1
+                self._idle.notify_all()
 
     def forget_fd(self, fd: int) -> None:
-        """`fd` is about to be fsynced and closed: stop tracking its ranges (the caller drops the whole file)."""
+        """`fd` is about to be fsynced and closed: stop tracking its ranges (the caller drops the whole file), once
+        no range of it is being settled. Raises `WritebackError` if a writeback of this file failed."""
         with self._lock:
+            while self._settling[fd]:
+                self._idle.wait()
+            del self._settling[fd]
             kept = [r for r in self._ranges if r[0] != fd]
             self._pending = sum(r[2] for r in kept)
             self._ranges = collections.deque(kept)
+            err = self._failed.pop(fd, None)
+        if err is not None:
+            raise WritebackError(fd, err)
 
-    @staticmethod
-    def _settle(fd: int, offset: int, nbytes: int) -> None:
-        # the fd may have been closed since (its shard completed): EBADF is harmless, and a reused fd number
-        # only gets an advisory flush-and-drop of a range it may not even have
-        if _sync_file_range(fd, offset, nbytes, _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER) == 0:
-            drop(fd, offset, nbytes)
+    def _check(self, fd: int, result: int) -> None:
+        if result == 0:
+            return
+        err = ctypes.get_errno()
+        if err in _UNSUPPORTED:
+            return
+        with self._lock:
+            self._failed.setdefault(fd, err)
+        raise WritebackError(fd, err)
+
+    def _settle(self, fd: int, offset: int, nbytes: int) -> None:
+        self._check(fd, _sync_file_range(fd, offset, nbytes, _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER))
+        drop(fd, offset, nbytes)

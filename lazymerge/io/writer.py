@@ -243,6 +243,7 @@ class CheckpointWriter:
         self._lock = threading.Lock()
         self._journal_lock = threading.Lock()
         self._fds: dict[int, int] = {}
+        self._fd_names: dict[int, str] = {}
         self._behind = pagecache.WriteBehind()     # the output leaves the cache as it is written, not at the end
         self._shard_written = [0] * len(self.layout)
         self._tensor_reserved: dict[str, int] = {}
@@ -400,6 +401,7 @@ class CheckpointWriter:
     def _preallocate(self, i: int, shard: ShardLayout) -> None:
         fd = os.open(self.tmp_dir / shard.filename, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
         self._fds[i] = fd
+        self._fd_names[fd] = shard.filename
         self._pwrite(fd, memoryview(shard.header), 0, shard.filename)
         self._pieces[i] = [(0, len(shard.header), hashlib.sha256(shard.header).digest())]
         for off, data in shard.fixed:
@@ -441,8 +443,15 @@ class CheckpointWriter:
         at = offset + row_start * out.row_nbytes
         digest = hashlib.sha256(data).digest() if nbytes else b""    # hashlib drops the GIL for big buffers
         self._pwrite(fd, data, at, self.layout[i].filename)
-        self._behind.wrote(fd, at, nbytes)
+        try:
+            self._behind.wrote(fd, at, nbytes)
+        except pagecache.WritebackError as exc:
+            raise self._disk_error(exc, self._fd_name(exc.fd)) from None
         self._count_written(i, nbytes, (at, nbytes, digest))
+
+    def _fd_name(self, fd: int) -> str:
+        """The shard file last opened as `fd` (for an error message)."""
+        return self._fd_names.get(fd, f"fd {fd}")
 
     def _count_written(self, i: int, nbytes: int, piece: tuple[int, int, bytes] | None = None) -> None:
         with self._lock:
@@ -485,6 +494,9 @@ class CheckpointWriter:
             raise self._disk_error(exc, filename) from None
 
     def _disk_error(self, exc: OSError, filename: str, path: Path | None = None) -> Exception:
+        if isinstance(exc, pagecache.WritebackError):      # accepted by write(), then lost on its way to the disk
+            return OutputError(f"{path or self.tmp_dir / filename}: the disk failed to store written data: "
+                               f"{exc.strerror or exc}")
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             try:
                 free = f", {human(shutil.disk_usage(self.out_dir.parent).free)} free"
@@ -501,10 +513,12 @@ class CheckpointWriter:
             self._done.add(i)
         shard = self.layout[i]
         if fd is not None:
-            self._behind.forget_fd(fd)
             try:
+                self._behind.forget_fd(fd)      # raises a writeback error met (and consumed) before the fsync
                 os.fsync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError as exc:
+                raise self._disk_error(exc, shard.filename) from None
             finally:
                 os.close(fd)
         with self._lock:

@@ -27,7 +27,9 @@ def _info(name: str, shape: tuple[int, ...], code: str, path: Path) -> TensorInf
 
 class _ComputedSource:
     """What the engine asks of any input besides its tensors: such a source has no tokenizer or config files to
-    copy, no data file for the run's fingerprint, and nothing to close."""
+    copy, no data file for the run's fingerprint, no warnings, and nothing to close."""
+
+    warnings: tuple[str, ...] = ()
 
     def aux_files(self) -> list[Path]:
         return []
@@ -35,6 +37,15 @@ class _ComputedSource:
     def data_files(self) -> set[Path]:
         """None: its values are computed, not read from a file."""
         return set()
+
+    def meta_files(self) -> set[Path]:
+        """None: what it computes from (the base model, the recipe's prompts) is fingerprinted with those."""
+        return set()
+
+    def has_stored_form(self, name: str) -> bool:
+        """Yes: the values are held (routers, in their dtype) or made (noise, float32) in the dtype they are
+        described with, so a read in that dtype is exact."""
+        return True
 
     def close(self) -> None:
         pass

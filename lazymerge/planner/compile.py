@@ -7,6 +7,7 @@ the output bit-identical whatever the schedule.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError
@@ -90,16 +91,22 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
     sources: dict[str, Any] = {}
     try:
         stages: dict[str, StageOutput] = {}
+        read: list[Path] = []          # files the stages read besides their inputs' (what a resume compares)
         for r, method in zip(chain[:-1], methods):
             st = StageCompiler(r, method, sources, stages, allow_pickle).compile()
             stages[stage_key(str(r.name))] = StageOutput(str(r.name), {j.name: j for j in st.jobs}, st.config,
                                                          st.aux_files)
+            read += st.vocab.read if st.vocab else []
         if moe:
-            return compile_moe(chain[-1], sources, stages, budget=budget, shard_bytes=shard_bytes, seed=seed,
+            plan = compile_moe(chain[-1], sources, stages, budget=budget, shard_bytes=shard_bytes, seed=seed,
                                allow_pickle=allow_pickle, max_block_rows=max_block_rows, gguf=gguf)
-        final = StageCompiler(chain[-1], methods[-1], sources, stages, allow_pickle).compile()
-        plan = emit_plan(final, sources, budget, shard_bytes, seed, max_block_rows, gguf)
-        plan.warnings[:0] = [w for _, notes in checked for w in notes]
+        else:
+            final = StageCompiler(chain[-1], methods[-1], sources, stages, allow_pickle).compile()
+            plan = emit_plan(final, sources, budget, shard_bytes, seed, max_block_rows, gguf)
+            plan.warnings[:0] = [w for _, notes in checked for w in notes]
+            read += final.vocab.read if final.vocab else []
+        plan.read_files = sorted(set(read))
+        plan.warnings += [w for src in sources.values() for w in src.warnings]
         return plan
     except BaseException:
         for c in sources.values():

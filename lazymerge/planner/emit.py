@@ -37,7 +37,7 @@ def _share_or_reread(tb: TensorBuilder, share: int | None, build: Any) -> tuple[
     n = len(tb.blocks)
     if n == 1:
         return tb.out, n
-    shared, kept = share_loads(tb.out)
+    shared, kept = share_loads(tb.out, tb.computed)
     if not kept or share is None or shared.peak_bytes() <= share:
         return shared, n
     if 4 * kept > 3 * share:
@@ -47,7 +47,7 @@ def _share_or_reread(tb: TensorBuilder, share: int | None, build: Any) -> tuple[
     for _ in range(3):                             # shrink the blocks until the kept blocks and one block's work fit
         rows = max(1, math.floor(rows * (share - kept) / working))
         smaller = build(rows)
-        shared, _ = share_loads(smaller.out)
+        shared, _ = share_loads(smaller.out, smaller.computed)
         peak = shared.peak_bytes()
         if peak <= share:
             return shared, len(smaller.blocks)

@@ -41,12 +41,18 @@ class SourceRef:
     """One input of a tensor job: which model (key into Plan.sources) and which tensor in it.
 
     `job` is set for a *virtual* source: the tensor is an earlier stage's output (multi-stage recipes), computed
-    in the graph by that stage's job instead of read from disk (see `TensorBuilder.load`)."""
+    in the graph by that stage's job instead of read from disk (see `TensorBuilder.load`).
+
+    `stored` is False for a tensor its source computes (an adapted weight W + scale * B @ A, `io.adapters`): it
+    has no stored form, so it is only ever read as float32. Reading it "as stored" would round a value that
+    exists only in float32, and a tensor whose loads are shared between phases (`share_loads`) would then see
+    other values than one that is not: the output would depend on the budget and the block size."""
 
     model: str
     name: str
     row_nbytes: int        # bytes of one stored row (source dtype), for "bytes to read"
     job: Any = field(default=None, compare=False)
+    stored: bool = True
 
 
 @dataclass
@@ -87,23 +93,32 @@ class TaskList:
         return peak
 
 
-def share_loads(tl: TaskList) -> tuple[TaskList, int]:
+def share_loads(tl: TaskList, computed: "set[tuple[str, str]] | frozenset" = frozenset()) -> tuple[TaskList, int]:
     """Read every input block once: where several phases of a tensor load the same block (top-k passes, norms,
     Gram partials before the combination), the first load reads it as stored and every phase casts its own float32
     copy from it (`cast`), instead of reading the input again. The stored block stays live from the first phase to
     the last, so the caller keeps this only when the working set still fits. Returns the list and the bytes kept.
-    Keys are unchanged: consumers need no rewiring."""
+    Keys are unchanged: consumers need no rewiring.
+
+    A `computed` tensor ((model, name): one with no stored form, `SourceRef.stored`) is kept as the float32 value
+    every phase would have loaded, never rounded to its source's dtype: what a phase sees must not depend on
+    whether its loads were shared."""
     groups: dict[tuple, list[int]] = {}
     for idx, t in enumerate(tl.tasks):
         a = t.attrs
         if isinstance(a, ops.Load) and not a.raw and a.vocab is None:
             groups.setdefault((a.model, a.name, a.rows), []).append(idx)
     raw_of: dict[int, str] = {}
+    exact: set[str] = set()
     kept = 0
-    for g in groups.values():
+    for (model, name, _), g in groups.items():
         if len(g) > 1:
             raw_key = tl.keys[g[0]] + ":stored"
-            kept += tl.tasks[g[0]].attrs.read_bytes
+            if (model, name) in computed:
+                exact.add(raw_key)
+                kept += tl.tasks[g[0]].nbytes
+            else:
+                kept += tl.tasks[g[0]].attrs.read_bytes
             for idx in g:
                 raw_of[idx] = raw_key
     if not raw_of:
@@ -120,8 +135,11 @@ def share_loads(tl: TaskList) -> tuple[TaskList, int]:
             read.add(raw_key)
             a = t.attrs
             out.keys.append(raw_key)
-            out.tasks.append(Task(ops.Load(a.model, a.name, a.rows, a.read_bytes, raw=True), (), a.read_bytes,
-                                  t.tensor, t.block, 0))
+            if raw_key in exact:
+                out.tasks.append(Task(a, (), t.nbytes, t.tensor, t.block, 0))
+            else:
+                out.tasks.append(Task(ops.Load(a.model, a.name, a.rows, a.read_bytes, raw=True), (), a.read_bytes,
+                                      t.tensor, t.block, 0))
         out.keys.append(k)
         out.tasks.append(Task(ops.Cast(), (raw_key,), t.nbytes, t.tensor, t.block, 0))
     return out, kept
@@ -176,6 +194,7 @@ class TensorBuilder:
         self.vocab = vocab            # planner.vocab.VocabPlan when this tensor's rows are mapped
         self.gguf = gguf              # io.gguf.rows.RowEncoding: GGUF output, how its rows are encoded
         self.out = TaskList()
+        self.computed: set[tuple[str, str]] = set()   # (model, name) of loaded tensors with no stored form
         self._memo: dict[tuple, str] = {}
         self._n = 0
 
@@ -217,15 +236,19 @@ class TensorBuilder:
         return block_value(j)
 
     def load(self, i: int, j: int, phase: int = 0, raw: bool = False) -> str:
-        """Block j of source i as float32 (or, `raw`, in its stored dtype: integer buffers are copied as is)."""
-        if self.sources[i].job is not None:
+        """Block j of source i as float32 (or, `raw`, in its stored dtype: integer buffers are copied as is; a
+        tensor with no stored form, `SourceRef.stored`, is float32 either way)."""
+        src = self.sources[i]
+        if src.job is not None:
             memo = ("virtual", i, j, self._phase(phase))
             if memo not in self._memo:
                 self._memo[memo] = self._virtual(i, j, phase)
             return self._memo[memo]
+        if not src.stored:
+            raw = False
+            self.root.computed.add((src.model, src.name))
         memo = ("load", i, j, self._phase(phase), raw)
         if memo not in self._memo:
-            src = self.sources[i]
             rows = self.blocks[j] if len(self.shape) >= 2 else None   # 0-d/1-d tensors are one row
             read = self.block_rows(j) * src.row_nbytes
             vocab = None

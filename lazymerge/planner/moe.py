@@ -33,7 +33,6 @@ from typing import Any
 from ..dtypes import FLOAT_CODES, RECIPE_NAMES
 from ..engine import ops
 from ..errors import CheckpointError, RecipeError
-from ..io.checkpoint import Checkpoint
 from ..moe.sources import NoiseSource, RouterSource
 from ..units import human
 from .emit import emit_plan
@@ -139,7 +138,6 @@ class CopyJob:
     shape: tuple[int, ...]
     out_dtype: str
     refs: list[SourceRef]
-    raw: bool = True
     noise: float | None = None
     residual: float | None = None
     base: None = None
@@ -147,7 +145,8 @@ class CopyJob:
 
     def emit(self, tb: TensorBuilder) -> BlockFn:
         if not self.noise and self.residual is None:
-            return lambda j: tb.load(0, j, raw=self.raw)
+            # as stored where the input has a stored form (`SourceRef.stored`): the copy is the file's bytes
+            return lambda j: tb.load(0, j, raw=True)
 
         def block(j: int) -> str:
             x = tb.load(0, j)
@@ -355,9 +354,8 @@ class _MoECompiler:
             residual = expert.residual_scale if expert is not None and is_float and is_down else None
             if noise:
                 refs.append(self._noise_ref(expert, e_index, in_name, shape))  # type: ignore[arg-type]
-            raw = isinstance(comp.get(key), Checkpoint)
             jobs.append(CopyJob(out_name, shape, (out_code or info.dtype) if is_float else info.dtype, refs,
-                                raw=raw, noise=noise, residual=residual))
+                                noise=noise, residual=residual))
 
         for nm in sorted(base.src.tensors, key=_order_key):
             if ".mlp." not in nm:

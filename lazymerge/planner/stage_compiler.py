@@ -269,13 +269,28 @@ class StageCompiler:
         is_float = info.dtype in FLOAT_CODES
         out_dtype = (self.r.output_dtype or info.dtype) if is_float else info.dtype
         params = self.resolve(sp, refs, shape, rows) if is_float else None
+        if vp is not None:
+            self._vocab_names(vp, sp.name, refs)
         return TensorJob(sp.name, shape, out_dtype, refs, g.base, list(g.contributors), li, self.method, params,
                          vocab=vp)
+
+    def _vocab_names(self, vp: Any, name: str, refs: list[SourceRef]) -> None:
+        """Which tensor of each source the vocab fills of output tensor `name` read: its own for this output (a
+        tied model's head is its embedding), also for a source that fills rows without being an input of it."""
+        names = vp.names.setdefault(name, {})
+        for ref in refs:
+            names.setdefault(ref.model, ref.name)
+        for key in sorted({e[0] for fills in vp.fill.values() for f in fills.values() for e in f} - set(names)):
+            hit = self.find(key, name)
+            if hit is None:
+                raise CheckpointError(f"{self.get(key).path}: tensor '{name}' is missing (its rows fill the tokens "
+                                      "other models lack)")
+            names[key] = hit[0]
 
     def _ref(self, key: str, name: str, info: Any, rows: int) -> SourceRef:
         if key in self.stages:
             return SourceRef(key, name, 0, job=self.stages[key].jobs[name])
-        return SourceRef(key, name, info.nbytes // max(rows, 1))
+        return SourceRef(key, name, info.nbytes // max(rows, 1), stored=self.sources[key].has_stored_form(name))
 
     def resolve(self, sp: TensorSpec, refs: list[SourceRef], shape: tuple[int, ...], rows: int) -> Resolved:
         """Parameters for one tensor: per-model ones through each input's levels (filters matched against the

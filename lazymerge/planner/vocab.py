@@ -88,6 +88,9 @@ class VocabPlan:
     row_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)   # per tensor: shape[1:]
     source: str | None = None                        # "base", "union", a model key, or None (smallest shared)
     rows: dict[str, int] = field(default_factory=dict)                     # per source key: its vocab rows
+    read: list[Path] = field(default_factory=list)   # files read besides the inputs' (a tokenizer_source directory)
+    # per output tensor, per source key: that source's tensor for it (a tied model's head is its embedding)
+    names: dict[str, dict[str, str]] = field(default_factory=dict)
     _identity: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
     def identity(self, key: str) -> bool:
@@ -128,7 +131,9 @@ class VocabPlan:
         vocab_fill = tuple(fills.get(a + i, ()) for i, r in enumerate(row_map) if r < 0)
         read = sum(e - s for s, e in row_runs(row_map))
         read += sum(e - s for _, s, e in {entry for f in vocab_fill for entry in f})
-        return VocabRows(tuple(row_map), vocab_fill, self.row_shapes[name], read)
+        own = self.names.get(name, {})
+        names = tuple(sorted({(k, own.get(k, name)) for f in vocab_fill for k, _, _ in f}))
+        return VocabRows(tuple(row_map), vocab_fill, self.row_shapes[name], read, names)
 
 
 # -- planning ----------------------------------------------------------------------------------------------
@@ -367,6 +372,9 @@ def plan_vocab(recipe_raw: Mapping[str, Any], recipe_source: str, sources: Mappi
     vp = VocabPlan(out_vocab=out_vocab, tensors=set(names), row_maps=row_maps, fallback=fallback, files={},
                    warnings=warnings, fill=fill, row_shapes=row_shapes,
                    source=src if src in ("base", "union") else out_key, rows=dict(rows))
+    if out_key not in sources:      # a tokenizer_source directory that is none of the inputs
+        d = Path(out_key)
+        vp.read = sorted(p for p in (d / n for n in (*TOKENIZER_FILES, "config.json")) if p.is_file())
     for k in src_keys:      # inputs that are not models (a Fisher matrix): as the model that names them
         if k not in vocabs:
             owner = _owner(recipe_raw, k, sources, src_keys)

@@ -83,6 +83,7 @@ class GGUFCheckpoint(ReaderPool):
         self.config_dir = view.files_dir
         self.tensors: dict[str, GGUFTensorInfo] = {}
         self.unmapped: list[str] = []        # GGUF tensors transformers does not load either (e.g. rope_freqs)
+        self.warnings: tuple[str, ...] = ()
         arch = headers[0].architecture
         for hd in headers:
             for st in hd.tensors.values():
@@ -95,6 +96,9 @@ class GGUFCheckpoint(ReaderPool):
                                           f"both map to {name!r}")
                 self.tensors[name] = self._info(name, st, _transform(arch, st.name, self.config),
                                                 view.shapes.get(name))
+        if self.unmapped:
+            self.warnings = (f"{path}: GGUF tensor(s) {', '.join(self.unmapped)} have no Hugging Face counterpart "
+                             "(transformers does not load them either; llama.cpp computes them from the config)",)
         super().__init__()
 
     @classmethod
@@ -196,6 +200,17 @@ class GGUFCheckpoint(ReaderPool):
 
     def data_files(self) -> set[Path]:
         return {hd.path for hd in self.headers}
+
+    def meta_files(self) -> set[Path]:
+        """The rebuilt config and tokenizer files (a resumed run compares their bytes; they follow the headers)."""
+        return {self.config_dir / "config.json", *self.aux_files()}
+
+    def has_stored_form(self, name: str) -> bool:
+        """Whether its value is the file's bytes as a dtype: F32/F16/BF16 tensors (llama's q/k rows are only
+        reordered). A quantized tensor, or a Gemma norm stored plus one, exists as read only: it presents float32,
+        which is also what every read returns, so a merge never rounds it to another dtype."""
+        info = self.tensors[name]
+        return info.stored.ggml_type in PLAIN and not info.transform.offset
 
 
 _DEQUANTIZABLE: dict[int, bool] = {}
