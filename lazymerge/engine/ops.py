@@ -168,7 +168,16 @@ class Write(Attrs):
     gguf: RowEncoding | None = None      # GGUF output: what llama.cpp's converter does to these rows first
 
 
-@op("write", Write, scratch=0.0)
+def _write_scratch(a: Write) -> float:
+    """0; GGUF: 1.5 (rounded through bf16/f16, then widened), 1 (a transformed copy)"""
+    if a.gguf is None:
+        return 0.0
+    if a.gguf.via in ("BF16", "F16"):
+        return 1.5
+    return 1.0 if a.gguf.transform.permute or a.gguf.transform.offset else 0.0
+
+
+@op("write", Write, scratch=_write_scratch)
 def _write(ctx: RunContext, ins: list[Any], a: Write, own: tuple[bool, ...]) -> None:
     x = ins[0]
     if a.gguf is not None:
