@@ -72,7 +72,7 @@ def make_inputs(root: Path, kind: str) -> dict[str, Path]:
     base = make_model(root / "base", kind, SEEDS["base"])
     out = {"base": base}
     for name in ("ft1", "ft2", "ft3"):
-        out[name] = make_model(root / name, kind, SEEDS[name], like=base, noise=0.05)
+        out[name] = make_model(root / name, kind, SEEDS[name], like=base, scale=0.05)
     return out
 
 

@@ -1,8 +1,9 @@
 """Tiny dense checkpoints for the MoE tests and the mergekit-moe parity script: transformers' own Llama, Qwen2 and
-Qwen3 classes, weights drawn from seeded generators (the same bytes on every machine), and a word-level tokenizer
-trained offline with `tokenizers`."""
+Qwen3 classes, weights drawn from seeded generators (the same bytes on every machine: see `noise`), and a
+word-level tokenizer trained offline with `tokenizers`."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,10 +28,19 @@ def write_tokenizer(path: Path) -> int:
     return tok.get_vocab_size()
 
 
-def make_model(path: Path, kind: str, seed: int, *, like: Path | None = None, noise: float = 0.02,
+def noise(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Zero-mean, unit-variance noise, the same bytes on every CPU: uniform on [-sqrt 3, sqrt 3] from torch.rand
+    (24 random bits per value, scaled exactly). torch.randn is not: its vectorised Box-Muller path rounds
+    differently from the scalar one (ATEN_CPU_CAPABILITY=default changes about a third of its values by an ulp),
+    which would change the generated inputs, and so the stored mergekit-moe outputs, from one CPU to another."""
+    return (torch.rand(shape, generator=gen) * 2 - 1) * math.sqrt(3)
+
+
+def make_model(path: Path, kind: str, seed: int, *, like: Path | None = None, scale: float = 0.02,
                zero_down: bool = False, **overrides) -> Path:
     """A tiny `kind` (llama | qwen2 | qwen3) checkpoint in float32 at `path`, with the tokenizer. With `like`, a
-    fine-tune: that model's weights plus N(0, noise) (seeded); `zero_down` zeroes every MLP down_proj."""
+    fine-tune: that model's weights plus seeded noise of standard deviation `scale`; `zero_down` zeroes every MLP
+    down_proj."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM)
 
@@ -53,11 +63,11 @@ def make_model(path: Path, kind: str, seed: int, *, like: Path | None = None, no
     state = {}
     for name, t in model.state_dict().items():
         if ref is not None and name in ref:
-            v = ref[name] + torch.randn(t.shape, generator=gen) * noise
+            v = ref[name] + noise(t.shape, gen) * scale
         elif name.endswith("norm.weight"):
-            v = 1.0 + torch.randn(t.shape, generator=gen) * 0.1
+            v = 1.0 + noise(t.shape, gen) * 0.1
         else:
-            v = torch.randn(t.shape, generator=gen) * 0.2
+            v = noise(t.shape, gen) * 0.2
         if zero_down and name.endswith("mlp.down_proj.weight"):
             v = torch.zeros_like(v)
         state[name] = v.float()

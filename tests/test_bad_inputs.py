@@ -693,7 +693,7 @@ def test_bad_inputs_through_real_entry_point(frozen_models: dict[str, Path], tmp
                for name, ctx, argv in runs]
     procs = []
     for name, ctx, p in started:
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=600)
         procs.append((name, ctx, p.returncode, err))
     for name, ctx, code, err in procs:
         check_failure(name, ctx, code, err, before[name], snapshot(ctx.tmp))

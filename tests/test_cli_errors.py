@@ -18,7 +18,7 @@ from conftest import read_all, write_recipe
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lazymerge.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+                          cwd=cwd, timeout=600)
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, *words: str) -> None:

@@ -13,8 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -32,6 +30,7 @@ from lazymerge.errors import CheckpointError  # noqa: E402
 from lazymerge.cluster.worker import RangeWriter  # noqa: E402
 from lazymerge.io.writer import CheckpointWriter, OutTensor, plan_layout  # noqa: E402
 from lazymerge.synth import ModelShape, make_checkpoint  # noqa: E402
+from holdkit import Hold  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -164,7 +163,7 @@ def client():
     """A LocalCluster of 2 worker processes (one thread each), shut down at the end of the module."""
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=50) as cluster, distributed.Client(cluster) as c:
-        c.wait_for_workers(2, timeout=120)
+        c.wait_for_workers(2, timeout=600)
         yield c
 
 
@@ -233,35 +232,34 @@ def test_client_killed_then_resume_is_bit_identical(client, models, tmp_path: Pa
     lazymerge.merge(recipe_file, local, shard_size="400KB")
     n_shards = len(list(local.glob("*.safetensors")))
     out = tmp_path / "cluster"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    hold = Hold(tmp_path, "shard", 2)                           # the client stops once it journaled 2 shards
+    env = hold.env({**os.environ, "PYTHONPATH": str(REPO)})
     proc = subprocess.Popen([sys.executable, "-m", "lazymerge.cli", "run", str(recipe_file), str(out), *opts,
                              "--cluster", client.scheduler.address], env=env, stderr=subprocess.PIPE)
-    journal = tmp_of(out) / "journal.json"
-    done: dict = {}
-    deadline = time.monotonic() + 120
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                done = json.loads(journal.read_text())["shards"]
-            except (OSError, ValueError, KeyError):
-                done = {}
-            if done:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
+        hold.wait(proc)
+        done = json.loads((tmp_of(out) / "journal.json").read_text())["shards"]
+        proc.send_signal(signal.SIGKILL)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
-    assert 0 < len(done) < n_shards and not out.exists()       # killed with some shards journaled, not all
+    assert len(done) == 2 < n_shards and not out.exists()      # killed with some shards journaled, not all
     # the budget does not change the bytes: the resumed run may go faster than the killed one
     result = CliRunner().invoke(main, ["run", str(recipe_file), str(out), "--shard-size", "400KB", "-q",
                                        "--resume", "--cluster", client.scheduler.address])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "lazymerge_report.json").read_text())
     assert report["resumed_tensors"] > 0
+    # only the shards not journaled were recomputed
+    assert report["bytes_written"] == sum(data_bytes(f) for f in local.glob("*.safetensors") if f.name not in done)
     assert sha256s(out) == sha256s(local)
+
+
+def data_bytes(shard: Path) -> int:
+    with open(shard, "rb") as f:
+        return shard.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,8 +357,9 @@ def test_cli_prints_dashboard_and_rejects_bad_cluster(client, models, tmp_path: 
 # a worker killed mid-partition (last: its worker restarts in the background)
 # ---------------------------------------------------------------------------------------------------------------
 class KillOnce(distributed.WorkerPlugin):
-    """Test-only: SIGKILLs its worker process the first time (across workers: `marker`) a lazymerge partition has
-    been executing there long enough to have written to the temporary output, and records what it saw."""
+    """Test-only: SIGKILLs its worker process inside a lazymerge partition, the first time (across workers:
+    `marker`) a write task has finished there and the temporary output has grown (a test hold, armed in the worker
+    process: lazymerge/testhold.py), and records what it saw."""
 
     name = "lazymerge-test-kill-once"
 
@@ -368,32 +367,41 @@ class KillOnce(distributed.WorkerPlugin):
         self.marker, self.tmp_dir = marker, tmp_dir
 
     def setup(self, worker) -> None:
-        self.worker = worker
+        from lazymerge import testhold
+
+        self.worker, self.before = worker, None
+        testhold.arm("write", 1, action=self._at_write)
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish == "executing" and str(key).startswith("lazymerge-") and self.before is None:
+            self.before = self._allocated()                # the client's preallocated shards, before our writes
+
+    def teardown(self, worker) -> None:
+        from lazymerge import testhold
+
+        testhold.arm(None)
 
     def _allocated(self) -> int:
         return sum(os.stat(p).st_blocks for p in Path(self.tmp_dir).glob("*.safetensors"))
 
-    def transition(self, key, start, finish, **kwargs) -> None:
-        if finish != "executing" or not str(key).startswith("lazymerge-") or os.path.exists(self.marker):
+    def _at_write(self, info: dict) -> None:
+        from lazymerge import testhold
+
+        if os.path.exists(self.marker):
+            return
+        if self._allocated() == self.before:            # this block went to an edge page the client writes
+            testhold.arm("write", 1, action=self._at_write)   # wait for the next write task
             return
         try:
             fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
-        before = self._allocated()
-
-        def kill() -> None:
-            deadline = time.monotonic() + 20
-            while self._allocated() == before and time.monotonic() < deadline:
-                time.sleep(0.002)
-            ts = self.worker.state.tasks.get(key)
-            os.write(fd, json.dumps({"key": str(key), "state": ts.state if ts else None, "pid": os.getpid(),
-                                     "grew": self._allocated() > before}).encode())
-            os.fsync(fd)
-            os.close(fd)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        threading.Thread(target=kill, daemon=True).start()
+        executing = [str(k) for k, ts in list(self.worker.state.tasks.items())
+                     if ts.state == "executing" and str(k).startswith("lazymerge-")]
+        os.write(fd, json.dumps({"executing": executing, "pid": os.getpid(), "grew": True}).encode())
+        os.fsync(fd)
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_worker_killed_mid_partition_merge_completes_bit_identical(client, models, tmp_path: Path) -> None:
@@ -409,7 +417,7 @@ def test_worker_killed_mid_partition_merge_completes_bit_identical(client, model
     finally:
         client.unregister_worker_plugin(KillOnce.name)
     seen = json.loads(marker.read_text())
-    assert seen["state"] == "executing" and seen["grew"], seen     # killed inside a partition, after writes
+    assert len(seen["executing"]) == 1 and seen["grew"], seen    # killed inside a partition, after writes
     assert seen["pid"] in pids and not alive(seen["pid"])          # a worker process of ours really died
     assert sha256s(out) == sha256s(local)
 

@@ -83,3 +83,12 @@ def test_cuda_matches_cpu(eval_root, data, llama_set):
     gpu = lazymerge.evaluate(llama_set["base"], data, memory="16KiB", seq_len=SEQ, max_tokens=MAX, device="cuda")
     assert gpu.device.startswith("cuda")
     assert gpu.total_nll == pytest.approx(cpu.total_nll, rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streamed_generation_matches_cpu(llama_set):
+    """Streamed generation on CUDA: the head's row blocks move to the device of the hidden states (they did not;
+    tests/test_eval_correctness.py shows the device handling without a GPU)."""
+    cpu = lazymerge.generate(llama_set["base"], "the cat sat on", max_new_tokens=4, memory="16KiB")
+    gpu = lazymerge.generate(llama_set["base"], "the cat sat on", max_new_tokens=4, memory="16KiB", device="cuda")
+    assert gpu == cpu

@@ -90,7 +90,7 @@ def test_search_bad_key_cli(setup, tmp_path):
 
 def test_one_line_error_in_a_real_process(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lazymerge.cli", "eval", str(tmp_path), "--data",
-                           str(setup["data"])], capture_output=True, text=True, timeout=300)
+                           str(setup["data"])], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: no config.json (evaluation builds the model "
                                                 "from it)"]

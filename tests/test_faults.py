@@ -1,9 +1,10 @@
 """Faults: SIGKILL at chosen points and --resume, Ctrl-C, a second run on the same output, a full disk.
 
-The merges killed here run in subprocesses of the real CLI. Kill points are found by watching the run's temporary
-directory from the test (the journal of finished shards, and the shard files' bytes), not by hooks inside
-lazymerge: the merge is made slow enough (tiny memory budget, one worker, a dozen shards) for the watcher to
-catch each point, and every test checks afterwards which point it really hit.
+The merges killed here run in subprocesses of the real CLI, held at a named point by a test hold
+(lazymerge/testhold.py, tests/holdkit.py): the run stops by itself after its n-th write task, its n-th journaled
+shard, or just before the finished output is renamed into place, and waits there until the test kills,
+interrupts or releases it. Nothing depends on how fast the merge is; every test still checks the state it killed
+the run in (the journal, the shard files' bytes) and the real output afterwards.
 """
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -26,6 +25,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conftest import write_recipe
+import lazymerge
+from holdkit import HANG_S, Hold
 from lazymerge.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,10 +37,10 @@ RUN_OPTS = ["--memory", "1MiB", "--shard-size", "1MB", "--workers", "1", "-q"]
 
 
 @pytest.fixture(scope="module")
-def slow(tmp_path_factory) -> dict:
-    """Three models whose TIES merge takes a couple of seconds under a 1 MiB budget, and the reference output of
-    an uninterrupted run."""
-    root = tmp_path_factory.mktemp("slow")
+def merge(tmp_path_factory) -> dict:
+    """Three models, a TIES recipe whose tensors are each written in several row blocks under a 1 MiB budget (one
+    tensor per shard), the number of write tasks per tensor, and the reference output of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("faults")
     g = torch.Generator().manual_seed(7)
     base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(SHAPE, generator=g) for i in range(N_TENSORS)}
     paths = {}
@@ -54,12 +55,16 @@ def slow(tmp_path_factory) -> dict:
         "models": [{"model": paths["a"], "parameters": {"weight": 0.6, "density": 0.5}},
                    {"model": paths["b"], "parameters": {"weight": 0.4, "density": 0.5}}],
     })
+    plan = lazymerge.plan(recipe, memory="1MiB", shard_size="1MB")
+    plan.close()
+    writes = set(plan.blocks.values())
+    assert len(writes) == 1 and min(writes) >= 2, plan.blocks    # every tensor in the same number of row blocks
     ref = root / "reference"
     result = CliRunner().invoke(main, ["run", str(recipe), str(ref), *RUN_OPTS])
     assert result.exit_code == 0, result.stderr
     shards = sorted(p.name for p in ref.glob("*.safetensors"))
     assert len(shards) == N_TENSORS
-    return {"recipe": recipe, "ref": ref, "shards": shards, "models": paths}
+    return {"recipe": recipe, "ref": ref, "shards": shards, "models": paths, "writes": writes.pop()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,13 +78,30 @@ def lock_of(out: Path) -> Path:
     return out.parent / f".{out.name}.lazymerge.lock"
 
 
-def start(slow: dict, out: Path, *extra: str, recipe: Path | None = None, nice: bool = False) -> subprocess.Popen:
-    """`lazymerge run` in a subprocess. `nice`: at the lowest CPU priority, so that on a busy machine the watcher
-    in this process still looks often enough to catch short-lived states."""
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action, as in a terminal, even when the suite itself runs with SIGINT ignored
+    (a background job of a non-interactive shell ignores it, and exec keeps that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(merge: dict, out: Path, hold: Hold, *extra: str, recipe: Path | None = None) -> subprocess.Popen:
+    """`lazymerge run` in a subprocess that stops at `hold`; returns once it is held there."""
     with open(out.parent / f"{out.name}.stderr", "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "lazymerge.cli", "run", str(recipe or slow["recipe"]),
+        proc = subprocess.Popen([sys.executable, "-m", "lazymerge.cli", "run", str(recipe or merge["recipe"]),
                                  str(out), *RUN_OPTS, *extra], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
-                                preexec_fn=(lambda: os.nice(19)) if nice else None)
+                                env=hold.env(), preexec_fn=_default_sigint)
+    try:
+        hold.wait(proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=HANG_S) == -signal.SIGKILL
 
 
 def stderr_of(out: Path) -> str:
@@ -115,60 +137,6 @@ def partly_written(out: Path, done: set[str]) -> set[str]:
     return found
 
 
-def wait_for(proc: subprocess.Popen, cond: Callable[[], bool], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before the awaited point was reached")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("awaited point not reached in time")
-        time.sleep(0.002)
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-        return all(Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt"
-                   for t in tasks)
-    except OSError:
-        return True
-
-
-def kill_at(proc: subprocess.Popen, cond: Callable[[], bool], timeout: float = 120.0) -> bool:
-    """SIGKILL the run at a state where `cond` holds. The run is frozen (SIGSTOP) when the watcher sees the
-    condition, the condition is checked again on the frozen files, and only then is it killed, so the state
-    the run dies in is exactly one that satisfies it (on a loaded machine the run may otherwise move on between
-    the look and the kill). False if the run finished without ever being caught at such a state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if cond():
-            proc.send_signal(signal.SIGSTOP)
-            while not _stopped(proc.pid):
-                time.sleep(0.001)
-            if cond():
-                proc.send_signal(signal.SIGKILL)
-                assert proc.wait(timeout=30) == -signal.SIGKILL
-                return True
-            proc.send_signal(signal.SIGCONT)
-        time.sleep(0.002)
-    proc.kill()
-    raise AssertionError("kill point not reached in time")
-
-
-def start_and_kill_at(slow: dict, out: Path, cond: Callable[[], bool], recipe: Path | None = None) -> None:
-    """Start a run and kill it at `cond`; a run that slips past a one-off point is started again (5 tries)."""
-    for _ in range(5):
-        proc = start(slow, out, recipe=recipe, nice=True)
-        if kill_at(proc, cond):
-            return
-        assert proc.returncode == 0, stderr_of(out)
-        shutil.rmtree(out)
-    raise AssertionError("the run was never caught at the kill point")
-
-
 def assert_identical(out: Path, ref: Path) -> None:
     """Every file but the report (wall time, bytes...) is byte-for-byte the reference's."""
     names = sorted(p.name for p in out.iterdir())
@@ -179,15 +147,16 @@ def assert_identical(out: Path, ref: Path) -> None:
 
 
 def visible(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if not p.name.startswith(".") and not p.name.endswith(".stderr"))
+    return sorted(p.name for p in parent.iterdir() if not p.name.startswith(".") and not p.name.endswith(".stderr")
+                  and not p.name.startswith("hold-"))
 
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-def resume(slow: dict, out: Path, *extra: str) -> dict:
-    result = CliRunner().invoke(main, ["run", str(slow["recipe"]), str(out), *RUN_OPTS, *extra])
+def resume(merge: dict, out: Path, *extra: str) -> dict:
+    result = CliRunner().invoke(main, ["run", str(merge["recipe"]), str(out), *RUN_OPTS, *extra])
     assert result.exit_code == 0, result.stderr
     return json.loads((out / "lazymerge_report.json").read_text())
 
@@ -195,29 +164,28 @@ def resume(slow: dict, out: Path, *extra: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # SIGKILL and --resume
 # ---------------------------------------------------------------------------------------------------------------
-KILL_POINTS = {
-    # no shard finished yet, the first one partly written
-    "mid_first_shard": lambda out: not journaled(out) and bool(partly_written(out, set())),
-    "after_first_shard": lambda out: len(journaled(out)) >= 1,
-    # several shards finished and the next one partly written
-    "mid_later_shard": lambda out: len(journaled(out)) >= 3 and bool(partly_written(out, journaled(out))),
+KILL_POINTS = {                  # (event, n as a function of the write tasks per tensor)
+    "mid_first_shard": ("write", lambda w: 1),             # one row block of the first shard written, none done
+    "after_first_shard": ("shard", lambda w: 1),           # the first shard journaled
+    "mid_later_shard": ("write", lambda w: 3 * w + 1),     # three shards journaled, the fourth partly written
 }
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_sigkill_then_resume_is_bit_identical(point: str, slow: dict, tmp_path: Path) -> None:
+def test_sigkill_then_resume_is_bit_identical(point: str, merge: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    start_and_kill_at(slow, out, lambda: KILL_POINTS[point](out))
+    event, n = KILL_POINTS[point]
+    kill(start(merge, out, Hold(tmp_path, event, n(merge["writes"]))))
 
     done = journaled(out)
     partial = partly_written(out, done)
     # the point we meant to hit is the point we hit
     if point == "mid_first_shard":
-        assert not done and partial
+        assert not done and len(partial) == 1
     elif point == "after_first_shard":
-        assert 1 <= len(done) < N_TENSORS
+        assert len(done) == 1 and not partial
     else:
-        assert len(done) >= 3 and partial
+        assert len(done) == 3 and len(partial) == 1
     # nothing half-written is visible: no output directory, only hidden temporary files
     assert not out.exists() and visible(tmp_path) == []
 
@@ -231,67 +199,66 @@ def test_sigkill_then_resume_is_bit_identical(point: str, slow: dict, tmp_path: 
             f.seek(-5, os.SEEK_END)
             f.write(bytes([byte[0] ^ 0xFF]))
 
-    report = resume(slow, out, "--resume")
-    assert_identical(out, slow["ref"])
+    report = resume(merge, out, "--resume")
+    assert_identical(out, merge["ref"])
     kept = len(done) - (1 if corrupted else 0)
     assert report["resumed_tensors"] == kept                      # every intact finished shard was kept ...
     assert report["bytes_written"] == (N_TENSORS - kept) * TENSOR_BYTES   # ... and only the rest recomputed
     assert leftovers(tmp_path) == []                              # temp dir and (stale) lock are gone
 
 
-def test_sigkill_then_rerun_without_resume(slow: dict, tmp_path: Path) -> None:
+def test_sigkill_then_rerun_without_resume(merge: dict, tmp_path: Path) -> None:
     """Without --resume a killed run's leftovers are never used nor visible, and a plain re-run starts clean."""
     out = tmp_path / "out"
-    start_and_kill_at(slow, out, lambda: len(journaled(out)) >= 2 and bool(partly_written(out, journaled(out))))
+    kill(start(merge, out, Hold(tmp_path, "write", 2 * merge["writes"] + 1)))
+    assert len(journaled(out)) == 2 and len(partly_written(out, journaled(out))) == 1
     assert not out.exists() and visible(tmp_path) == []
     assert lock_of(out).exists()                                  # stale: its owner is dead
-    report = resume(slow, out)
+    report = resume(merge, out)
     assert report["resumed_tensors"] == 0 and report["bytes_written"] == N_TENSORS * TENSOR_BYTES
-    assert_identical(out, slow["ref"])
+    assert_identical(out, merge["ref"])
     assert leftovers(tmp_path) == []
 
 
-def test_sigkill_during_finalize_leaves_nothing_or_everything(slow: dict, tmp_path: Path) -> None:
-    """Kill as the run finishes (the last files written, the directory renamed): the output is absent or
-    complete, never partial; either way a --resume run ends with the reference output."""
+def test_sigkill_during_finalize_leaves_no_output(merge: dict, tmp_path: Path) -> None:
+    """Killed as the run finishes (every file written in the temporary directory, its journal dropped, not yet
+    renamed): no output appears, and a --resume run ends with the reference output."""
     out = tmp_path / "out"
-    # finalize writes the report into the temporary directory, drops the journal, then renames
-    start_and_kill_at(slow, out, lambda: (tmp_of(out) / "lazymerge_report.json").exists() or out.exists())
-    if out.exists():
-        assert_identical(out, slow["ref"])
-    else:
-        assert visible(tmp_path) == []
-        resume(slow, out, "--resume")
-        assert_identical(out, slow["ref"])
+    kill(start(merge, out, Hold(tmp_path, "finalize", 1)))
+    assert (tmp_of(out) / "lazymerge_report.json").exists() and not (tmp_of(out) / "journal.json").exists()
+    assert not out.exists() and visible(tmp_path) == []
+    resume(merge, out, "--resume")
+    assert_identical(out, merge["ref"])
+    assert leftovers(tmp_path) == []
 
 
-def test_resume_ignores_shards_of_a_different_recipe(slow: dict, tmp_path: Path) -> None:
+def test_resume_ignores_shards_of_a_different_recipe(merge: dict, tmp_path: Path) -> None:
     """Finished shards are kept only for the same recipe and inputs: same shapes but other weights recompute."""
     out = tmp_path / "out"
-    recipe = Path(slow["recipe"])
+    recipe = Path(merge["recipe"])
     other = write_recipe(tmp_path, {**yaml.safe_load(recipe.read_text()), "parameters": {"normalize": False}},
                          name="other.yaml")
-    start_and_kill_at(slow, out, lambda: len(journaled(out)) >= 2, recipe=other)
-    report = resume(slow, out, "--resume")
+    kill(start(merge, out, Hold(tmp_path, "shard", 2), recipe=other))
+    assert len(journaled(out)) == 2
+    report = resume(merge, out, "--resume")
     assert report["resumed_tensors"] == 0
-    assert_identical(out, slow["ref"])
+    assert_identical(out, merge["ref"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ctrl-C, two runs, disk full
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_resume", [False, True])
-def test_ctrl_c_stops_fast_and_cleans_up(with_resume: bool, slow: dict, tmp_path: Path) -> None:
+def test_ctrl_c_stops_at_once_and_cleans_up(with_resume: bool, merge: dict, tmp_path: Path) -> None:
+    """Ctrl-C with shards still to write: exit 130 with one line, no more work done (the journal is the one at
+    the interrupt), nothing visible, the lock released; temporary files removed, or kept for --resume."""
     out = tmp_path / "out"
     extra = ["--resume"] if with_resume else []
-    proc = start(slow, out, *extra)
-    wait_for(proc, lambda: len(journaled(out)) >= 1)
-    t0 = time.monotonic()
+    proc = start(merge, out, Hold(tmp_path, "shard", 1), *extra)
+    at_interrupt = journaled(out)
+    assert len(at_interrupt) == 1
     proc.send_signal(signal.SIGINT)
-    rc = proc.wait(timeout=30)
-    elapsed = time.monotonic() - t0
-    assert rc == 130
-    assert elapsed < 1.0, f"took {elapsed:.2f} s to stop"
+    assert proc.wait(timeout=HANG_S) == 130
     lines = [ln for ln in stderr_of(out).splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "interrupted" in lines[0], lines
     assert not out.exists() and visible(tmp_path) == []
@@ -300,23 +267,26 @@ def test_ctrl_c_stops_fast_and_cleans_up(with_resume: bool, slow: dict, tmp_path
         assert leftovers(tmp_path) == []                          # every temporary file removed
     else:
         # asked to be resumable: finished shards are kept for the next --resume, and the message says so
-        assert "--resume" in lines[0] and journaled(out)
-        resume(slow, out, "--resume")
-        assert_identical(out, slow["ref"])
+        assert "--resume" in lines[0] and journaled(out) == at_interrupt
+        report = resume(merge, out, "--resume")
+        assert report["resumed_tensors"] == 1
+        assert_identical(out, merge["ref"])
         assert leftovers(tmp_path) == []
 
 
-def test_second_run_on_same_output_is_refused(slow: dict, tmp_path: Path) -> None:
+def test_second_run_on_same_output_is_refused(merge: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = start(slow, out)
-    wait_for(first, lambda: lock_of(out).exists() and lock_of(out).read_text().strip() == str(first.pid))
+    hold = Hold(tmp_path, "write", 1)
+    first = start(merge, out, hold)                               # held with the lock taken, mid-merge
+    assert lock_of(out).read_text().strip() == str(first.pid)
     for extra in ([], ["--resume"], ["--overwrite"]):
-        result = CliRunner().invoke(main, ["run", str(slow["recipe"]), str(out), *RUN_OPTS, *extra])
+        result = CliRunner().invoke(main, ["run", str(merge["recipe"]), str(out), *RUN_OPTS, *extra])
         assert result.exit_code == 2
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and str(out) in lines[0], lines
-    assert first.wait(timeout=120) == 0, stderr_of(out)           # the first run was not disturbed
-    assert_identical(out, slow["ref"])
+    hold.release(first)
+    assert first.wait(timeout=HANG_S) == 0, stderr_of(out)           # the first run was not disturbed
+    assert_identical(out, merge["ref"])
     assert leftovers(tmp_path) == []
 
 
@@ -342,9 +312,9 @@ def small_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             subprocess.run(["umount", str(d)], check=True)
 
 
-def test_not_enough_space_is_refused_up_front(slow: dict, small_fs: Path) -> None:
+def test_not_enough_space_is_refused_up_front(merge: dict, small_fs: Path) -> None:
     out = small_fs / "out"
-    result = CliRunner().invoke(main, ["run", str(slow["recipe"]), str(out), *RUN_OPTS])
+    result = CliRunner().invoke(main, ["run", str(merge["recipe"]), str(out), *RUN_OPTS])
     assert result.exit_code == 2, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, lines
@@ -354,13 +324,13 @@ def test_not_enough_space_is_refused_up_front(slow: dict, small_fs: Path) -> Non
     assert need <= needed <= need + N_TENSORS * 4096                  # data plus the shards' headers
     assert os.listdir(small_fs) == []
     # and `plan` warns before anything runs
-    result = CliRunner().invoke(main, ["plan", str(slow["recipe"]), "--out", str(out), "--memory", "1MiB",
+    result = CliRunner().invoke(main, ["plan", str(merge["recipe"]), "--out", str(out), "--memory", "1MiB",
                                        "--shard-size", "1MB"])
     assert result.exit_code == 0, result.stderr
     assert "free in" in result.stderr and str(small_fs) in result.stderr
 
 
-def test_disk_full_mid_write(slow: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_mid_write(merge: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC after a few shards: one line naming the directory and the bytes needed, nothing left behind."""
     out = tmp_path / "out"
     real = os.pwrite
@@ -373,13 +343,13 @@ def test_disk_full_mid_write(slow: dict, tmp_path: Path, monkeypatch: pytest.Mon
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    result = CliRunner().invoke(main, ["run", str(slow["recipe"]), str(out), *RUN_OPTS])
+    result = CliRunner().invoke(main, ["run", str(merge["recipe"]), str(out), *RUN_OPTS])
     monkeypatch.undo()
     assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.exception
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"error: {tmp_path}: disk full while writing model-"), lines[0]
-    assert f"needs {sum((slow['ref'] / s).stat().st_size for s in slow['shards'])} bytes" in lines[0]
+    assert f"needs {sum((merge['ref'] / s).stat().st_size for s in merge['shards'])} bytes" in lines[0]
     assert os.listdir(tmp_path) == []
 
 

@@ -309,20 +309,21 @@ def test_resume_keeps_finished_split_files(root, tmp_path):
     the resumed output is the clean run's, byte for byte."""
     import threading
 
+    from lazymerge import testhold
+
     recipe = linear(root, "qwen2")
     opts = dict(gguf_type="q8_0", shard_size="20KB", memory="16KiB", workers=2)
     lazymerge.merge(recipe, tmp_path / "ref" / "m.gguf", **opts)
     ref = sorted((tmp_path / "ref").glob("m-*.gguf"))
     assert len(ref) >= 3
     stop = threading.Event()
-
-    def progress(p):
-        if p.tensors_done >= p.tensors_total // 2:
-            stop.set()
-
     out = tmp_path / "run" / "m.gguf"
-    with pytest.raises(LazyMergeError, match="interrupted"):
-        lazymerge.merge(recipe, out, resume=True, cancel=stop, progress=progress, **opts)
+    testhold.arm("shard", 1, action=lambda info: stop.set())      # cancelled once the first file is journaled
+    try:
+        with pytest.raises(LazyMergeError, match="interrupted"):
+            lazymerge.merge(recipe, out, resume=True, cancel=stop, **opts)
+    finally:
+        testhold.arm(None)
     assert not list((tmp_path / "run").glob("m*.gguf"))                  # nothing half-written is visible
     report = lazymerge.merge(recipe, out, resume=True, **opts)
     assert report.resumed_tensors > 0

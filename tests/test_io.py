@@ -443,7 +443,8 @@ def test_existing_output_refused_and_overwrite(tmp_path: Path) -> None:
 def test_lock_live_pid_refused_stale_taken_over(tmp_path: Path) -> None:
     layout = plan_layout([OutTensor("a", (2,), "F32")], 10**6)
     lock = tmp_path / ".out.lazymerge.lock"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # a live process (it waits on its stdin until we close it, however long the test takes)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         lock.write_text(f"{sleeper.pid}\n")
         with pytest.raises(OutputError, match=rf"another lazymerge run \(pid {sleeper.pid}\)"):
@@ -452,6 +453,7 @@ def test_lock_live_pid_refused_stale_taken_over(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+        sleeper.stdin.close()
     w = CheckpointWriter(tmp_path / "out", layout)  # the owner is dead now: stale lock
     w.open()
     assert lock.read_text().strip() == str(os.getpid())

@@ -20,7 +20,7 @@ PKG = Path(__file__).resolve().parents[1] / "lazymerge"
 # lower number = lower layer; a module may import its own layer and the ones below
 LAYERS = {
     "lazymerge.errors": 0, "lazymerge.dtypes": 0, "lazymerge.units": 0, "lazymerge.shapes": 0, "lazymerge._version": 0,
-    "lazymerge.memory": 0,
+    "lazymerge.memory": 0, "lazymerge.testhold": 0,
     "lazymerge.io": 1,
     "lazymerge.engine": 2,
     "lazymerge.planner": 3,

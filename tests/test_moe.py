@@ -251,3 +251,48 @@ def test_the_api_raises_lazymerge_errors(llama: dict) -> None:
         lazymerge.plan({"base_model": str(llama["base"]), "gate_mode": "cheap_embed", "experts": [
             {"source_model": str(llama["ft1"]), "positive_prompts": ["a"]},
             {"source_model": str(llama["ft2"]), "positive_prompts": ["a"]}]})
+
+
+@pytest.mark.parametrize("gate_mode", ["hidden", "cheap_embed"])
+def test_eval_of_a_moe_recipe_equals_its_written_merge(tmp_path: Path, gate_mode: str) -> None:
+    """`lazymerge eval` of a MoE recipe failed with `no tensor ...mlp.gate.weight`: its routers were never
+    computed on the evaluation path. They are now, by the merge's own `prepare_routers`; and the written MoE
+    (per-expert tensors under block_sparse_moe, as mergekit-moe writes them) is read through transformers'
+    conversion rules. The base is shaped like SmolLM2 (pad token 2, tied embeddings, bfloat16)."""
+    from evalkit import corpus, write_texts
+    from families import make_family
+
+    base = make_family(tmp_path / "base", "smollm2", seed=1)
+    ft = make_family(tmp_path / "ft", "smollm2", seed=2)
+    data = write_texts(tmp_path / "data.jsonl", corpus(6))
+    recipe = _moe(base, [base, ft], gate_mode, experts_per_token=1)
+    lazymerge.merge(recipe, tmp_path / "moe", memory="unlimited")
+    args = dict(memory="64KiB", seq_len=24, max_tokens=200)
+    stages: list[str] = []
+    lazy = lazymerge.evaluate(recipe, data, progress=lambda p: stages.append(p.stage), **args)
+    written = lazymerge.evaluate(tmp_path / "moe", data, **args)
+    assert lazy.window_nll == written.window_nll
+    assert (any(s.startswith("routers: layer") for s in stages)) == (gate_mode == "hidden")
+    # and the written MoE is the model transformers loads from it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "moe"))
+    ids = tok(corpus(1)[0], return_tensors="pt")["input_ids"][:, :24]
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1].double(), ids[0, 1:],
+                                                reduction="sum")
+    first = lazymerge.evaluate(tmp_path / "moe", data, **{**args, "max_tokens": 24})
+    assert first.total_nll == pytest.approx(float(nll), rel=1e-4)
+
+
+def test_hidden_router_pass_over_budget_is_reported(tmp_path: Path, llama: dict) -> None:
+    """The hidden router pass streams the base inside the run's --memory; a base layer larger than it runs alone
+    and says so in the merge's report (it used to be silent)."""
+    recipe = _moe(llama["base"], [llama["ft1"], llama["ft2"]], "hidden", experts_per_token=1)
+    report = lazymerge.merge(recipe, tmp_path / "moe", memory="8KiB")
+    assert any(w.startswith("gate_mode hidden:") and "exceed --memory" in w for w in report.warnings), \
+        report.warnings
+    roomy = lazymerge.merge(recipe, tmp_path / "roomy", memory="unlimited")
+    assert not any(w.startswith("gate_mode hidden:") for w in roomy.warnings)
+    assert read_all(tmp_path / "moe").keys() == read_all(tmp_path / "roomy").keys()

@@ -317,7 +317,7 @@ def test_another_methods_parameter_is_ignored_with_a_warning(models_fp32):
 def test_cli_plan_shows_the_new_methods(models_fp32, tmp_path):
     recipe = _recipe(models_fp32, "sce", ("ft1", "ft2", "ft3"), "float32", select_topk=0.5)
     proc = subprocess.run([sys.executable, "-m", "lazymerge.cli", "plan", str(write_recipe(tmp_path, recipe)),
-                           "--memory", "64KiB"], capture_output=True, text=True, timeout=120)
+                           "--memory", "64KiB"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "sce" in proc.stdout and "split into row blocks" in proc.stdout
     plan = _lm().plan(plain_recipe(recipe), memory="64KiB")

@@ -64,9 +64,9 @@ def _gradient_at(v, t: float) -> float:
     return v[i] + (v[i + 1] - v[i]) * (pos - i) if len(v) > 1 else v[0]
 
 
-def _reference_fn(recipe: dict, models: dict):
-    import reference as ref
-
+def _params(recipe: dict, models: dict):
+    """(method, global parameters, base tensors, fine-tunes' tensors, per-model weight, density, gamma): each of the
+    last three a list whose `.at(tensor name)` gives the models' values there (gradients evaluated)."""
     method = recipe["merge_method"]
     glob = recipe.get("parameters") or {}
 
@@ -92,6 +92,13 @@ def _reference_fn(recipe: dict, models: dict):
 
     w, dens, gam = (_Per(param(e, k, d) for e in entries) for k, d in
                     (("weight", 1.0), ("density", 1.0), ("gamma", 0.01)))
+    return method, glob, entries, base, xs, w, dens, gam
+
+
+def _reference_fn(recipe: dict, models: dict):
+    import reference as ref
+
+    method, glob, entries, base, xs, w, dens, gam = _params(recipe, models)
     if method == "linear":
         return lambda n: ref.linear([x[n] for x in xs], w.at(n), normalize=glob.get("normalize", True))
     if method == "task_arithmetic":
@@ -137,3 +144,44 @@ def test_reference_agrees_with_mergekit(case):
         if not err <= TOL:
             bad.append(f"{name}: {err:.3g}")
     assert not bad, f"reference.py disagrees with mergekit on {case}: " + ", ".join(bad)
+
+
+TRIM_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _case_method(c) in TRIM_METHODS])
+def test_trim_decisions_have_no_near_ties(case):
+    """The trims' decisive quantity |x - b| is one correctly rounded subtraction, the same on every IEEE machine; so
+    the stored expectation holds on any CPU as long as no tie straddles a cut (another tool's unstable sort may
+    break it either way) and no elected sign sum lies within rounding of 0 (its order of summation may differ):
+    this data has neither (tests/thresholds.py)."""
+    import yaml
+
+    import reference as ref
+    import thresholds as th
+
+    recipe = yaml.safe_load((PARITY / case / "recipe.yaml").read_text().replace("{parity}", str(PARITY)))
+    paths = {e["model"] for e in recipe["models"]} | {recipe["base_model"]}
+    models = {p: {k: v.to(torch.float32) for k, v in read_all(Path(p)).items()} for p in paths}
+    method, _, _, base, xs, w, dens, gam = _params(recipe, models)
+    cuts = 0
+    for name in read_all(PARITY / case / "expected"):
+        kept = []
+        for x, weight, density, gamma in zip(xs, w.at(name), dens.at(name), gam.at(name)):
+            d = x[name] - base[name]
+            n = d.numel()
+            if density >= 1:
+                kept.append(weight * d)
+                continue
+            if method == "ties":
+                ks, mask = [int(density * n)], ref.magnitude_mask(d, density)
+            else:                                 # kept: ranks [n - keep - top, n - top) by ascending |d|
+                top = min(int(gamma * n), n - int(density * n))
+                ks, mask = [int(density * n) + top, top], ref.magnitude_outliers_mask(d, density, gamma)
+            for k in ks:
+                assert not th.topk_ambiguous(d.abs(), k).any(), f"{name}: a tie of |d| straddles the cut at {k}"
+                cuts += 1
+            kept.append(weight * (d * mask))
+        if method != "breadcrumbs":
+            assert not th.sign_ambiguous(kept).any(), f"{name}: an elected sign within rounding of 0"
+    assert cuts > 0

@@ -156,3 +156,75 @@ def test_random_recipe_statistics(case: str, tmp_path: Path):
             assert float(ratio.min()) >= lo * (1 - 1e-3) and float(ratio.max()) <= hi * (1 + 1e-3), name
     sigma = math.sqrt(n_total * density * (1 - density))
     assert abs(kept_total - density * n_total) <= 5 * sigma, (kept_total / n_total, density)
+
+
+def _value(spec, name: str) -> float:
+    """A recipe parameter for tensor `name`: a scalar, a gradient over the 6 layers, or a list of {filter, value}
+    (the first whose filter is in the name, or the one without a filter)."""
+    m = re.search(r"layers\.(\d+)\.", name)
+    layer = int(m.group(1)) if m else None
+    if isinstance(spec, list) and spec and isinstance(spec[0], dict):
+        spec = next(e["value"] for e in spec if "filter" not in e or e["filter"] in name)
+    return _at(spec, layer)
+
+
+TRIMS = [c for c in DETERMINISTIC if any(d.get("merge_method") in ("ties", "breadcrumbs_ties")
+                                         for d in yaml.safe_load_all(text_of(c)) if d)]
+
+
+@pytest.mark.parametrize("case", TRIMS)
+def test_trim_decisions_have_no_near_ties(case: str):
+    """As tests/test_parity.py checks for ../shared/parity: the trims' keys |x - b| are exact on every IEEE machine,
+    so the comparison with mergekit above holds on any CPU when no tie straddles a cut and no elected sign sum is
+    within rounding of 0. A key computed by an earlier slerp stage (mega_slerp_then_ties) is not exact: no cut may
+    fall within its rounding distance (tests/thresholds.py: twice the largest difference between float32 and
+    float64 evaluations of the slerp with three orders of summation)."""
+    import reference as ref
+    import thresholds as th
+
+    docs = [d for d in yaml.safe_load_all(text_of(case)) if d]
+    stages = {d["name"]: d for d in docs[:-1]}
+    doc = docs[-1]
+    models = {}
+
+    def tensors(path: str) -> dict[str, torch.Tensor]:
+        if path not in models:
+            models[path] = read_all(Path(path))
+        return models[path]
+
+    def delta(path: str, name: str, base: str) -> tuple[torch.Tensor, "torch.Tensor | float"]:
+        """The task vector a model name gives against the base, and the rounding distance of its magnitude: a
+        checkpoint's is one float32 subtraction (distance 0), a slerp stage's comes out of float64."""
+        b = tensors(base)[name]
+        if path not in stages:
+            return (tensors(path)[name] - b).double(), 0.0
+        st = stages[path]
+        assert st["merge_method"] == "slerp", st["merge_method"]
+        other = next(s["model"] for s in st["slices"][0]["sources"] if s["model"] != st["base_model"])
+        y, dist = th.slerp_values(tensors(st["base_model"])[name], tensors(other)[name],
+                                  _value(st["parameters"]["t"], name))
+        return y - b.double(), dist
+
+    method, glob = doc["merge_method"], doc.get("parameters") or {}
+    entries = [e for e in doc["models"] if e["model"] != doc["base_model"]]
+    cuts = 0
+    for name in read_all(ROOT / case / "expected"):
+        kept = []
+        for e in entries:
+            prm = {**glob, **(e.get("parameters") or {})}
+            d, dist = delta(e["model"], name, doc["base_model"])
+            density, gamma, n = _value(prm.get("density", 1.0), name), _value(prm.get("gamma", 0.01), name), d.numel()
+            if density >= 1:
+                mask = torch.ones(d.shape, dtype=torch.bool)
+            else:
+                if method == "ties":
+                    ks, mask = [int(density * n)], ref.magnitude_mask(d, density)
+                else:
+                    top = min(int(gamma * n), n - int(density * n))
+                    ks, mask = [int(density * n) + top, top], ref.magnitude_outliers_mask(d, density, gamma)
+                for k in ks:
+                    assert not th.topk_ambiguous(d.abs(), k, dist).any(), f"{name}: |d| near the cut at {k}"
+                    cuts += 1
+            kept.append((_value(prm.get("weight", 1.0), name) * d * mask).float())
+        assert not th.sign_ambiguous(kept).any(), f"{name}: an elected sign within rounding of 0"
+    assert cuts > 0

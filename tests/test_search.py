@@ -6,7 +6,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ pytest.importorskip("transformers")
 optuna = pytest.importorskip("optuna")
 
 from evalkit import make_search_set, one_thread  # noqa: E402,F401
+from holdkit import Hold  # noqa: E402
 
 import lazymerge  # noqa: E402
 from lazymerge.errors import RecipeError  # noqa: E402
@@ -84,16 +84,19 @@ def test_sigkill_then_rerun_keeps_every_completed_trial(search_set, tmp_path):
            "models[0].parameters.weight=0..1", "--trials", "4", "--study", str(db), "--seq-len", str(SEQ),
            "--max-tokens", str(MAX), "--memory", "64KiB", "--best", str(tmp_path / "best.yaml"), "-q"]
     env = {**os.environ, "PYTHONPATH": str(Path(lazymerge.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while len(_completed(db)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the search finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    hold = Hold(tmp_path, "trial", 2)                  # the search stops once its second trial is stored
+    proc = subprocess.Popen(cmd, env=hold.env(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        hold.wait(proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     before = _completed(db)
-    assert 2 <= len(before) < 4
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert len(before) == 2
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     after = _completed(db)
     assert len(after) == 4

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import testhold
 from ..engine.ops import Load, Write
 from ..engine.report import Progress, Report
 from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, run_fingerprint
@@ -198,6 +199,8 @@ def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: tor
                 raise OutputError(f"cluster: partition {part.index} was cancelled (scheduler gone or restarted?)"
                                   + ("; finished shards are kept for --resume" if resume else "")) from None
             writer.write_external(part.filename, part.nbytes, list(res.edges))
+            if testhold.ARMED:
+                testhold.pause()               # a shard this partition completed may be the awaited one
             results.append(res)
             tensors_done += len(part.tensors)
             bytes_done += part.nbytes

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import testhold
 from ..errors import LazyMergeError, OutputError
 from ..evaluate.data import DataError
 from ..evaluate.search import SpaceDim, Trial, candidate, completed_count, suggest, trial_of
@@ -141,6 +142,8 @@ def run_trials(study: Any, doc: dict[str, Any], dims: list[SpaceDim], trials: in
                 done += 1
                 if on_trial is not None:
                     on_trial(trial_of(frozen))
+                if testhold.ARMED:
+                    testhold.reached("trial")
                 if done + len(inflight) < trials:
                     launch()
         finally:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import memory
+from .. import memory, testhold
 from ..errors import MergeAborted, OutputError
 from ..io.writer import CheckpointWriter
 from . import fused
@@ -168,6 +168,8 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
         fused.set_threads(threads)           # numba's setting is per calling thread
         return run_task(ctx, task.attrs, args, own)
 
+    if testhold.ARMED:
+        on_done = testhold.after_task(on_done)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     # the plan's objects (tasks, graph, headers) live for the whole run: keep the cycle collector from tracing

@@ -19,22 +19,25 @@ from .scheduler import ScheduleStats, execute
 
 
 class TensorCollector:
-    """A writer that assembles whole tensors in memory (`write_rows` is the writer's interface)."""
+    """A writer that assembles whole tensors in memory (`write_rows` is the writer's interface), converted to
+    `dtype` as their rows arrive (None: as written), so that a block's written copy lives only until it is
+    converted."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
-        self.shapes = shapes
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype | None = None):
+        self.shapes, self.dtype = shapes, dtype
         self.tensors: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def write_rows(self, name: str, row_start: int, tensor: torch.Tensor) -> None:
         shape = self.shapes[name]
+        dtype = self.dtype or tensor.dtype
         with self._lock:
             if row_start == 0 and tuple(tensor.shape) == tuple(shape):
-                self.tensors[name] = tensor
+                self.tensors[name] = tensor.to(dtype)
                 return
             out = self.tensors.get(name)
             if out is None:
-                out = self.tensors[name] = torch.empty(shape, dtype=tensor.dtype)
+                out = self.tensors[name] = torch.empty(shape, dtype=dtype)
         out[row_start:row_start + tensor.shape[0]].copy_(tensor)
 
 

@@ -25,6 +25,15 @@ def bootstrap_ppl(window_nll: torch.Tensor, tokens_per_window: int, *, samples: 
 
 
 @dataclass(frozen=True)
+class EvalProgress:
+    """Handed to an evaluation's `progress` callback: steps done of a stage's total."""
+
+    done: int
+    total: int
+    stage: str          # "layer 3/22", "head", "routers: layer 2/22"
+
+
+@dataclass(frozen=True)
 class EvalReport:
     target: str
     perplexity: float
@@ -67,13 +76,17 @@ class EvalReport:
 
 
 def comparison_table(reports: "list[EvalReport]") -> str:
-    """One row per evaluated model (inputs first, the merge last): perplexity, its interval, NLL."""
+    """One row per evaluated model (inputs first, the merge last): perplexity, its interval, NLL, and the
+    predicted tokens (each model reads the data through its own tokenizer)."""
     width = max(12, *(len(r.target) for r in reports))
-    lines = [f"{'model':<{width}}  {'perplexity':>12}  {'95% CI':>23}  {'nll/token':>10}"]
+    lines = [f"{'model':<{width}}  {'perplexity':>12}  {'95% CI':>23}  {'nll/token':>10}  {'tokens':>7}"]
     for r in reports:
         lines.append(f"{r.target:<{width}}  {r.perplexity:>12.4f}  {r.ppl_low:>10.4f} .. {r.ppl_high:<10.4f}  "
-                     f"{r.nll:>10.6f}")
-    if reports:
+                     f"{r.nll:>10.6f}  {r.tokens:>7}")
+    if reports and len({r.tokens for r in reports}) == 1:
         lines.append(f"({reports[0].tokens} predicted tokens in {reports[0].windows} windows of "
                      f"{reports[0].seq_len}, the same for every model)")
+    elif reports:
+        lines.append("(each model reads the data through its own tokenizer: models with different tokenizers "
+                     "predict different tokens, so their perplexities per token are not strictly comparable)")
     return "\n".join(lines)

@@ -8,28 +8,21 @@ work, head blocks) plus the activations (`activation_bytes`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..engine.report import RssSampler
+from ..moe.routers import prepare_routers
 from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
-from .report import EvalReport, bootstrap_ppl
+from .report import EvalProgress, EvalReport, bootstrap_ppl
 from .stream import LayerStream, open_stream
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_BATCH = 4
-
-
-@dataclass(frozen=True)
-class EvalProgress:
-    done: int
-    total: int
-    stage: str          # "layer 3/22", "head"
 
 
 def activation_bytes(config: Any, windows: int, seq_len: int, batch: int, itemsize: int = 4) -> int:
@@ -39,7 +32,7 @@ def activation_bytes(config: Any, windows: int, seq_len: int, batch: int, itemsi
     c = config.get_text_config()
     h = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
-    heads = c.num_attention_heads
+    heads = getattr(c, "num_attention_heads", None) or 1       # attention-free stacks (Mamba): no scores
     tokens = windows * seq_len
     b = min(batch, windows)
     return itemsize * (2 * tokens * h + b * seq_len * (h + 3 * inter + 4 * h + heads * seq_len))
@@ -65,10 +58,8 @@ def score_windows(stream: LayerStream, windows: torch.Tensor, *, batch: int = DE
     hidden = torch.cat([f[:, :-1].reshape(-1, f.shape[-1]) for f in final])
     del final
     targets = windows[:, 1:].reshape(-1).to(hidden.device)
-    c = stream.sk.config.get_text_config()
-    loss = StreamingNLL(hidden, targets, getattr(c, "final_logit_softcapping", None))
-    head = stream.tensor_name(stream.sk.head_name)
-    stream.source.for_row_blocks(head, stream.row_block(head, extra_row_bytes=hidden.shape[0] * 16), loss)
+    loss = StreamingNLL(targets)
+    stream.head_blocks(hidden, loss)
     tick("head")
     return loss.nll().reshape(windows.shape[0], -1).sum(dim=1).cpu()
 
@@ -91,7 +82,8 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
               progress: Callable[[EvalProgress], None] | None,
               windows: torch.Tensor | None = None) -> tuple[EvalReport, torch.Tensor]:
     with RssSampler() as rss:
-        stream = open_stream(target, memory=memory, device=device, seed=seed)
+        stream = open_stream(target, memory=memory, device=device, seed=seed,
+                             prepare=lambda plan: prepare_routers(plan, progress=progress))
         # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
         start_rss = rss.peak = rss.proc.memory_info().rss
         try:
@@ -127,8 +119,10 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
                    max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH,
                    device: "str | torch.device" = "cpu", seed: int = 0,
                    progress: Callable[[EvalProgress], None] | None = None) -> list[EvalReport]:
-    """The merge of `recipe` and each of its input models, evaluated on the same windows (tokenized with the
-    merge's tokenizer): one report each, inputs first, the merge last."""
+    """The merge of `recipe` and each of its input models on the same data: one report each, inputs first, the
+    merge last. Each model reads the data through its own tokenizer (with the merge's seq_len): an input whose
+    vocabulary the merge aligned to other token ids (`tokenizer_source`) is scored on its own ids, never on the
+    merge's. Inputs that share the merge's tokenizer get the very same windows."""
     from ..planner.compile import compile_plan
     from .weights import is_recipe
 
@@ -145,8 +139,8 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
                           else Path(src.path))
     finally:
         p.close()
-    merged, windows = _evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                                device=device, seed=seed, progress=progress)
-    reports = [evaluate(t, data, memory=memory, batch=batch, device=device, seed=seed, progress=progress,
-                        windows=windows) for t in inputs]
+    merged = evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                      device=device, seed=seed, progress=progress)
+    reports = [evaluate(t, data, memory=memory, seq_len=merged.seq_len, max_tokens=max_tokens, batch=batch,
+                        device=device, seed=seed, progress=progress) for t in inputs]
     return reports + [merged]

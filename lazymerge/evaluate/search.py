@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from .. import testhold
 from ..errors import LazyMergeError, RecipeError
 from ..planner.methods import METHODS
 from ..planner.recipe import load_yaml, read_documents
@@ -240,6 +241,8 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
 
     while completed_count(st) < trials:
         st.optimize(objective, n_trials=1, catch=(), callbacks=[report_trial])
+        if testhold.ARMED:
+            testhold.reached("trial")
     return _finish(st, doc, dims, best_file=best_file, out=out, memory=memory, seed=seed, device=device)
 
 

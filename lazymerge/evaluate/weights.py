@@ -4,7 +4,8 @@ Both sources hand out tensors in the dtype a checkpoint stores them in (for a re
 cast by the engine's `write` op exactly as the writer casts), so evaluating a recipe and evaluating its written
 merge compute on the same numbers. Two access patterns, because the model is never whole in memory:
 
-- `load(names)`: whole tensors (one decoder layer's weights);
+- `load(names, dtype)`: whole tensors (one decoder layer's weights), converted to the compute dtype as their
+  rows arrive (a stored copy never sits whole beside its converted one);
 - `for_row_blocks(name, block_rows, fn)`: a large tensor (embedding, head) in consecutive fixed row blocks, in
   order, never whole.
 """
@@ -34,7 +35,7 @@ class WeightSource(Protocol):
     over_budget: int                   # merge tasks that ran alone above the budget (recipes)
     weight_share: float                # fraction of the budget for the weights held (the rest: merge work)
 
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]: ...
+    def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
 
     def for_row_blocks(self, name: str, block_rows: int, fn: Callable[[int, torch.Tensor], None]) -> None: ...
 
@@ -61,8 +62,9 @@ class CheckpointWeights:
         self.over_budget = 0
         self.weight_share = 1.0
 
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return {n: self.ckpt.read(n, dtype=None) for n in names}
+    def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        # io converts through a small staging buffer: the stored bytes never sit whole beside the result
+        return {n: self.ckpt.read(n, dtype=dtype) for n in names}
 
     def for_row_blocks(self, name: str, block_rows: int, fn: Callable[[int, torch.Tensor], None]) -> None:
         rows = self.shapes[name][0]
@@ -80,7 +82,8 @@ class RecipeWeights:
     tokenizer are built from them)."""
 
     def __init__(self, recipe: Any, *, memory: int | None, seed: int = 0, device: torch.device,
-                 workers: int = 2, allow_pickle: bool = False, stage: str | None = None):
+                 workers: int = 2, allow_pickle: bool = False, stage: str | None = None,
+                 prepare: Callable[[Any], None] | None = None):
         from ..planner.compile import compile_plan
 
         # half the budget for the merge's working set: the other half holds the layer being assembled
@@ -98,6 +101,8 @@ class RecipeWeights:
             if self.plan.config is None:
                 raise CheckpointError(f"{self.label}: the merged model has no config.json "
                                       "(its lead model has none); evaluation builds the model from it")
+            if prepare is not None:
+                prepare(self.plan)    # a MoE's routers, computed as the merge computes them (open_stream)
             (self._tmp / "config.json").write_text(json.dumps(self.plan.config))
             for f in self.plan.aux_files:
                 if f.name in TOKENIZER_FILES:
@@ -116,10 +121,10 @@ class RecipeWeights:
                             workers=self.workers)
         self.over_budget += stats.over_budget_tasks
 
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         from ..engine.sink import TensorCollector
 
-        sink = TensorCollector({n: self.shapes[n] for n in names})
+        sink = TensorCollector({n: self.shapes[n] for n in names}, dtype)
         self._run(names, sink)
         return {n: sink.tensors[n] for n in names}
 
@@ -147,10 +152,10 @@ def is_recipe(target: Any) -> bool:
 
 
 def open_target(target: Any, *, memory: int | None, seed: int = 0, device: torch.device, workers: int = 2,
-                allow_pickle: bool = False) -> WeightSource:
+                allow_pickle: bool = False, prepare: Callable[[Any], None] | None = None) -> WeightSource:
     if is_recipe(target):
         return RecipeWeights(target, memory=memory, seed=seed, device=device, workers=workers,
-                             allow_pickle=allow_pickle)
+                             allow_pickle=allow_pickle, prepare=prepare)
     p = Path(target).expanduser()
     if not p.exists():
         raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory, a GGUF file or a recipe "

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from lazymerge import testhold
 from lazymerge.dtypes import BLOCK_CODES, DTYPES
 from lazymerge.errors import OutputError
 from lazymerge.units import human
@@ -533,6 +534,8 @@ class CheckpointWriter:
         with self._journal_lock:
             self._journal[shard.filename] = {"size": shard.size, "sha256": digest, "pieces": whole}
         self._write_journal()
+        if testhold.ARMED:
+            testhold.reached("shard", here=False)     # maybe a scheduler worker thread: held at its next task
 
     # -- finishing ------------------------------------------------------------------------------------------
 
@@ -576,6 +579,8 @@ class CheckpointWriter:
                 raise self._disk_error(exc, name) from None
         (self.tmp_dir / JOURNAL).unlink(missing_ok=True)
         _fsync_dir(self.tmp_dir)
+        if testhold.ARMED:
+            testhold.reached("finalize")
         self._refuse_existing()
         if self.out_dir.exists() or self.out_dir.is_symlink():
             # --overwrite: swap atomically, so a kill at any moment leaves the old or the new output in place
@@ -593,6 +598,8 @@ class CheckpointWriter:
     def _finalize_files(self) -> None:
         """Each file replaces its target atomically; the first split moves last, so a kill between two moves
         leaves no loadable set of new split files mixed with old ones (a loader opens the first one)."""
+        if testhold.ARMED:
+            testhold.reached("finalize")
         self._refuse_existing()
         for shard in reversed(self.layout):
             os.replace(self.tmp_dir / shard.filename, self.out_dir.parent / shard.filename)

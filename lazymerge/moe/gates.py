@@ -6,8 +6,9 @@ Every mode gives, per layer, one unit vector per expert (a row of the router mat
   L2-normalised; the same vector for every layer. Float32.
 - `hidden`: the base model's hidden state at each layer's input for each prompt's last token, averaged over the
   prompts; run in bfloat16 like mergekit (so published configs give the same routers); one vector per layer.
-  The base runs one decoder layer at a time (`lazymerge.evaluate.stream`), never whole; each expert's prompt set
-  is one left-padded batch, as in mergekit (bfloat16 rounding depends on the batch shape).
+  The base runs one decoder layer at a time (`lazymerge.evaluate.stream`), never whole, inside the run's budget (a
+  layer larger than it runs alone and is a warning of the report); each expert's prompt set is one left-padded
+  batch, as in mergekit (bfloat16 rounding depends on the batch shape).
 - With `negative_prompts`, the negatives' vector is subtracted from the positives' before the final
   normalisation (cheap_embed normalises both first, as mergekit does).
 - `random` (N(0, 1)) and `uniform_random` (U(-1/sqrt(hidden), 1/sqrt(hidden)), nn.Linear's init): drawn from a
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -86,7 +87,8 @@ def padded(tokenizer: Any, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 def prompt_gates(mode: str, base: Any, target: Any, tokenizer_dir: Path, experts: Sequence[Prompts],
-                 num_layers: int, embed_name: str = "model.embed_tokens.weight", memory: Any = None) -> torch.Tensor:
+                 num_layers: int, embed_name: str = "model.embed_tokens.weight", memory: Any = None,
+                 progress: Callable[[Any], None] | None = None, warnings: list[str] | None = None) -> torch.Tensor:
     """[layers, experts, hidden] router rows from the experts' prompts (mode `hidden` or `cheap_embed`).
 
     `base` is the base model as an opened lazymerge source (cheap_embed reads embedding rows from it), `target`
@@ -106,6 +108,7 @@ def prompt_gates(mode: str, base: Any, target: Any, tokenizer_dir: Path, experts
 
         vec = {(e, sign): cheap_embed_vector(rows, ids).expand(num_layers, -1) for e, ids, sign in sets}
     else:
+        from ..evaluate.report import EvalProgress
         from ..evaluate.stream import open_stream
 
         stream = open_stream(target, memory=memory, dtype=torch.bfloat16)
@@ -117,6 +120,11 @@ def prompt_gates(mode: str, base: Any, target: Any, tokenizer_dir: Path, experts
                 per_layer.append([b.hidden[:, -1, :] for b in states])     # per set: [prompts, hidden]
                 if i < num_layers - 1:
                     stream.run_layer(i, states)
+                if progress is not None:
+                    progress(EvalProgress(i + 1, num_layers, f"routers: layer {i + 1}/{num_layers}"))
+            if warnings is not None and stream.stats.layers_over_budget:
+                warnings.append(f"gate_mode hidden: {stream.stats.layers_over_budget} unit(s) of the base model "
+                                f"(largest {stream.stats.largest_unit} bytes) exceed --memory; each ran alone")
         finally:
             stream.close()
         vec = {}

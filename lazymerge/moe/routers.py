@@ -19,13 +19,15 @@ from .gates import prompt_gates, random_router
 from .sources import RouterSource
 
 
-def router_values(spec: RouterPass, base: Any) -> dict[str, torch.Tensor]:
+def router_values(spec: RouterPass, base: Any, progress: Callable[[Any], None] | None = None,
+                  warnings: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Every router tensor of `spec` (name -> float tensor); `base` is the opened base model (cheap_embed
-    reads its embedding rows)."""
+    reads its embedding rows). `progress` gets an `EvalProgress` per layer of a `hidden` pass; a base layer
+    larger than the budget is appended to `warnings`."""
     if spec.mode not in PROMPT_MODES:
         return {t.name: random_router(spec.mode, spec.seed, t.name, t.shape) for t in spec.tensors}
     vecs = prompt_gates(spec.mode, base, spec.target, spec.base_dir, list(spec.prompts), spec.layers,
-                        memory=spec.memory)
+                        memory=spec.memory, progress=progress, warnings=warnings)
     return {t.name: vecs[t.layer, t.columns[0]:t.columns[1]] for t in spec.tensors}
 
 
@@ -34,18 +36,20 @@ def _routers_of(plan: Any) -> RouterSource | None:
     return routers if isinstance(routers, RouterSource) else None
 
 
-def bind_routers(plan: Any) -> None:
+def bind_routers(plan: Any, progress: Callable[[Any], None] | None = None) -> None:
     """Give a MoE plan's router source the means to compute its values (on first read); no-op for other plans."""
     routers = _routers_of(plan)
     if routers is not None:
         spec = routers.spec
-        compute: Callable[[], dict[str, torch.Tensor]] = lambda: router_values(spec, plan.sources.get(spec.base_key))
+        compute: Callable[[], dict[str, torch.Tensor]] = \
+            lambda: router_values(spec, plan.sources.get(spec.base_key), progress, plan.warnings)
         routers.bind(compute)
 
 
-def prepare_routers(plan: Any) -> None:
-    """Compute a MoE plan's routers now (before its graph runs); no-op for other plans."""
-    bind_routers(plan)
+def prepare_routers(plan: Any, progress: Callable[[Any], None] | None = None) -> None:
+    """Compute a MoE plan's routers now (before its graph runs); no-op for other plans. What a merge does, and
+    what an evaluation of a MoE recipe does (`evaluate.stream.open_stream(prepare=...)`): one mechanism."""
+    bind_routers(plan, progress)
     routers = _routers_of(plan)
     if routers is not None:
         routers.compute()
