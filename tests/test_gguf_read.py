@@ -363,3 +363,27 @@ def test_lora_adapter_on_a_gguf_base(root, tmp_path):
     assert not torch.equal(a[f"{pre[len('base_model.model.'):]}.q_proj.weight"],
                            _merge({"merge_method": "passthrough", "models": [{"model": str(twin)}]},
                                   tmp_path / "c")[f"{pre[len('base_model.model.'):]}.q_proj.weight"])
+
+
+def test_search_over_gguf_models(root, tmp_path):
+    """A search may name GGUF models: each trial's perplexity is `evaluate` of the same recipe over the
+    safetensors models the F32 GGUFs were written from (F32 holds them exactly, q/k permuted and back)."""
+    pytest.importorskip("optuna")
+    data = write_texts(tmp_path / "data.jsonl", corpus(6))
+    srcs = [hf_model(root, "llama", seed=s) for s in (0, 1)]
+    ggufs = [gguf_of(root, "llama", "F32", seed=s) for s in (0, 1)]
+
+    def recipe(models: list[Path], w: float) -> dict:
+        return {"merge_method": "linear", "dtype": "float32",
+                "models": [{"model": str(models[0]), "parameters": {"weight": w}},
+                           {"model": str(models[1]), "parameters": {"weight": 0.5}}]}
+
+    report = lazymerge.search(recipe(ggufs, 0.5), data, ["models[0].parameters.weight=0..1"], trials=2, seed=0,
+                              study=tmp_path / "s.db", memory="32KiB", seq_len=32, max_tokens=200,
+                              best_file=tmp_path / "best.yaml")
+    done = [t for t in report.trials if t.state == "COMPLETE"]
+    assert len(done) == 2
+    for t in done:
+        w = t.params["models[0].parameters.weight"]
+        want = lazymerge.evaluate(recipe(srcs, w), data, seq_len=32, max_tokens=200)
+        assert t.perplexity == pytest.approx(want.perplexity, rel=1e-6), w
