@@ -19,10 +19,13 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -144,9 +147,66 @@ def main() -> None:
         same = sha(q8d) == sha(q8)
         record("q8_0 bytes equal", {"lazymerge_equals_converter": same, "size": size(q8)})
         q8d.unlink()
-    (out / "results.json").write_text(json.dumps({"recipe": json.loads(json.dumps(
-        __import__("yaml").safe_load(rec.read_text()))), "memory": args.memory, "runs": rows}, indent=1))
-    print(f"-> {out / 'results.json'}")
+    summary = summarize(rows)
+    (out / "results.json").write_text(json.dumps({"recipe": yaml.safe_load(rec.read_text()), "memory": args.memory,
+                                                  "runs": rows, "summary": summary}, indent=1))
+    (out / "results.md").write_text(table(rows, summary, args))
+    print(table(rows, summary, args))
+    print(f"-> {out}")
+
+
+def median(rs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rs)
+
+
+def summarize(rows: dict[str, list[dict]]) -> dict:
+    """Medians over repeats; the three-step path's wall is the sum of its steps, its peak RSS the largest step's,
+    its peak disk the safetensors merge + the F16 file + the Q8_0 file (all three on disk when the last step ends,
+    unless each input is deleted as soon as the next step has read it: then the larger of st+f16 and f16+q8)."""
+    st, q8 = rows["lazymerge -> safetensors"], rows["lazymerge -> gguf q8_0"]
+    out = {"gguf_q8_0_wall_ratio": median(q8, "wall_s") / median(st, "wall_s"),
+           "gguf_q8_0_rss_ratio": median(q8, "peak_rss") / median(st, "peak_rss"),
+           "bytes_equal_converter_q8_0": all(r["lazymerge_equals_converter"] for r in rows["q8_0 bytes equal"])}
+    if "llama-quantize f16 -> q8_0" in rows:
+        conv, quant = rows["convert_hf_to_gguf -> f16"], rows["llama-quantize f16 -> q8_0"]
+        st_b, f16_b, q8_b = median(st, "peak_disk"), median(conv, "peak_disk") - median(st, "peak_disk"), \
+            median(q8, "peak_disk")
+        three = median(st, "wall_s") + median(conv, "wall_s") + median(quant, "wall_s")
+        out["three_steps"] = {"wall_s": three, "peak_rss": max(median(r, "peak_rss") for r in (st, conv, quant)),
+                              "peak_disk_kept": st_b + f16_b + q8_b,
+                              "peak_disk_deleting": max(st_b + f16_b, f16_b + q8_b),
+                              "gguf_q8_0_wall_ratio_vs_three_steps": median(q8, "wall_s") / three}
+    conv_q8 = rows["convert_hf_to_gguf -> q8_0"]
+    out["two_steps_converter_q8_0"] = {"wall_s": median(st, "wall_s") + median(conv_q8, "wall_s"),
+                                       "peak_rss": max(median(st, "peak_rss"), median(conv_q8, "peak_rss")),
+                                       "peak_disk": median(conv_q8, "peak_disk")}
+    return out
+
+
+def table(rows: dict[str, list[dict]], summary: dict, args: argparse.Namespace) -> str:
+    gib = 1 << 30
+    lines = [f"# GGUF output cost, 1b preset, {args.method}, --memory {args.memory}, {args.repeat} repeat(s), "
+             "medians, cold page cache before each step", "",
+             "| step | wall s | CPU s | peak RSS MiB | peak disk GiB |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, rs in rows.items():
+        if name == "q8_0 bytes equal":
+            continue
+        lines.append(f"| {name} | {median(rs, 'wall_s'):.1f} | {median(rs, 'cpu_s'):.1f} | "
+                     f"{median(rs, 'peak_rss') / (1 << 20):.0f} | {median(rs, 'peak_disk') / gib:.2f} |")
+    lines += ["", f"- `--gguf-type q8_0` / safetensors: wall {summary['gguf_q8_0_wall_ratio']:.2f}x, "
+              f"peak RSS {summary['gguf_q8_0_rss_ratio']:.2f}x",
+              f"- our Q8_0 file is byte-identical to `convert_hf_to_gguf --outtype q8_0` of the safetensors merge: "
+              f"{summary['bytes_equal_converter_q8_0']}"]
+    if "three_steps" in summary:
+        t = summary["three_steps"]
+        lines += [f"- merge + convert (f16) + llama-quantize (q8_0): wall {t['wall_s']:.1f} s (ours "
+                  f"{t['gguf_q8_0_wall_ratio_vs_three_steps']:.2f}x of it), peak RSS "
+                  f"{t['peak_rss'] / (1 << 20):.0f} MiB, peak disk {t['peak_disk_kept'] / gib:.2f} GiB "
+                  f"({t['peak_disk_deleting'] / gib:.2f} GiB deleting each input after its step)"]
+    t = summary["two_steps_converter_q8_0"]
+    lines.append(f"- merge + convert (--outtype q8_0): wall {t['wall_s']:.1f} s, peak RSS "
+                 f"{t['peak_rss'] / (1 << 20):.0f} MiB, peak disk {t['peak_disk'] / gib:.2f} GiB")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -10,12 +10,25 @@ writer only has to produce files both can read; it shares no code with lazymerge
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from evalkit import make_tokenizer
+
+
+def cache_root(d: Path) -> Iterator[Path]:
+    """A module fixture's body: `d`, with LAZYMERGE_CACHE (also seen by CLI subprocesses) under it meanwhile."""
+    old = os.environ.get("LAZYMERGE_CACHE")
+    os.environ["LAZYMERGE_CACHE"] = str(d / "cache")
+    yield d
+    if old is None:
+        os.environ.pop("LAZYMERGE_CACHE", None)
+    else:
+        os.environ["LAZYMERGE_CACHE"] = old
 
 # Hugging Face model_type -> llama.cpp architecture (llama.cpp writes Mistral as llama)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",

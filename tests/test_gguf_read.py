@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from evalkit import corpus, one_thread, write_texts  # noqa: E402,F401
-from gguf_kit import make_hf_model, write_gguf  # noqa: E402
+from gguf_kit import cache_root, make_hf_model, write_gguf  # noqa: E402
 
 import lazymerge  # noqa: E402
 from lazymerge.errors import CheckpointError  # noqa: E402
@@ -39,14 +39,7 @@ K_CASES = [("llama", q) for q in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")] + [("
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gguf")
-    old = os.environ.get("LAZYMERGE_CACHE")
-    os.environ["LAZYMERGE_CACHE"] = str(d / "cache")       # also seen by the CLI subprocesses
-    yield d
-    if old is None:
-        os.environ.pop("LAZYMERGE_CACHE", None)
-    else:
-        os.environ["LAZYMERGE_CACHE"] = old
+    yield from cache_root(tmp_path_factory.mktemp("gguf"))
 
 
 _MODELS: dict[tuple, Path] = {}

@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from evalkit import corpus, one_thread  # noqa: E402,F401
-from gguf_kit import _permute, make_hf_model  # noqa: E402
+from gguf_kit import _permute, cache_root, make_hf_model  # noqa: E402
 
 import lazymerge  # noqa: E402
 from lazymerge.engine.quantize import quantize  # noqa: E402
@@ -37,14 +37,7 @@ QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gguf-out")
-    old = os.environ.get("LAZYMERGE_CACHE")
-    os.environ["LAZYMERGE_CACHE"] = str(d / "cache")
-    yield d
-    if old is None:
-        os.environ.pop("LAZYMERGE_CACHE", None)
-    else:
-        os.environ["LAZYMERGE_CACHE"] = old
+    yield from cache_root(tmp_path_factory.mktemp("gguf-out"))
 
 
 _MODELS: dict[tuple, Path] = {}

@@ -138,6 +138,11 @@ def _sentencepiece(w: Any, model_dir: Path, config: dict) -> None:
             token = token.replace("\u2581", " ")
             types[tid] = USER_DEFINED
         scores[tid], tokens[tid] = -1000.0, token.encode()
+    _llama_tokens(w, model_dir, tokens, scores, types)
+
+
+def _llama_tokens(w: Any, model_dir: Path, tokens: list, scores: list, types: list) -> None:
+    """What both llama vocabularies (SentencePiece, llama-style BPE) write, in the converter's order."""
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -157,12 +162,7 @@ def _llama_hf(w: Any, model_dir: Path, config: dict) -> None:
         tokens.append(text)
         scores.append(score)
         types.append(toktype)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    _special(w, model_dir, n_vocab=len(tokens))
+    _llama_tokens(w, model_dir, tokens, scores, types)
 
 
 def _gpt2(w: Any, model_dir: Path, config: dict, warnings: list[str]) -> None:
