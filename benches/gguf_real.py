@@ -93,6 +93,7 @@ def ensure_llama_cpp(venv: Path, env: dict) -> Path:
 def read_check(src: Path, data: Path, seq_len: int, max_tokens: int) -> dict:
     """Issue 19 on the real file: lazymerge's tensors against transformers' dequantized state dict, and
     `lazymerge eval` of the GGUF against transformers' float32 perplexity on the same windows."""
+    import gguf
     import torch
     import transformers as T
 
@@ -108,7 +109,7 @@ def read_check(src: Path, data: Path, seq_len: int, max_tokens: int) -> dict:
     unequal, max_diff = [], 0.0
     with GGUFCheckpoint.open(src) as ck:
         names = sorted(ck.tensors)
-        types = sorted({i.stored.ggml_type.name for i in ck.tensors.values()})
+        types = sorted({gguf.GGMLQuantizationType(i.stored.ggml_type).name for i in ck.tensors.values()})
         for name in names:
             got = ck.read(name)
             if not torch.equal(got, ref[name]):
