@@ -22,6 +22,7 @@ from lazymerge.engine.report import Progress
 from lazymerge.errors import CheckpointError
 from lazymerge.io.adapters import PEFT_PREFIX, WEIGHTS_NAME
 from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.io.models import open_checkpoint
 from lazymerge.io.shards import TensorInfo
 from lazymerge.io.writer import CheckpointWriter, OutTensor, plan_layout
 
@@ -167,8 +168,8 @@ def extract_lora(finetuned: Path | str, base: Path | str, out: Path | str, rank:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     start = time.monotonic()
-    with Checkpoint.open(finetuned, allow_pickle=allow_pickle) as ft, \
-            Checkpoint.open(base, allow_pickle=allow_pickle) as bs:
+    with open_checkpoint(finetuned, allow_pickle=allow_pickle) as ft, \
+            open_checkpoint(base, allow_pickle=allow_pickle) as bs:
         fan_in_fan_out = (bs.config or {}).get("model_type") in CONV1D_MODELS
         targets, skipped = _select(ft, bs, include_embeddings, fan_in_fan_out)
         if not targets:
@@ -191,6 +192,8 @@ def extract_lora(finetuned: Path | str, base: Path | str, out: Path | str, rank:
                 if progress is not None:
                     progress(Progress(i + 1, len(targets), done_bytes, total_bytes, time.monotonic() - start))
             config = _config(targets, rank, Path(base).resolve(), fan_in_fan_out)
+            if bs.hub is not None:    # PEFT loads the base by hub id, at the commit this adapter was made from
+                config.update(base_model_name_or_path=bs.hub.repo_id, revision=bs.hub.sha)
             writer.finalize(config=None, aux_files=[],
                             extra_files={"adapter_config.json": (json.dumps(config, indent=2) + "\n").encode()})
     return report

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from lazymerge.errors import CheckpointError, LazyMergeError
+from lazymerge.io.models import model_directory
 from lazymerge.io.writer import CheckpointWriter, OutTensor, plan_layout
 
 CHUNK_CHARS = 1 << 20          # text tokenized per call: bounded memory for any file size
@@ -95,9 +96,10 @@ def compute_fisher(model_dir: Path | str, text_file: Path | str, out: Path | str
     if max_samples < 1 or seq_len < 2:
         raise ValueError(f"need max_samples >= 1 and seq_len >= 2, got {max_samples} and {seq_len}")
     start = time.monotonic()
-    model_dir, text_file = Path(model_dir), Path(text_file)
+    text_file = Path(text_file)
     if not text_file.is_file():
         raise CheckpointError(f"{text_file}: data file does not exist")
+    model_dir = model_directory(model_dir)[0]      # a hub id: its snapshot, every weight file downloaded
     tokenizer, model = _load(model_dir, device)
     model.eval()  # no dropout: the Fisher is of the deterministic model being merged
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -13,13 +13,16 @@ from typing import Any, Callable, Mapping, Union
 import torch
 
 from ._version import __version__
+from .card import model_card
 from .engine.report import Progress, Report
 from .errors import OutputError
 from .io.gguf.layout import gguf_options
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
 from .planner.compile import compile_plan
-from .planner.recipe import Recipe, dump_recipe
+from .io.models import pin_refs
+from .planner.recipe import Recipe, dump_recipe, read_documents
+from .planner.tokenizer import TOKENIZER_FILES
 
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
 DEFAULT_SHARD_SIZE = "5GB"         # safetensors shards; a GGUF is one file unless a size is given
@@ -31,7 +34,9 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
                  resume: bool = False, strict: bool = False, allow_pickle: bool = False,
                  workers: int | None = None, max_block_rows: int | None = None,
                  cancel: threading.Event | None = None, stage: str | None = None, cluster: Any = None,
-                 gguf_type: str | None = None, format: str | None = None) -> Report:
+                 stream_inputs: bool = False, write_model_card: bool = True,
+                 copy_tokenizer: bool = True, gguf_type: str | None = None,
+                 format: str | None = None) -> Report:
     """`lazymerge.merge` (see there for the arguments)."""
     gguf = gguf_options(Path(out), gguf_type, format, shard_size)
     if gguf is not None and cluster is not None:
@@ -39,19 +44,35 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | Non
                           "safetensors on the cluster)")
     shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
     p = compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                     max_block_rows=max_block_rows, stage=stage, gguf=gguf)
+                     max_block_rows=max_block_rows, stage=stage, stream_inputs=stream_inputs, gguf=gguf)
     try:
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
-        extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe).encode()}
+        extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe, p.pins).encode()}
+        if write_model_card:
+            extra["README.md"] = model_card(p.recipe, _recipe_text(recipe, p.recipe)).encode()
+        if not copy_tokenizer:   # the input's tokenizer files are not copied; a tokenizer the merge built still is
+            p.aux_files = [f for f in p.aux_files if Path(f).name not in TOKENIZER_FILES]
         if cluster is not None:           # -- lazymerge.cluster: the same plan, partitioned over Dask workers
             from .cluster.driver import run_on_cluster
 
+            if p.pins:                    # every worker reads the commits this client resolved
+                docs = (recipe.documents or [recipe.raw]) if isinstance(recipe, Recipe) else read_documents(recipe)[0]
+                recipe = pin_refs(docs, p.pins)
             return run_on_cluster(p, out, cluster, recipe=recipe, stage=stage, memory=memory,
                                   shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
                                   device=device, progress=progress, overwrite=overwrite, resume=resume,
                                   strict=strict, workers=workers, extra_files=extra, version=__version__,
-                                  cancel=cancel)
+                                  cancel=cancel, stream_inputs=stream_inputs)
         return run_plan(p, out, device=device, progress=progress, overwrite=overwrite, resume=resume,
                         strict=strict, workers=workers, extra_files=extra, version=__version__, cancel=cancel)
     finally:
         p.close()
+
+
+def _recipe_text(recipe: RecipeLike, parsed: Recipe) -> str:
+    """The recipe as the user wrote it (a file's or a string's text, comments kept), else as lazymerge saves it."""
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and Path(recipe).is_file()):
+        return Path(recipe).read_text(encoding="utf-8")
+    if isinstance(recipe, str):
+        return recipe
+    return dump_recipe(parsed)

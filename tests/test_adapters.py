@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from lazymerge.errors import CheckpointError
-from lazymerge.io.adapters import Adapter, AdaptedCheckpoint, open_model, parse_model_ref
+from lazymerge.io.adapters import Adapter, AdaptedCheckpoint, parse_model_ref
+from lazymerge.io.models import open_model
 from lazymerge.io.checkpoint import Checkpoint
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -187,9 +188,9 @@ def test_adapter_dir_alone_uses_local_base(tmp_path: Path, toy: dict) -> None:
         assert isinstance(ckpt, AdaptedCheckpoint) and ckpt.path == toy["dir"]
     assert isinstance(open_model(toy["dir"]), Checkpoint)
     (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "base_model_name_or_path": "org/hub-model"}))
-    with pytest.raises(CheckpointError, match="not a local directory"):
-        open_model(adapter)
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "base_model_name_or_path": "no-such-base"}))
+    with pytest.raises(CheckpointError, match="neither a local directory nor a hub id"):
+        open_model(adapter)     # a hub id is resolved on the hub: tests/test_hub.py
 
 
 def test_parse_model_ref(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from conftest import llama_shapes
-from lazymerge.io.adapters import open_model
+from lazymerge.io.models import open_model
 from test_vocab import ADDED_B, VOCAB_A, VOCAB_B, tokenizer_json
 
 LORA_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")

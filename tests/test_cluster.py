@@ -427,3 +427,42 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hub models streamed by the workers (--stream-inputs)
+# ---------------------------------------------------------------------------------------------------------------
+from hubfix import cached_shards, hub_env, published, rewrite, shard_hashes  # noqa: E402,F401
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_workers_stream_their_partitions_from_the_hub(client, published, hub_env: Path, tmp_path: Path) -> None:
+    from lazymerge.io.remote import TRANSFERRED
+
+    recipe = {"merge_method": "ties", "base_model": "org/base", "dtype": "bfloat16",
+              "models": [{"model": "org/ft1", "parameters": {"weight": 0.6, "density": 0.5}},
+                         {"model": "org/ft2", "parameters": {"weight": 0.4, "density": 0.7}}]}
+    local = tmp_path / "local"
+    lazymerge.merge(rewrite(recipe, published.local), local, shard_size="30KB")
+    lazymerge.plan(recipe).close()        # headers and small files cached here: from now on, tensor data only
+    env = {k: os.environ.get(k) for k in ("HF_ENDPOINT", "HF_HOME", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    client.run(_set_env, env)             # the workers were started before this test chose its hub and cache
+    try:
+        published.hub.reset()
+        here = TRANSFERRED.value
+        report = lazymerge.merge(recipe, tmp_path / "cluster", shard_size="30KB", cluster=client,
+                                 stream_inputs=True)
+    finally:
+        client.run(_set_env, {k: None for k in env})
+    assert shard_hashes(tmp_path / "cluster") == shard_hashes(local)
+    served = published.hub.bytes_served(suffix=".safetensors")
+    assert TRANSFERRED.value == here and served > 0          # the workers read the tensor data, not the client
+    assert served <= 1.1 * report.bytes_read and report.bytes_transferred == served
+    assert not cached_shards(hub_env)

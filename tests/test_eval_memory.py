@@ -1,4 +1,4 @@
-"""Peak RSS of an evaluation stays within the budget plus the activations (the README's formula), for a model
+"""Peak RSS of an evaluation stays within the budget plus the activations (the formula of docs/search.md), for a model
 whose weights are several times that: the model is never whole in memory, for a checkpoint or a recipe."""
 from __future__ import annotations
 

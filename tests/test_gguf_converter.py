@@ -55,8 +55,9 @@ def test_same_file_as_llamacpp_converter(tmp_path, gtype):
     recipe = {"merge_method": "linear", "dtype": "float32",
               "models": [{"model": str(a), "parameters": {"weight": 0.3}},
                          {"model": str(b), "parameters": {"weight": 0.7}}]}
-    # the converter names a model after its directory: both outputs are called "merged"
-    lazymerge.merge(recipe, tmp_path / "st" / "merged")
+    # the converter names a model after its directory: both outputs are called "merged"; it would also read a
+    # model card's front matter (general.tags, base models), and a .gguf file output has no card
+    lazymerge.merge(recipe, tmp_path / "st" / "merged", write_model_card=False)
     ours = tmp_path / "merged.gguf"
     lazymerge.merge(recipe, ours, gguf_type=gtype)
     theirs = tmp_path / "theirs.gguf"

@@ -27,7 +27,7 @@ from gguf_kit import cache_root, make_hf_model, write_gguf  # noqa: E402
 
 import lazymerge  # noqa: E402
 from lazymerge.errors import CheckpointError  # noqa: E402
-from lazymerge.io.adapters import open_model  # noqa: E402
+from lazymerge.io.models import open_model  # noqa: E402
 from lazymerge.io.gguf import GGUFCheckpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

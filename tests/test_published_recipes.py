@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from conftest import read_all
+from hubfix import hub_env, published  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent / "published"
 TOL = 1e-6
@@ -61,7 +62,10 @@ def merge(case: str, tmp_path: Path, name: str = "out", **kw) -> dict[str, torch
 
 @pytest.mark.parametrize("case", DETERMINISTIC)
 def test_matches_mergekit(case: str, tmp_path: Path):
-    got = merge(case, tmp_path, seed=0)
+    assert_matches_mergekit(case, merge(case, tmp_path, seed=0), tmp_path / "out")
+
+
+def assert_matches_mergekit(case: str, got: dict[str, torch.Tensor], out: Path) -> None:
     expected = read_all(ROOT / case / "expected")
     assert sorted(got) == sorted(expected), (
         f"missing: {sorted(set(expected) - set(got))}, unexpected: {sorted(set(got) - set(expected))}")
@@ -74,7 +78,33 @@ def test_matches_mergekit(case: str, tmp_path: Path):
             bad.append(f"{name}: max abs err {err:.3g}")
     assert not bad, f"{case}: tensors outside {TOL}:\n  " + "\n  ".join(bad)
     want = json.loads((ROOT / case / "expected" / "config.json").read_text())["num_hidden_layers"]
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == want
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == want
+
+
+# the recipes as published, naming real hub repositories (`# Hub:` says which placeholder is which), served by
+# the loopback hub with the tiny checkpoints in their place
+HUB_IDS = {case: dict(re.findall(r"\{(\w+)\}=(\S+)", m.group(1))) for case in DETERMINISTIC
+           if (m := re.search(r"^# Hub: (.*)$", (ROOT / case / "recipe.yaml").read_text(), flags=re.M))}
+
+
+def test_most_published_recipes_name_their_hub_repositories():
+    assert len(HUB_IDS) >= 10, sorted(HUB_IDS)
+
+
+@pytest.mark.parametrize("case", sorted(HUB_IDS))
+def test_matches_mergekit_with_real_hub_ids(case: str, published, hub_env: Path, tmp_path: Path):
+    import lazymerge
+
+    text = (ROOT / case / "recipe.yaml").read_text()
+    shas = {}
+    for key, repo in HUB_IDS[case].items():
+        shas[f"{repo}@main"] = published.hub.add(repo, ROOT / "models" / key)
+        text = text.replace("{" + key + "}", repo)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    report = lazymerge.merge(recipe, tmp_path / "out", seed=0)
+    assert report.inputs == shas
+    assert_matches_mergekit(case, read_all(tmp_path / "out"), tmp_path / "out")
 
 
 def test_model_stock_weights_warn_once(tmp_path: Path):

@@ -484,7 +484,7 @@ def test_missing_lead_tokenizer_is_an_error(tmp_path, opened):
     ({"tokenizer": {"tokens": {"x": {"source": {"kind": "zeros"}}}}},
      r"tokenizer.tokens.x.source.kind: must be 'model_token' or 'zero', not 'zeros' \(did you mean 'zero'\?\)"),
     ({"tokenizer": {"tokens": {"x": {"forse": True}}}}, r"tokenizer.tokens.x: unknown key 'forse'"),
-    ({"tokenizer_source": "unoin"}, r"tokenizer_source: 'unoin' is not 'base', 'union' or a model directory "
+    ({"tokenizer_source": "unoin"}, r"tokenizer_source: 'unoin' is not 'base', 'union', a model directory or a hub id "
                                     r"\(did you mean 'union'\?\)"),
 ])
 def test_errors(abc, opened, top, pattern):

@@ -29,6 +29,7 @@ from ..engine.ops import Load, Write
 from ..engine.report import Progress, Report
 from ..engine.run import _input_dirs, check_output_dir, finalize_output, input_files, run_fingerprint
 from ..errors import MergeAborted, OutputError
+from ..io.hub import pinned_name
 from ..io.writer import CheckpointWriter
 from .partition import partition_layout
 from .preflight import check_workers
@@ -135,7 +136,7 @@ def run_on_cluster(plan: Any, out: "str | Path", cluster: Any, *, recipe: Any, s
                    progress: Callable[[Progress], None] | None = None, overwrite: bool = False,
                    resume: bool = False, strict: bool = False, workers: int | None = None,
                    extra_files: dict[str, bytes] | None = None, version: str = "",
-                   cancel: threading.Event | None = None) -> Report:
+                   cancel: threading.Event | None = None, stream_inputs: bool = False) -> Report:
     """Run `plan` (compiled here from `recipe` with the other arguments, which every worker repeats) into `out`
     on a Dask cluster (`distributed.Client`, `local:N`, a scheduler address, or None for DASK_SCHEDULER_ADDRESS).
     """
@@ -150,7 +151,7 @@ def run_on_cluster(plan: Any, out: "str | Path", cluster: Any, *, recipe: Any, s
             report = _drive(plan, out, client, writer, dev, recipe=recipe, stage=stage, memory=memory,
                             shard_size=shard_size, allow_pickle=allow_pickle, max_block_rows=max_block_rows,
                             progress=progress, resume=resume, strict=strict, workers=workers, version=version,
-                            cancel=cancel)
+                            cancel=cancel, stream_inputs=stream_inputs)
             finalize_output(writer, plan, report, extra_files)
             return report
         except BaseException:
@@ -161,12 +162,13 @@ def run_on_cluster(plan: Any, out: "str | Path", cluster: Any, *, recipe: Any, s
 def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: torch.device, *, recipe: Any,
            stage: str | None, memory: int | str | None, shard_size: int | str, allow_pickle: bool,
            max_block_rows: int | None, progress: Callable[[Progress], None] | None, resume: bool, strict: bool,
-           workers: int | None, version: str, cancel: threading.Event | None) -> Report:
+           workers: int | None, version: str, cancel: threading.Event | None, stream_inputs: bool) -> Report:
     distributed = _distributed()
     t0, cpu0 = time.perf_counter(), time.process_time()
     _wait_for_workers(client)
-    addresses = check_workers(client, input_files(plan) + _small_files(plan), writer.tmp_dir,
-                              [s.filename for s in plan.layout])
+    # hub files are not probed: each worker resolves the pinned commits itself (its own cache, or streamed)
+    local = [f for f in input_files(plan) + _small_files(plan) if pinned_name(f) is None]
+    addresses = check_workers(client, local, writer.tmp_dir, [s.filename for s in plan.layout])
     skip = writer.completed_shards()
     resumed = len(writer.tensors_done())
     parts = partition_layout(plan.layout, len(addresses), skip=skip, cost=_costs(plan))
@@ -176,7 +178,7 @@ def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: tor
     job = PartitionJob(recipe=shipped, stage=stage, memory=memory, shard_size=shard_size, seed=plan.seed,
                        allow_pickle=allow_pickle, max_block_rows=max_block_rows, device=str(dev), strict=strict,
                        threads=workers, tmp_dir=str(writer.tmp_dir), layout_digest=layout_digest(plan.layout),
-                       cwd=os.getcwd())
+                       cwd=os.getcwd(), stream_inputs=stream_inputs)
     token = uuid.uuid4().hex[:8]
     futures = {client.submit(run_partition, job, p, key=f"lazymerge-{token}-{p.index:05d}", pure=False): p
                for p in parts}
@@ -221,4 +223,5 @@ def _drive(plan: Any, out: Path, client: Any, writer: CheckpointWriter, dev: tor
         bytes_read=sum(r.bytes_read for r in results), bytes_written=sum(r.bytes_written for r in results),
         tensors=tensors_total, tasks=sum(r.tasks for r in results), shards=len(plan.layout),
         blocked_tensors=sum(1 for n in plan.blocks.values() if n > 1), resumed_tensors=resumed,
-        over_budget_tasks=sum(r.over_budget_tasks for r in results), warnings=warnings, version=version)
+        over_budget_tasks=sum(r.over_budget_tasks for r in results), warnings=warnings, version=version,
+        inputs=dict(getattr(plan, "pins", {})), bytes_transferred=sum(r.bytes_transferred for r in results))

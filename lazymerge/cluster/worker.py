@@ -20,8 +20,14 @@ from typing import Any, Iterator
 
 import torch
 
+from ..engine.report import RssSampler
+from ..engine.run import execute_tasks, release_freed_memory, resolve_device, select_tasks
 from ..errors import LazyMergeError, OutputError
+from ..io.hub import bytes_transferred
 from ..io.writer import ShardLayout, check_rows, row_bytes
+from ..moe.routers import bind_routers
+from ..planner.compile import compile_plan
+from ..planner.plan import DEFAULT_MEMORY_FRACTION, resolve_budget
 from .partition import Partition, page_split
 
 
@@ -44,6 +50,7 @@ class PartitionJob:
     tmp_dir: str
     layout_digest: str
     cwd: str
+    stream_inputs: bool = False       # hub inputs: each worker streams its own partition's byte ranges
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class PartitionResult:
     wall_s: float
     cpu_s: float
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    bytes_transferred: int = 0        # from the hub, by this partition's reads
 
 
 def layout_digest(layout: list[ShardLayout]) -> str:
@@ -144,8 +152,6 @@ _newest: list[str] = [""]
 def _budget_for(job: PartitionJob) -> int | str | None:
     """--memory is per worker; a worker with several threads runs that many partitions at once, each gets its
     share. Without --memory: 60% of the worker's Dask memory limit (what its nanny enforces)."""
-    from ..planner.plan import DEFAULT_MEMORY_FRACTION, resolve_budget
-
     try:
         from distributed import get_worker
 
@@ -160,19 +166,19 @@ def _budget_for(job: PartitionJob) -> int | str | None:
 
 
 def _plan_key(job: PartitionJob) -> str:
-    return repr((job.layout_digest, job.memory, job.tmp_dir, job.max_block_rows, job.stage, job.seed))
+    return repr((job.layout_digest, job.memory, job.tmp_dir, job.max_block_rows, job.stage, job.seed,
+                 job.stream_inputs))
 
 
 def _compile(job: PartitionJob) -> Any:
-    from ..planner.compile import compile_plan
-
     here = os.getcwd()
     moved = here != job.cwd and os.path.isdir(job.cwd)
     if moved:
         os.chdir(job.cwd)                 # relative model paths mean what they meant on the client
     try:
         plan = compile_plan(job.recipe, memory=_budget_for(job), shard_size=job.shard_size, seed=job.seed,
-                            allow_pickle=job.allow_pickle, max_block_rows=job.max_block_rows, stage=job.stage)
+                            allow_pickle=job.allow_pickle, max_block_rows=job.max_block_rows, stage=job.stage,
+                            stream_inputs=job.stream_inputs)
     finally:
         if moved:
             os.chdir(here)
@@ -180,8 +186,6 @@ def _compile(job: PartitionJob) -> Any:
         plan.close()
         raise OutputError("the plan compiled on this worker lays the output out differently from the "
                           "client's: are the inputs the same files at the same paths on every machine?")
-    from ..moe.routers import bind_routers
-
     bind_routers(plan)   # a MoE's routers: computed here on first read, the same bytes as the client's
     return plan
 
@@ -218,13 +222,11 @@ def worker_name() -> str:
 def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
     """The Dask task: compute `part`'s tensors into the temporary output. A LazyMergeError comes back to the
     client with the worker's address in front of its one-line message."""
-    from ..engine.report import RssSampler
-    from ..engine.run import execute_tasks, release_freed_memory, resolve_device, select_tasks
-
     name = worker_name()
     try:
         release_freed_memory()
         dev = resolve_device(job.device)
+        transferred = bytes_transferred()
         with _plan(job) as plan:
             keys, tasks = select_tasks(plan, set(part.tensors).__contains__)
             writer = RangeWriter(Path(job.tmp_dir) / part.filename, plan.layout[part.shard], part)
@@ -240,4 +242,4 @@ def run_partition(job: PartitionJob, part: Partition) -> PartitionResult:
         index=part.index, worker=name, edges=writer.edges(), nbytes=part.nbytes, bytes_read=ctx.bytes_read,
         bytes_written=ctx.bytes_written, tasks=stats.tasks_run, peak_live_bytes=stats.peak_live_bytes,
         over_budget_tasks=stats.over_budget_tasks, budget=budget, peak_rss=rss.peak, wall_s=rss.wall,
-        cpu_s=rss.cpu, warnings=warnings)
+        cpu_s=rss.cpu, warnings=warnings, bytes_transferred=bytes_transferred() - transferred)

@@ -50,6 +50,8 @@ class Report:
     over_budget_tasks: int = 0
     warnings: list[str] = field(default_factory=list)
     version: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)   # hub inputs: "org/name@revision" -> commit sha read
+    bytes_transferred: int = 0        # from the hub during the run: downloaded files and streamed ranges
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -66,6 +68,9 @@ class Report:
             f"tasks         {self.tasks}" + (f", {self.blocked_tensors} tensors in row blocks"
                                               if self.blocked_tensors else ""),
         ]
+        if self.bytes_transferred:
+            lines.append(f"transferred   {human(self.bytes_transferred)} from the hub")
+        lines += [f"input         {ref} at {sha}" for ref, sha in sorted(self.inputs.items())]
         if self.resumed_tensors:
             lines.append(f"resumed       {self.resumed_tensors} tensors kept from the interrupted run")
         lines += [f"warning       {printable(w)}" for w in self.warnings]

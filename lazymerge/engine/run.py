@@ -18,9 +18,11 @@ import torch
 
 from .. import memory, testhold
 from ..errors import MergeAborted, OutputError
+from ..io.hub import bytes_transferred, pinned_name
 from ..io.writer import CheckpointWriter
 from . import fused
 from .context import RunContext
+from .inputs import reading
 from .ops import run_task
 from .report import Progress, Report, RssSampler
 from .scheduler import ScheduleStats, execute
@@ -132,14 +134,18 @@ def run_fingerprint(plan: Any, device: torch.device, version: str) -> str:
     h.update(json.dumps([plan.method.name, plan.recipe.raw, getattr(plan.recipe, "documents", None), plan.seed,
                          device.type, version, torch.__version__], sort_keys=True, default=str).encode())
     for f in input_files(plan):
+        pinned = pinned_name(f)          # a hub file: its commit says what it holds, downloaded or not
+        if pinned is not None:
+            h.update(f"{pinned}\0".encode())
+            continue
         try:
             st = f.stat()
             h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         except OSError:
             h.update(f"{f}\0missing\0".encode())
     for f in meta_files(plan):
-        try:
-            h.update(f"{f.resolve()}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\0".encode())
+        try:           # a hub file by its commit and name: the same wherever the cache is
+            h.update(f"{pinned_name(f) or f.resolve()}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\0".encode())
         except OSError:
             h.update(f"{f}\0missing\0".encode())
     return h.hexdigest()
@@ -188,8 +194,9 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
                     else:
                         pool.trim(min(plan.budget - live, plan.budget // 4))
 
-            stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done,
-                            on_start=on_start, cancel=cancel)
+            with reading(plan.sources, tasks, plan.budget):   # hub inputs: downloaded or streamed ahead
+                stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done,
+                                on_start=on_start, cancel=cancel)
     finally:
         gc.unfreeze()
         torch.set_num_threads(torch_threads)
@@ -221,6 +228,7 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
                               fingerprint=run_fingerprint(plan, dev, version),
                               files=plan.gguf is not None and plan.gguf.file)
     writer.open()
+    transferred = bytes_transferred()
     try:
         done_tensors = writer.tensors_done() if resume else set()
         keys, tasks = select_tasks(plan, lambda tensor: tensor not in done_tensors)
@@ -256,7 +264,8 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
             tasks=stats.tasks_run, shards=len(plan.layout),
             blocked_tensors=sum(1 for n in plan.blocks.values() if n > 1), resumed_tensors=len(done_tensors),
             over_budget_tasks=stats.over_budget_tasks, warnings=list(plan.warnings) + ctx.warnings,
-            version=version,
+            version=version, inputs=dict(getattr(plan, "pins", {})),
+            bytes_transferred=bytes_transferred() - transferred,
         )
         finalize_output(writer, plan, report, extra_files)
         return report

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .context import RunContext
+from .inputs import reading
 from .ops import run_task
 from .scheduler import ScheduleStats, execute
 
@@ -94,4 +95,5 @@ def run_tensors(plan: Any, names: Iterable[str], sink: Any, *, device: torch.dev
     def run(task: Any, args: list[Any], own: tuple[bool, ...]) -> Any:
         return run_task(ctx, task.attrs, args, own)
 
-    return execute(keys, tasks, run, budget=budget, workers=workers)
+    with reading(plan.sources, tasks, budget):
+        return execute(keys, tasks, run, budget=budget, workers=workers)

@@ -68,9 +68,9 @@ def _streamed(stream: LayerStream, ids: torch.Tensor, max_new_tokens: int, eos: 
 
 def generate(target: Any, prompt: str, *, max_new_tokens: int = 20, memory: Any = None,
              device: "str | torch.device" = "cpu", seed: int = 0,
-             progress: Callable[[Any], None] | None = None) -> str:
-    """The greedy continuation of `prompt` by `target` (checkpoint directory or recipe), as text."""
-    stream = open_stream(target, memory=memory, device=device, seed=seed,
+             progress: Callable[[Any], None] | None = None, stream_inputs: bool = False) -> str:
+    """The greedy continuation of `prompt` by `target` (checkpoint directory, hub id or recipe), as text."""
+    stream = open_stream(target, memory=memory, device=device, seed=seed, stream_inputs=stream_inputs,
                          prepare=lambda plan: prepare_routers(plan, progress=progress))
     try:
         tok = load_tokenizer(stream.source.config_dir, stream.source.label)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..engine.report import RssSampler
+from ..io.models import pin_refs
 from ..moe.routers import prepare_routers
 from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
@@ -67,22 +68,22 @@ def score_windows(stream: LayerStream, windows: torch.Tensor, *, batch: int = DE
 def evaluate(target: Any, data: "str | Path", *, memory: int | str | None = None, seq_len: int | None = None,
              max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH, device: "str | torch.device" = "cpu",
              seed: int = 0, progress: Callable[[EvalProgress], None] | None = None,
-             windows: torch.Tensor | None = None) -> EvalReport:
+             windows: torch.Tensor | None = None, stream_inputs: bool = False) -> EvalReport:
     """Perplexity of `target` (a checkpoint directory, or a recipe merged on the fly and never written) on
     `data` (text file, .jsonl with `text`, or a saved `datasets` directory), out of core within `memory`.
 
     `windows` ([W, seq_len] token ids) skips tokenization (search evaluates many candidates on the same data).
     """
     return _evaluate(target, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                     device=device, seed=seed, progress=progress, windows=windows)[0]
+                     device=device, seed=seed, progress=progress, windows=windows, stream_inputs=stream_inputs)[0]
 
 
 def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_len: int | None, max_tokens: int,
               batch: int, device: "str | torch.device", seed: int,
               progress: Callable[[EvalProgress], None] | None,
-              windows: torch.Tensor | None = None) -> tuple[EvalReport, torch.Tensor]:
+              windows: torch.Tensor | None = None, stream_inputs: bool = False) -> tuple[EvalReport, torch.Tensor]:
     with RssSampler() as rss:
-        stream = open_stream(target, memory=memory, device=device, seed=seed,
+        stream = open_stream(target, memory=memory, device=device, seed=seed, stream_inputs=stream_inputs,
                              prepare=lambda plan: prepare_routers(plan, progress=progress))
         # after the libraries and the (weightless) skeleton: what the budget and the activations come on top of
         start_rss = rss.peak = rss.proc.memory_info().rss
@@ -118,11 +119,24 @@ def _evaluate(target: Any, data: "str | Path", *, memory: int | str | None, seq_
 def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None = None, seq_len: int | None = None,
                    max_tokens: int = DEFAULT_MAX_TOKENS, batch: int = DEFAULT_BATCH,
                    device: "str | torch.device" = "cpu", seed: int = 0,
-                   progress: Callable[[EvalProgress], None] | None = None) -> list[EvalReport]:
+                   progress: Callable[[EvalProgress], None] | None = None,
+                   stream_inputs: bool = False) -> list[EvalReport]:
     """The merge of `recipe` and each of its input models on the same data: one report each, inputs first, the
     merge last. Each model reads the data through its own tokenizer (with the merge's seq_len): an input whose
     vocabulary the merge aligned to other token ids (`tokenizer_source`) is scored on its own ids, never on the
-    merge's. Inputs that share the merge's tokenizer get the very same windows."""
+    merge's. Inputs that share the merge's tokenizer get the very same windows. Hub inputs are reopened at the
+    commit the merge reads."""
+    inputs = [t for _, t in input_targets(recipe)]
+    merged = evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
+                      device=device, seed=seed, progress=progress, stream_inputs=stream_inputs)
+    reports = [evaluate(t, data, memory=memory, seq_len=merged.seq_len, max_tokens=max_tokens, batch=batch,
+                        device=device, seed=seed, progress=progress, stream_inputs=stream_inputs) for t in inputs]
+    return reports + [merged]
+
+
+def input_targets(recipe: Any) -> list[tuple[str, Any]]:
+    """(label, evaluation target) of each input model of `recipe`: its checkpoint directory, its hub id pinned to
+    the commit the merge reads, or for a base+adapter input a passthrough recipe of it (merged on the fly)."""
     from ..planner.compile import compile_plan
     from .weights import is_recipe
 
@@ -134,13 +148,11 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
     try:
         inputs = []
         for key, src in p.sources.items():
+            # the reference that reopens exactly this input: hub ids pinned to the commit the merge reads
+            ref = pin_refs(key, p.pins)
             adapter = getattr(src, "adapter", None)
-            inputs.append({"merge_method": "passthrough", "models": [{"model": key}]} if adapter is not None
-                          else Path(src.path))
+            inputs.append((key, {"merge_method": "passthrough", "models": [{"model": ref}]} if adapter is not None
+                           else (Path(src.path) if getattr(src, "hub", None) is None else ref)))
     finally:
         p.close()
-    merged = evaluate(recipe, data, memory=memory, seq_len=seq_len, max_tokens=max_tokens, batch=batch,
-                      device=device, seed=seed, progress=progress)
-    reports = [evaluate(t, data, memory=memory, seq_len=merged.seq_len, max_tokens=max_tokens, batch=batch,
-                        device=device, seed=seed, progress=progress) for t in inputs]
-    return reports + [merged]
+    return inputs

@@ -19,6 +19,7 @@ import yaml
 from .. import testhold
 from ..errors import LazyMergeError, RecipeError
 from ..planner.methods import METHODS
+from ..io.models import pin_refs, resolve_refs
 from ..planner.recipe import load_yaml, read_documents
 
 _TOKEN = re.compile(r"(\.?)([A-Za-z_][\w-]*)|\[(\d+)\]")
@@ -46,6 +47,7 @@ class Trial:
     perplexity: float | None
     nll: float | None
     state: str
+    score: float | None = None          # the objective as reported: the perplexity, or a task metric
 
 
 @dataclass
@@ -56,19 +58,21 @@ class SearchReport:
     trials: list[Trial] = field(default_factory=list)
     best_file: Path | None = None
     out: Path | None = None
+    objective: str = "perplexity"       # or a task metric, e.g. "arc_easy acc"
+    best_score: float | None = None     # the objective's best value as reported (= best_perplexity by default)
 
     def table(self) -> str:
         names = sorted({k for t in self.trials for k in t.params})
-        head = ["trial"] + names + ["perplexity", "state"]
+        head = ["trial"] + names + [self.objective, "state"]
         rows = [[str(t.number)] + [f"{t.params[n]:.4f}" if n in t.params else "-" for n in names]
-                + [f"{t.perplexity:.4f}" if t.perplexity is not None else "-", t.state] for t in self.trials]
+                + [f"{t.score:.4f}" if t.score is not None else "-", t.state] for t in self.trials]
         widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
         fmt = "  ".join(f"{{:>{w}}}" for w in widths)
         return "\n".join(fmt.format(*r) for r in [head] + rows)
 
     def summary(self) -> str:
         lines = [self.table(), "",
-                 f"best          perplexity {self.best_perplexity:.4f} with "
+                 f"best          {self.objective} {self.best_score:.4f} with "
                  + ", ".join(f"{k}={v:.4f}" for k, v in self.best_params.items())]
         if self.best_file is not None:
             lines.append(f"best recipe   {self.best_file}")
@@ -200,18 +204,22 @@ def _sampler(optuna: Any, name: str, seed: int) -> Any:
     raise RecipeError(f"search: sampler '{name}' is unknown; use tpe, cmaes or random")
 
 
-def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *, trials: int = 20,
+def search(recipe: Any, data: "str | Path | None", space: Sequence["str | SpaceDim"], *, trials: int = 20,
            study: "str | Path | None" = None, sampler: str = "tpe", seed: int = 0, memory: Any = None,
            seq_len: int | None = None, max_tokens: int = 4096, batch: int = 4, device: str = "cpu",
            best_file: "str | Path | None" = "best.yaml", out: "str | Path | None" = None,
            on_trial: Callable[[Trial], None] | None = None, progress: Callable[[Any], None] | None = None,
-           run_trials: Callable[..., None] | None = None) -> SearchReport:
+           run_trials: Callable[..., None] | None = None,
+           score: Callable[[dict[str, Any]], tuple[float, float]] | None = None,
+           objective: str = "perplexity") -> SearchReport:
     """Search `space` (`PATH=LOW..HIGH` strings or SpaceDims) for the recipe values with the lowest perplexity
     on `data`, until `trials` trials have completed in the study (a re-run with the same `study` file continues).
     Writes the best recipe to `best_file`, and merges it into `out` when given. `run_trials` completes the
     trials elsewhere instead of one by one here: called as run_trials(study, doc, dims, trials, data=, memory=,
     seq_len=, max_tokens=, batch=, device=, seed=, on_trial=), it asks and tells the opened study
-    (`lazymerge.cluster.search.run_trials` on Dask workers); the study, its resume and the report stay here."""
+    (`lazymerge.cluster.search.run_trials` on Dask workers); the study, its resume and the report stay here.
+    `score` replaces the perplexity on `data` as the objective (`objective` names it): a candidate recipe ->
+    (value to minimise, value to report), e.g. minus an lm-eval task metric (`lazymerge.tasks.task_scorer`)."""
     try:
         import optuna
     except ImportError:
@@ -219,15 +227,21 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
     from .runner import _evaluate
 
     doc, dims = _read_search(recipe, space)
-    st = open_study(optuna, study, sampler, seed, dims)
+    pins = resolve_refs(doc)       # hub models: every trial (and the best recipe) reads the same commits
+    doc = pin_refs(doc, pins) if pins else doc
+    st = open_study(optuna, study, sampler, seed, dims, objective)
     if run_trials is not None:
         run_trials(st, doc, dims, trials, data=data, memory=memory, seq_len=seq_len,
                    max_tokens=max_tokens, batch=batch, device=device, seed=seed, on_trial=on_trial)
         return _finish(st, doc, dims, best_file=best_file, out=out, memory=memory, seed=seed, device=device)
     windows_box: dict[str, Any] = {}
 
-    def objective(trial: Any) -> float:
+    def objective_fn(trial: Any) -> float:
         values = suggest(trial, dims)
+        if score is not None:
+            value, shown = score(candidate(doc, dims, values))
+            trial.set_user_attr("score", shown)
+            return value
         report, win = _evaluate(candidate(doc, dims, values), data, memory=memory, seq_len=seq_len,
                                 max_tokens=max_tokens, batch=batch, device=device, seed=seed, progress=progress,
                                 windows=windows_box.get("w"))
@@ -240,7 +254,7 @@ def search(recipe: Any, data: "str | Path", space: Sequence["str | SpaceDim"], *
             on_trial(trial_of(frozen))
 
     while completed_count(st) < trials:
-        st.optimize(objective, n_trials=1, catch=(), callbacks=[report_trial])
+        st.optimize(objective_fn, n_trials=1, catch=(), callbacks=[report_trial])
         if testhold.ARMED:
             testhold.reached("trial")
     return _finish(st, doc, dims, best_file=best_file, out=out, memory=memory, seed=seed, device=device)
@@ -260,7 +274,8 @@ def _read_search(recipe: Any, space: Sequence["str | SpaceDim"]) -> tuple[dict[s
     return doc, dims
 
 
-def open_study(optuna: Any, study: "str | Path | None", sampler: str, seed: int, dims: list[SpaceDim]) -> Any:
+def open_study(optuna: Any, study: "str | Path | None", sampler: str, seed: int, dims: list[SpaceDim],
+               objective: str = "perplexity") -> Any:
     """Create or reopen the study. Trials a killed run left RUNNING are marked FAILED (one client per study:
     nobody else is running them), so the search asks for new ones; completed trials are kept, local or cluster."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -276,6 +291,10 @@ def open_study(optuna: Any, study: "str | Path | None", sampler: str, seed: int,
                               "file for a different space")
     for t in st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         st.tell(t.number, state=optuna.trial.TrialState.FAIL)     # left by a killed run: one process per study
+    was = st.user_attrs.get("objective", "perplexity")
+    if was != objective and completed_count(st):
+        raise RecipeError(f"{study}: this study's objective is {was}; use another --study file for {objective}")
+    st.set_user_attr("objective", objective)
     return st
 
 
@@ -296,8 +315,10 @@ def _finish(st: Any, doc: dict[str, Any], dims: list[SpaceDim], *, best_file: "s
     completed = [t for t in st.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     best = min(completed, key=lambda t: (t.value, t.number))
     best_recipe = candidate(doc, dims, best.params)
-    report = SearchReport(best_params=dict(best.params), best_perplexity=best.user_attrs["perplexity"],
-                          best_recipe=best_recipe, trials=[trial_of(t) for t in st.get_trials(deepcopy=False)])
+    objective = st.user_attrs.get("objective", "perplexity")
+    report = SearchReport(best_params=dict(best.params), best_perplexity=best.user_attrs.get("perplexity"),
+                          best_recipe=best_recipe, trials=[trial_of(t) for t in st.get_trials(deepcopy=False)],
+                          objective=objective, best_score=trial_of(best).score)
     if best_file is not None:
         report.best_file = Path(best_file)
         report.best_file.write_text(yaml.safe_dump(best_recipe, sort_keys=False))
@@ -311,4 +332,5 @@ def _finish(st: Any, doc: dict[str, Any], dims: list[SpaceDim], *, best_file: "s
 
 def trial_of(t: Any) -> Trial:
     ppl = t.user_attrs.get("perplexity")
-    return Trial(t.number, dict(t.params), ppl, t.value, t.state.name)
+    return Trial(t.number, dict(t.params), ppl, t.value if ppl is not None else None, t.state.name,
+                 t.user_attrs.get("score", ppl))

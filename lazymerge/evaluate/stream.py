@@ -112,6 +112,10 @@ class LayerStream:
         # the log-sum-exp adds, so the same --memory must give the same blocks for a merge and its recipe (a
         # recipe's merge works in another quarter; the block's stored copy and temporaries fit in the rest)
         cap = self.budget if self.budget is not None else EMBED_BLOCK_BYTES * 4
+        # and never more than EMBED_BLOCK_BYTES: larger blocks only make larger temporaries (a head block's logits
+        # for every token) that no longer fit any cache; the default budget (60% of RAM) made the 4096-token
+        # perplexity of a 270 MB model hold 3.9 GB of logits and run slower than under 512 MiB
+        cap = min(cap, EMBED_BLOCK_BYTES * 4)
         return max(1, min(self.source.shapes[name][0], cap // 4 // max(1, per_row)))
 
     # -- stages ------------------------------------------------------------------------------------------
@@ -125,6 +129,8 @@ class LayerStream:
     def _embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The embedding rows of the given (sorted, unique) token ids, read block by block."""
         name = self.tensor_name(self.sk.embed_name)
+        if hasattr(self.source, "rows"):                  # a source that reads rows by id (evaluate.reuse)
+            return self.source.rows(name, ids, self.row_block(name)).to(self.dtype)
         rows = torch.empty((len(ids), *self.source.shapes[name][1:]), dtype=self.dtype)
 
         def take(start: int, block: torch.Tensor) -> None:
@@ -153,22 +159,28 @@ class LayerStream:
             if pad is not None:
                 emb.padding_idx = pad
 
-    def _run_stack(self, ids: torch.Tensor, stands: list[_Stand], mask: torch.Tensor | None = None) -> Any:
+    def _run_stack(self, ids: torch.Tensor, stands: list[_Stand], mask: torch.Tensor | None = None,
+                   call: dict[str, Any] | None = None) -> Any:
         original = list(self.sk.layers)
         try:
             for i, s in enumerate(stands):
                 self.sk.layers[i] = s
             with torch.no_grad():
-                extra = {} if mask is None else {"attention_mask": mask.to(self.device)}
-                return self.sk.base(input_ids=ids.to(self.device), use_cache=False, **extra)
+                extra: dict[str, Any] = {"use_cache": False}
+                if mask is not None:
+                    extra["attention_mask"] = mask.to(self.device)
+                extra.update(call or {})
+                return self.sk.base(input_ids=ids.to(self.device), **extra)
         finally:
             for i, layer in enumerate(original):
                 self.sk.layers[i] = layer
 
     def embed(self, batches: list[torch.LongTensor],
-              masks: list[torch.Tensor | None] | None = None) -> list[Batch]:
+              masks: list[torch.Tensor | None] | None = None,
+              call_kwargs: list[dict[str, Any]] | None = None) -> list[Batch]:
         """Embedded inputs and each layer's call arguments, per batch ([B, S] token ids each; `masks`: each
-        batch's attention mask for padded batches, given to the model's forward as a caller would)."""
+        batch's attention mask for padded batches, given to the model's forward as a caller would; `call_kwargs`:
+        more keyword arguments of the model's forward per batch, e.g. a KV cache and position ids when decoding)."""
         self.load_static()
         vocab = self.source.shapes[self.tensor_name(self.sk.embed_name)][0]
         all_ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
@@ -181,18 +193,20 @@ class LayerStream:
         with self._embedding(rows):
             del rows
             for k, ids in enumerate(batches):
-                calls = self._calls(torch.searchsorted(all_ids, ids), None if masks is None else masks[k])
+                calls = self._calls(torch.searchsorted(all_ids, ids), None if masks is None else masks[k],
+                                    None if call_kwargs is None else call_kwargs[k])
                 out.append(Batch(calls[0][0], [(calls[i][1], calls[i][2]) for i in range(self.sk.num_layers)]))
         return out
 
-    def _calls(self, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[int, tuple]:
+    def _calls(self, ids: torch.Tensor, mask: torch.Tensor | None,
+               call: dict[str, Any] | None = None) -> dict[int, tuple]:
         """Each layer's call (hidden states, args, kwargs) as the stack makes it. Until a real layer has run, how
         layers answer is learnt here: a stack that takes item [0] of what a layer returns hands the next layer
         states of another shape, and the pass is made again with stand-ins that answer with tuples."""
         n = self.sk.num_layers
         for as_tuple in ([self._layer_tuple] if self._layer_tuple is not None else [False, True]):
             calls: dict[int, tuple] = {}
-            self._run_stack(ids, [_Stand(i, calls, as_tuple=as_tuple) for i in range(n)], mask)
+            self._run_stack(ids, [_Stand(i, calls, as_tuple=as_tuple) for i in range(n)], mask, call)
             if n < 2 or calls[1][0].shape == calls[0][0].shape:
                 if n >= 2:
                     self._layer_tuple = as_tuple
@@ -255,18 +269,19 @@ class LayerStream:
 
 def open_stream(target: Any, *, memory: Any = None, device: "str | torch.device" = "cpu",
                 dtype: torch.dtype = torch.float32, seed: int = 0, workers: int = 2,
-                prepare: Callable[[Any], None] | None = None) -> LayerStream:
-    """`target` (checkpoint directory or recipe) ready to stream. `prepare(plan)` runs on a recipe's compiled plan
-    before anything is read: the evaluation entry points pass the merge's own `moe.routers.prepare_routers`, so a
+                prepare: Callable[[Any], None] | None = None, stream_inputs: bool = False) -> LayerStream:
+    """`target` (checkpoint directory, hub id or recipe) ready to stream. `prepare(plan)` runs on a recipe's compiled
+    plan before anything is read: the evaluation entry points pass the merge's own `moe.routers.prepare_routers`, so a
     MoE recipe's routers are computed as a merge computes them (this module cannot import it: the router pass
-    streams the base model through here)."""
+    streams the base model through here). `stream_inputs` reads hub inputs by range requests, storing none."""
     from ..engine.run import release_freed_memory, resolve_device
     from ..planner.plan import resolve_budget
 
     release_freed_memory()                  # freed weights go back to the OS: RSS follows what is live
     budget = resolve_budget(memory)
     dev = resolve_device(device)
-    source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers, prepare=prepare)
+    source = open_target(target, memory=budget, seed=seed, device=dev, workers=workers, prepare=prepare,
+                         stream=stream_inputs)
     try:
         return LayerStream(source, budget=budget, device=dev, dtype=dtype)
     except BaseException:

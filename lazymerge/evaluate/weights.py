@@ -20,8 +20,10 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..errors import CheckpointError
-from ..io.adapters import open_checkpoint
 from ..io.gguf import is_gguf_model
+from ..io.hub import parse_hub_ref
+from ..io.models import open_local, open_model, prepare_reads
+from ..planner.params import layer_index
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
@@ -47,20 +49,38 @@ def has_tokenizer(directory: Path) -> bool:
 
 
 class CheckpointWeights:
-    """A checkpoint (a Hugging Face directory, or a GGUF model with the config and tokenizer rebuilt from its
-    metadata), read lazily through lazymerge's io."""
+    """A checkpoint: a Hugging Face directory, a GGUF model (its config and tokenizer rebuilt from its metadata),
+    or a hub id (its config and tokenizer downloaded, its weights downloaded or, with `stream`, read from the hub
+    as the layers need them), read lazily through lazymerge's io."""
 
-    def __init__(self, path: "str | Path", *, allow_pickle: bool = False):
-        path = Path(path)
-        if path.is_dir() and not is_gguf_model(path) and not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: no config.json (evaluation builds the model from it)")
+    def __init__(self, path: "str | Path", *, allow_pickle: bool = False, stream: bool = False,
+                 budget: int | None = None):
+        local = Path(path).expanduser()
+        if local.is_dir() and not is_gguf_model(local) and not (local / "config.json").is_file():
+            raise CheckpointError(f"{local}: no config.json (evaluation builds the model from it)")
         self.label = str(path)
-        self.ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
-        self.config_dir = self.ckpt.config_dir
+        self.ckpt = open_local(local, allow_pickle=allow_pickle) if local.exists() else \
+            open_model(str(path), allow_pickle=allow_pickle, stream=stream)
+        self.config_dir = Path(self.ckpt.config_dir)
+        self._stop: Callable[[], None] = lambda: None
+        if not (self.config_dir / "config.json").is_file():
+            self.ckpt.close()
+            raise CheckpointError(f"{path}: no config.json (evaluation builds the model from it)")
         self.names = set(self.ckpt.tensors)
         self.shapes = {n: tuple(i.shape) for n, i in self.ckpt.tensors.items()}
         self.over_budget = 0
         self.weight_share = 1.0
+        # a hub model: its files downloaded now, or its layers' tensors streamed ahead in the order the forward
+        # loads them (embedding and head are read in row blocks of the evaluation's choosing: fetched on demand)
+        layered = sorted((n for n in self.names if layer_index(n) is not None),
+                         key=lambda n: (layer_index(n), self.ckpt.tensors[n].start))
+        try:
+            self._stop = prepare_reads([(self.ckpt, n, None, True) for n in layered] +
+                                       [(self.ckpt, n, None, False) for n in self.names if layer_index(n) is None],
+                                       budget)
+        except BaseException:
+            self.ckpt.close()
+            raise
 
     def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         # io converts through a small staging buffer: the stored bytes never sit whole beside the result
@@ -72,6 +92,7 @@ class CheckpointWeights:
             fn(a, self.ckpt.read(name, rows=(a, min(a + block_rows, rows)), dtype=None))
 
     def close(self) -> None:
+        self._stop()
         self.ckpt.close()
 
 
@@ -83,12 +104,12 @@ class RecipeWeights:
 
     def __init__(self, recipe: Any, *, memory: int | None, seed: int = 0, device: torch.device,
                  workers: int = 2, allow_pickle: bool = False, stage: str | None = None,
-                 prepare: Callable[[Any], None] | None = None):
+                 prepare: Callable[[Any], None] | None = None, stream: bool = False):
         from ..planner.compile import compile_plan
 
         # half the budget for the merge's working set: the other half holds the layer being assembled
         self.plan = compile_plan(recipe, memory="unlimited" if memory is None else max(1, memory // 2),
-                                 seed=seed, allow_pickle=allow_pickle, stage=stage)
+                                 seed=seed, allow_pickle=allow_pickle, stage=stage, stream_inputs=stream)
         self.label = str(recipe) if isinstance(recipe, (str, Path)) and len(str(recipe)) < 200 else "recipe"
         self.device, self.workers = device, workers
         self.names = {o.name for o in self.plan.outputs}
@@ -139,7 +160,7 @@ class RecipeWeights:
 
 
 def is_recipe(target: Any) -> bool:
-    """A mapping, YAML text, or a file (not a directory) is a recipe; a directory or a GGUF model is a
+    """A mapping, YAML text, or a file (not a directory) is a recipe; a directory, a GGUF model or a hub id is a
     checkpoint."""
     if isinstance(target, (str, Path)):
         p = Path(target).expanduser()
@@ -152,12 +173,14 @@ def is_recipe(target: Any) -> bool:
 
 
 def open_target(target: Any, *, memory: int | None, seed: int = 0, device: torch.device, workers: int = 2,
-                allow_pickle: bool = False, prepare: Callable[[Any], None] | None = None) -> WeightSource:
+                allow_pickle: bool = False, prepare: Callable[[Any], None] | None = None,
+                stream: bool = False) -> WeightSource:
     if is_recipe(target):
         return RecipeWeights(target, memory=memory, seed=seed, device=device, workers=workers,
-                             allow_pickle=allow_pickle, prepare=prepare)
+                             allow_pickle=allow_pickle, prepare=prepare, stream=stream)
     p = Path(target).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory, a GGUF file or a recipe "
-                              "file)")
-    return CheckpointWeights(p, allow_pickle=allow_pickle)
+    if not p.exists() and parse_hub_ref(str(target)) is None:
+        raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory, a GGUF file, a hub id or "
+                              "a recipe file)")
+    return CheckpointWeights(p if p.exists() else str(target), allow_pickle=allow_pickle, stream=stream,
+                             budget=memory)

@@ -150,7 +150,7 @@ def _is_targeted(cfg: dict, module: str) -> bool:
     return found and _layer_index_ok(cfg, module)
 
 
-def _read_config(path: Path) -> dict:
+def read_adapter_config(path: Path) -> dict:
     file = path / CONFIG_NAME
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
@@ -207,11 +207,11 @@ class Adapter:
     line naming their modules.
     """
 
-    def __init__(self, path: Path, config: dict, weights: Checkpoint) -> None:
+    def __init__(self, path: Path, config: dict, weights: Checkpoint, weights_file: Path | None = None) -> None:
         self.path = path
         self.config = config
         self._weights = weights
-        self.weights_file = path / (WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else PICKLE_NAME)
+        self.weights_file = weights_file or path / (WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else PICKLE_NAME)
         self.lora: dict[str, LoraModule] = {}
         self.replaced: dict[str, TensorInfo] = {}
         self.ignored: list[str] = []
@@ -225,7 +225,7 @@ class Adapter:
             raise CheckpointError(f"{root}: adapter directory does not exist")
         if not is_adapter_dir(root):
             raise CheckpointError(f"{root}: not a PEFT adapter (no {CONFIG_NAME})")
-        return cls(root, _read_config(root), _open_weights(root, allow_pickle))
+        return cls(root, read_adapter_config(root), _open_weights(root, allow_pickle))
 
     @property
     def base_model_path(self) -> Path | None:
@@ -386,6 +386,16 @@ class AdaptedCheckpoint:
     def aux_files(self) -> list[Path]:
         return self.base.aux_files()
 
+    def parts(self, name: str, rows: tuple[int, int] | None) -> list[tuple[Checkpoint, str, tuple[int, int] | None]]:
+        """The plain checkpoints' reads that reading rows of `name` makes: W's rows (the base's, or the adapter's
+        saved copy), and the LoRA factors whole."""
+        saved = self.adapter.replaced.get(name)
+        out = [(self.adapter._weights, saved.name, rows)] if saved is not None else self.base.parts(name, rows)
+        mod = self.adapter.lora.get(name)
+        if mod is not None:
+            out += [(self.adapter._weights, mod.a.name, None), (self.adapter._weights, mod.b.name, None)]
+        return out
+
     def data_files(self) -> set[Path]:
         """The files whose bytes the adapted tensors are read from: the base's and the adapter's weights."""
         return {Path(info.file) for info in self.tensors.values()} | {self.adapter.weights_file}
@@ -407,40 +417,3 @@ class AdaptedCheckpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint | GGUFCheckpoint:
-    """A model's weights: a Hugging Face checkpoint directory, or a GGUF model (a `.gguf` file, split files, or a
-    directory holding one), both read through the same interface."""
-    if is_gguf_model(path):
-        return GGUFCheckpoint.open(path)
-    return Checkpoint.open(path, allow_pickle=allow_pickle)
-
-
-def open_model(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint | GGUFCheckpoint | AdaptedCheckpoint:
-    """Open a recipe's model entry: a checkpoint (safetensors or GGUF), `base+adapter`, or an adapter directory
-    whose `base_model_name_or_path` is a local model."""
-    base, adapter_path = parse_model_ref(ref)
-    if adapter_path is None:
-        if not is_adapter_dir(base):
-            return open_checkpoint(base, allow_pickle=allow_pickle)
-        adapter = Adapter.open(base, allow_pickle=allow_pickle)
-        base = adapter.base_model_path
-        if base is None:
-            adapter.close()
-            raise CheckpointError(f"{adapter.path}: base_model_name_or_path "
-                                  f"{adapter.config.get('base_model_name_or_path')!r} is not a local directory; "
-                                  "name the base explicitly as 'base_dir+adapter_dir'")
-    else:
-        adapter = Adapter.open(adapter_path, allow_pickle=allow_pickle)
-    try:
-        base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
-    except BaseException:
-        adapter.close()
-        raise
-    try:
-        return AdaptedCheckpoint(base_ckpt, adapter)
-    except BaseException:
-        adapter.close()
-        base_ckpt.close()
-        raise

@@ -10,12 +10,13 @@ import json
 import math
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import torch
 
 from lazymerge.errors import CheckpointError
 from lazymerge.dtypes import dtype_code, itemsize
-from lazymerge.io.shards import ReaderPool, TensorInfo, read_header
+from lazymerge.io.shards import ReaderPool, ShardReader, TensorInfo, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -43,8 +44,9 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(resolved.is_relative_to(r) for r in roots)
 
 
-def _member(root: Path, rel: object, source: Path) -> Path:
-    """A file named by an index, refused unless it is a plain relative path staying inside the model directory."""
+def member_name(rel: object, source: Path) -> str:
+    """A shard name from an index, refused unless it is a plain relative path with no '..' (checks on the name
+    alone: for a hub repository, where the file may not be on disk yet)."""
     if not isinstance(rel, str) or not rel:
         raise CheckpointError(f"{source}: shard name {rel!r} is not a non-empty string")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
@@ -53,7 +55,12 @@ def _member(root: Path, rel: object, source: Path) -> Path:
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         raise CheckpointError(f"{source}: shard path {rel!r} contains '..'; only paths inside the model directory "
                               "are allowed")
-    path = root / rel
+    return rel
+
+
+def _member(root: Path, rel: object, source: Path) -> Path:
+    """A file named by an index, refused unless it is a plain relative path staying inside the model directory."""
+    path = root / member_name(rel, source)
     if not _inside(path, _allowed_roots(root.resolve())):
         raise CheckpointError(f"{source}: shard {rel!r} resolves to {path.resolve()}, outside the model directory")
     if not path.exists():
@@ -72,16 +79,22 @@ def _load_json(path: Path) -> object:
         raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
-def _weight_map(index: Path, root: Path) -> dict[str, Path]:
+def weight_names(index: Path) -> dict[str, str]:
+    """An index's weight_map: tensor name -> shard name as written."""
     data = _load_json(index)
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict):
         raise CheckpointError(f"{index}: missing 'weight_map' object")
-    files: dict[str, Path] = {}
-    out: dict[str, Path] = {}
     for name, rel in wmap.items():
         if not isinstance(rel, str):
             raise CheckpointError(f"{index}: weight_map entry {name!r}: shard name {rel!r} is not a string")
+    return wmap
+
+
+def _weight_map(index: Path, root: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    out: dict[str, Path] = {}
+    for name, rel in weight_names(index).items():
         if rel not in files:
             files[rel] = _member(root, rel, index)
         out[name] = files[rel]
@@ -100,8 +113,9 @@ class Checkpoint(ReaderPool):
     warnings: tuple[str, ...] = ()    # what a merge reading it should say (sources that adapt or compute do)
 
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], config: dict | None,
-                 pickled: dict[Path, dict[str, torch.Tensor]] | None = None) -> None:
+                 pickled: dict[Path, dict[str, torch.Tensor]] | None = None, *, hub: Any = None) -> None:
         self.path = path
+        self.hub = hub                     # io.hub.HubRepo: its files are cached, downloaded or streamed
         self.tensors = tensors
         self.config = config
         self._pickled = pickled or {}
@@ -114,7 +128,7 @@ class Checkpoint(ReaderPool):
             raise CheckpointError(f"{root}: does not exist")
         if not root.is_dir():
             raise CheckpointError(f"{root}: not a directory")
-        config = cls._read_config(root)
+        config = cls.read_config(root)
         index = root / SAFETENSORS_INDEX
         if index.exists():
             return cls(root, cls._indexed(root, index), config)
@@ -136,7 +150,7 @@ class Checkpoint(ReaderPool):
         return cls(root, tensors, config, loaded)
 
     @staticmethod
-    def _read_config(root: Path) -> dict | None:
+    def read_config(root: Path) -> dict | None:
         cfg = root / "config.json"
         if not cfg.exists():
             return None
@@ -220,6 +234,26 @@ class Checkpoint(ReaderPool):
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return info
+
+    def reader(self, file: Path) -> Any:
+        """The pool's reader of `file`; a hub repository's file is cached, downloaded or streamed (io.hub)."""
+        with self._lock:
+            reader = self._readers.get(file)
+        if reader is not None:
+            return reader
+        # made outside the lock: a hub file may be downloaded first, and other files' reads must not wait for it
+        new = ShardReader(file) if self.hub is None else self.hub.reader(file)
+        with self._lock:
+            reader = self._readers.setdefault(file, new)
+        if reader is not new:
+            new.close()
+        return reader
+
+    _reader = reader
+
+    def parts(self, name: str, rows: tuple[int, int] | None) -> list[tuple["Checkpoint", str, tuple[int, int] | None]]:
+        """The reads of plain checkpoints that reading these rows makes: here, this one (io.models.prepare_reads)."""
+        return [(self, name, rows)]
 
     def check_finite(self, name: str) -> bool:
         """Whether a tensor has no NaN/Inf, reading bounded row blocks so a huge tensor never sits in memory."""

@@ -76,7 +76,16 @@ class TensorInfo(ShapedTensor):
     nbytes: int
 
 
-def _fail(path: Path, what: str) -> CheckpointError:
+def row_span(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
+    """Where rows [a, b) of a tensor lie in its file (all of them when `rows` is None): the byte offset, the
+    byte count, and the block's shape; rows outside the tensor are a ValueError (a planner bug, not bad input)."""
+    a, b = (0, info.rows) if rows is None else rows
+    if not 0 <= a <= b <= info.rows:
+        raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
+    return info.start + a * info.row_nbytes, (b - a) * info.row_nbytes, shapes.block_shape(info.shape, a, b)
+
+
+def _fail(path: Path | str, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: {what}")
 
 
@@ -94,7 +103,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+def _parse_entry(path: Path | str, name: str, entry: object, data_start: int, data_size: int,
+                 file: Path) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _fail(path, f"tensor {name!r}: header entry is not an object")
     dtype = entry.get("dtype")
@@ -116,7 +126,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     if end > data_size:
         raise _fail(path, f"tensor {name!r}: data ends at byte {end} of a {data_size}-byte data section "
                           "(file truncated?)")
-    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=path, start=data_start + begin,
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=file, start=data_start + begin,
                       nbytes=end - begin)
 
 
@@ -129,46 +139,63 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             # around the cache (O_DIRECT) then fetch from disk a second time (1.5% more bytes read on the 1b preset)
             pagecache.no_readahead(f.fileno())
             file_size = os.fstat(f.fileno()).st_size
-            if file_size < 8:
-                raise _fail(path, f"file is {file_size} bytes, too short for a safetensors header")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES:
-                raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if n > file_size - 8:
-                raise _fail(path, f"header length {n} exceeds file size {file_size}")
+            n = header_length(f.read(8), file_size, path)
             raw = f.read(n)
     except OSError as exc:
         raise _fail(path, f"cannot read: {exc.strerror or exc}") from None
+    return parse_header(raw, file_size, path)
+
+
+def header_length(first8: bytes, file_size: int, path: Path | str) -> int:
+    """The header's byte length from a file's first 8 bytes, checked against the file's size."""
+    if file_size < 8 or len(first8) < 8:
+        raise _fail(path, f"file is {file_size} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", first8[:8])
+    if n > MAX_HEADER_BYTES:
+        raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if n > file_size - 8:
+        raise _fail(path, f"header length {n} exceeds file size {file_size}")
+    return n
+
+
+def parse_header(raw: bytes, file_size: int, path: Path,
+                 label: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate a header's JSON (`raw`, the bytes after the length) of a `file_size`-byte file: wherever those
+    bytes came from (a local file, or range reads of a hub file), the same checks. `path` is the TensorInfo's
+    `file`; messages name `label` when given (a hub file: its repository, commit and name)."""
+    where: Path | str = label if label is not None else path
+    n = len(raw)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise _fail(path, f"header is not valid UTF-8 JSON ({exc})") from None
+        raise _fail(where, f"header is not valid UTF-8 JSON ({exc})") from None
     except RecursionError:
-        raise _fail(path, "header is not a safetensors header (JSON nested too deeply)") from None
+        raise _fail(where, "header is not a safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
-        raise _fail(path, "header is not a JSON object")
+        raise _fail(where, "header is not a JSON object")
 
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise _fail(path, "__metadata__ is not an object of string values")
+        raise _fail(where, "__metadata__ is not an object of string values")
 
     data_start = 8 + n
     data_size = file_size - data_start
-    tensors = {name: _parse_entry(path, name, entry, data_start, data_size) for name, entry in header.items()}
+    file = Path(path)
+    tensors = {name: _parse_entry(where, name, entry, data_start, data_size, file) for name, entry in header.items()}
 
     ordered = sorted(tensors.values(), key=lambda t: (t.start, t.nbytes))
     previous: TensorInfo | None = None
     for info in ordered:
         if info.nbytes and previous is not None and info.start < previous.start + previous.nbytes:
-            raise _fail(path, f"tensors {previous.name!r} and {info.name!r} overlap")
+            raise _fail(where, f"tensors {previous.name!r} and {info.name!r} overlap")
         if info.nbytes:
             previous = info
-    _check_tiling(path, ordered, data_start, data_size)
+    _check_tiling(where, ordered, data_start, data_size)
     return tensors, metadata
 
 
-def _check_tiling(path: Path, ordered: list[TensorInfo], data_start: int, data_size: int) -> None:
+def _check_tiling(path: Path | str, ordered: list[TensorInfo], data_start: int, data_size: int) -> None:
     """The format requires the tensors' offsets to tile the data section exactly (safetensors' own validation):
     a hole or trailing bytes are data that no tensor accounts for, the mark of a corrupt or tampered file."""
     end, last = 0, None
@@ -226,19 +253,14 @@ class ShardReader:
         whose data does not start on a 64-byte boundary (a direct read's view of its buffer), for a caller that
         converts it at once; otherwise such a view is copied, because matrix kernels round differently on
         unaligned data (an evaluation would then not match the same weights read another way)."""
-        a, b = (0, info.rows) if rows is None else rows
-        if not 0 <= a <= b <= info.rows:
-            raise ValueError(f"{info.name}: rows {rows} out of range for {info.rows} rows")
+        offset, nbytes, shape = row_span(info, rows)
         if info.start + info.nbytes > self._size:
             raise _fail(self.path, f"tensor {info.name!r} lies beyond the end of the file")
-        shape = shapes.block_shape(info.shape, a, b)
         stored = info.torch_dtype
         out_dtype = stored if dtype is None else dtype
-        count = (b - a) * info.row_numel
+        count = nbytes // info.itemsize
         if count == 0:
             return torch.empty(shape, dtype=out_dtype, device=device)
-        offset = info.start + a * info.row_nbytes
-        nbytes = count * info.itemsize
         on_cpu = torch.device(device).type == "cpu"
         if out_dtype == stored:
             out = self.read_bytes(offset, nbytes, evict=evict, aligned=aligned, what=info.name,

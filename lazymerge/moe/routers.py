@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..planner.moe_routers import RouterPass
 from ..planner.moe_recipe import PROMPT_MODES
+from ..planner.moe_routers import RouterPass
+from ..planner.moe_sources import RouterSource
 from .gates import prompt_gates, random_router
-from .sources import RouterSource
 
 
 def router_values(spec: RouterPass, base: Any, progress: Callable[[Any], None] | None = None,

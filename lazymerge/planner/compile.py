@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError
+from ..io.models import ModelOpener, OpenOptions
 from ..units import parse_size
 from .emit import emit_plan
 from .keys import closest
@@ -71,10 +72,12 @@ def _method_of(r: Recipe) -> tuple[Method, list[str]]:
 
 def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: "int | str" = "5GB",
                  seed: int = 0, allow_pickle: bool = False, max_block_rows: int | None = None,
-                 stage: str | None = None, gguf: Any = None) -> Plan:
+                 stage: str | None = None, stream_inputs: bool = False, gguf: Any = None) -> Plan:
     """Compile a recipe (one document, or a multi-stage recipe whose output is `stage`, the unnamed document
-    or the last one) into a Plan. Raises a LazyMergeError subclass on any problem. `gguf`
-    (io.gguf.layout.GGUFOptions): the output is a GGUF, laid out and encoded as llama.cpp's converter would."""
+    or the last one) into a Plan. Raises a LazyMergeError subclass on any problem. Models named by hub id are
+    pinned to a commit (`Plan.pins`) and planned from their headers; `stream_inputs`: a run reads their
+    uncached files with range requests instead of downloading them. `gguf` (io.gguf.layout.GGUFOptions): the
+    output is a GGUF, laid out and encoded as llama.cpp's converter would."""
     chain = resolve_stages(recipe, stage)
     moe = chain[-1].merge_method == "moe"      # the output may be a mixture of experts (planner/moe.py)
     for r in chain[:-1]:
@@ -89,22 +92,24 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
         raise RecipeError(f"shard_size: {exc}") from None
 
     sources: dict[str, Any] = {}
+    opener = ModelOpener(OpenOptions(allow_pickle=allow_pickle, stream=stream_inputs))
     try:
         stages: dict[str, StageOutput] = {}
         read: list[Path] = []          # files the stages read besides their inputs' (what a resume compares)
         for r, method in zip(chain[:-1], methods):
-            st = StageCompiler(r, method, sources, stages, allow_pickle).compile()
+            st = StageCompiler(r, method, sources, stages, opener).compile()
             stages[stage_key(str(r.name))] = StageOutput(str(r.name), {j.name: j for j in st.jobs}, st.config,
                                                          st.aux_files)
             read += st.vocab.read if st.vocab else []
         if moe:
             plan = compile_moe(chain[-1], sources, stages, budget=budget, shard_bytes=shard_bytes, seed=seed,
-                               allow_pickle=allow_pickle, max_block_rows=max_block_rows, gguf=gguf)
+                               opener=opener, max_block_rows=max_block_rows, gguf=gguf)
         else:
-            final = StageCompiler(chain[-1], methods[-1], sources, stages, allow_pickle).compile()
+            final = StageCompiler(chain[-1], methods[-1], sources, stages, opener).compile()
             plan = emit_plan(final, sources, budget, shard_bytes, seed, max_block_rows, gguf)
             plan.warnings[:0] = [w for _, notes in checked for w in notes]
             read += final.vocab.read if final.vocab else []
+        plan.pins = opener.pins()
         plan.read_files = sorted(set(read))
         plan.warnings += [w for src in sources.values() for w in src.warnings]
         return plan

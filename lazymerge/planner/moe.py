@@ -17,7 +17,7 @@ recipe with `merge_method: moe` (which may be the last stage of a multi-stage re
 
 Every output tensor is a copy of one input tensor (`load` -> `write`, cast to the output dtype), except the
 routers, which are computed from the base model before the graph runs and enter it through an in-memory source
-(`lazymerge.moe.sources`). The planner only describes them (`moe_routers`); computing them runs a model, which is
+(`moe_sources`). The planner only describes them (`moe_routers`); computing them runs a model, which is
 `lazymerge.moe.routers`' job, above the planner (`prepare_routers(plan)`, called by the merge). So a MoE runs inside `--memory` like any merge: one tensor (or row block) at a time.
 
 Output layout: each expert's MLP as its own tensors in the names transformers' loaders accept for every version
@@ -33,7 +33,8 @@ from typing import Any
 from ..dtypes import FLOAT_CODES, RECIPE_NAMES
 from ..engine import ops
 from ..errors import CheckpointError, RecipeError
-from ..moe.sources import NoiseSource, RouterSource
+from ..io.models import ModelOpener, pin_refs
+from .moe_sources import NoiseSource, RouterSource
 from ..units import human
 from .emit import emit_plan
 from .graph import SourceRef, TensorBuilder
@@ -204,12 +205,12 @@ def _dtype_of_config(cfg: dict[str, Any] | None) -> str | None:
 
 
 def compile_moe(r: Recipe, sources: dict[str, Any], stages: dict[str, Any], *, budget: int | None,
-                shard_bytes: int, seed: int = 0, allow_pickle: bool = False,
+                shard_bytes: int, seed: int = 0, opener: ModelOpener | None = None,
                 max_block_rows: int | None = None, gguf: Any = None) -> MoEPlan:
     """Compile the MoE recipe `r` into a Plan, against the checkpoints opened so far and the earlier stages'
     outputs (`plan.compile_plan` compiles those and closes the sources on failure)."""
     cfg = parse_moe(r.raw, r.source)
-    comp = StageCompiler(r, MOE_METHOD, sources, stages, allow_pickle)
+    comp = StageCompiler(r, MOE_METHOD, sources, stages, opener or ModelOpener())
     stage_plan, info, routers, warnings = _MoECompiler(cfg, r, comp, budget, seed).compile()
     p = emit_plan(stage_plan, sources, budget, shard_bytes, seed, max_block_rows, gguf)
     out = MoEPlan(**{f.name: getattr(p, f.name) for f in fields(p)}, moe=info, routers=routers)
@@ -393,8 +394,9 @@ class _MoECompiler:
             tensors += [RouterTensor(f"model.layers.{i}.mlp.shared_expert_gate.weight", (m, base.hidden), i,
                                      (n, n + m)) for i in range(layers)]
         # what the layer-streaming forward runs: the directory, or base+adapter as a merge-and-unload recipe
-        target: Any = base.key if "+" not in base.key or Path(base.key).is_dir() else \
-            {"merge_method": "passthrough", "models": [{"model": base.key}]}
+        ref = pin_refs(base.key, self.comp.opener.pins())     # a hub base: the commit this plan read
+        target: Any = ref if "+" not in base.key or Path(base.key).is_dir() else \
+            {"merge_method": "passthrough", "models": [{"model": ref}]}
         tokenizer_dir = Path(getattr(base.src, "config_dir", base.src.path))   # a GGUF base: its rebuilt files
         spec = RouterPass(cfg.gate_mode, self.seed, base.key, tokenizer_dir, target,
                           tuple(e.prompts for e in cfg.experts + cfg.shared_experts), layers,

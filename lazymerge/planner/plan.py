@@ -58,6 +58,7 @@ class Plan:
     blocks: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     extra_files: dict[str, bytes] = field(default_factory=dict)   # e.g. a merged tokenizer
+    pins: dict[str, str] = field(default_factory=dict)   # hub inputs: "org/name@revision" -> the commit read
     read_files: list[Path] = field(default_factory=list)   # small files read besides the sources' own meta_files()
     gguf: Any = None               # io.gguf.layout.GGUFOptions when the output is a GGUF
     _graph: nx.DiGraph | None = None

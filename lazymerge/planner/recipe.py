@@ -14,6 +14,7 @@ import yaml
 
 from ..dtypes import RECIPE_NAMES
 from ..errors import RecipeError
+from ..io.models import pin_refs
 from .keys import check_keys, mapping, model_fields
 from .slices import OutputSlice, parse_slices
 
@@ -235,9 +236,14 @@ def recipe_from_data(data: Any, source: str) -> Recipe:
     )
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def dump_recipe(recipe: Recipe, pins: Mapping[str, str] | None = None) -> str:
     """The recipe as YAML, saved next to the output so a merge can be reproduced (a multi-stage recipe: the stages
-    it needs, as `---` documents, the output last)."""
+    it needs, as `---` documents, the output last). Hub references are pinned to the commits that were read,
+    each noted in a comment with the revision it was written as."""
+    pins = dict(pins or {})
+    head = "".join(f"# {ref} -> {sha}\n" for ref, sha in sorted(pins.items()))
+    if head:
+        head = "# hub inputs, pinned to the commits this merge read:\n" + head
     if recipe.documents and len(recipe.documents) > 1:
-        return yaml.safe_dump_all(recipe.documents, sort_keys=False)
-    return yaml.safe_dump(recipe.raw, sort_keys=False)
+        return head + yaml.safe_dump_all(pin_refs(recipe.documents, pins), sort_keys=False)
+    return head + yaml.safe_dump(pin_refs(recipe.raw, pins), sort_keys=False)

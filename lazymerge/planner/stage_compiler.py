@@ -11,7 +11,7 @@ from typing import Any
 from .. import shapes
 from ..dtypes import FLOAT_CODES
 from ..errors import CheckpointError, RecipeError
-from ..io.adapters import open_model, parse_model_ref
+from ..io.models import ModelOpener, source_key
 from .graph import SourceRef, TensorBuilder
 from .methods import BlockFn, Method, Param, Resolved
 from .params import TensorPosition, is_post, layer_index, lookup_where
@@ -77,12 +77,12 @@ class StageCompiler:
     outputs. Work is per output tensor and per input, with per-checkpoint caches: no per-tensor scans."""
 
     def __init__(self, r: Recipe, method: Method, sources: dict[str, Any], stages: dict[str, StageOutput],
-                 allow_pickle: bool):
+                 opener: ModelOpener):
         self.r = r
         self.method = method
         self.sources = sources
         self.stages = stages
-        self.allow_pickle = allow_pickle
+        self.opener = opener
         self._ref_keys: dict[str, str] = {}
         self._layer_index: dict[str, LayerIndex] = {}
         self._embedding: dict[str, str | None] = {}
@@ -100,14 +100,10 @@ class StageCompiler:
         if ref in self.r.stage_names:
             key = stage_key(ref)
         else:
-            base, adapter = parse_model_ref(Path(ref).expanduser())
-            key = str(base.resolve()) + (f"+{adapter.resolve()}" if adapter is not None else "")
+            # a local path, a hub id (org/name[@revision]) or base+adapter; hub ids resolve once per compile
+            key = source_key(ref)
             if key not in self.sources:
-                for part in (base, adapter):
-                    if part is not None and not part.exists():
-                        raise CheckpointError(f"{part}: model directory does not exist ({where})")
-                self.sources[key] = open_model(ref if adapter is None else f"{base}+{adapter}",
-                                               allow_pickle=self.allow_pickle)
+                self.sources[key] = self.opener.open(ref, where)
         self._ref_keys[ref] = key
         if key not in self.src_keys:
             self.src_keys.append(key)
@@ -226,7 +222,7 @@ class StageCompiler:
                 seen.add(sp.name)
             config = sliced_config(lead.config, origins, lambda k: self.get(k).config)
         self.vocab = plan_vocab(r.raw, r.source, {**self.sources, **self.stages}, list(self.src_keys), base_key,
-                                lead_key)
+                                lead_key, opener=self.opener)
         jobs = [self.job(sp, lead) for sp in specs]
         vp = self.vocab
         # a tokenizer setting always gives a VocabPlan with the output's tokenizer files (planner/vocab.py); without

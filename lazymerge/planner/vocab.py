@@ -53,7 +53,7 @@ from typing import Any, Iterable, Mapping
 
 from ..engine.vocab_rows import Fill, VocabRows, row_runs
 from ..errors import CheckpointError, RecipeError
-from ..io.adapters import parse_model_ref
+from ..io.models import ModelOpener, hub_ref, source_key
 from .keys import check_keys, closest
 from .params import layer_index
 from .recipe import tokenizer_setting
@@ -137,12 +137,6 @@ class VocabPlan:
 
 
 # -- planning ----------------------------------------------------------------------------------------------
-
-
-def source_key(ref: str) -> str:
-    """The key the planner gives a model reference in `Plan.sources` (resolved path, `+adapter` kept)."""
-    base, adapter = parse_model_ref(Path(ref).expanduser())
-    return str(base.resolve()) + (f"+{adapter.resolve()}" if adapter is not None else "")
 
 
 def _safe_key(ref: Any) -> str | None:
@@ -298,8 +292,21 @@ def _parse_tokens(tokens: Mapping[str, Any], where: str, model_keys: list[str], 
     return rules
 
 
+def _tokenizer_dir(ref: str, opener: ModelOpener | None, at: str) -> Path:
+    """The directory holding the tokenizer `tokenizer_source` names: a local directory, or (a hub id, pinned by
+    the compile's opener like the inputs) its tokenizer files and config.json in the Hugging Face cache."""
+    d = Path(ref).expanduser()
+    hub = hub_ref(ref) if opener is not None else None
+    if hub is None:
+        return d
+    repo = opener.repo(hub, at)
+    repo.ensure([n for n in (*TOKENIZER_FILES, "config.json") if repo.has(n)])
+    return repo.snapshot
+
+
 def _out_tokenizer(src: str, src_at: str, where: str, lead_key: str, vocabs: dict[str, Vocab],
-                   sources: Mapping[str, Any], model_keys: list[str]) -> tuple[str, Vocab]:
+                   sources: Mapping[str, Any], model_keys: list[str],
+                   opener: ModelOpener | None = None) -> tuple[str, Vocab]:
     """(key, vocabulary) of the tokenizer the output starts from: the lead's for base/union, else a model's."""
     if src in ("base", "union"):
         return lead_key, vocabs[lead_key]
@@ -309,9 +316,9 @@ def _out_tokenizer(src: str, src_at: str, where: str, lead_key: str, vocabs: dic
         if vocabs[k].assumed:
             raise RecipeError(f"{where}: {src_at}: {sources[k].path} has no tokenizer.json")
         return k, vocabs[k]
-    d = Path(ref).expanduser()
+    d = _tokenizer_dir(ref, opener, f"{where}: {src_at}")
     if not d.is_dir():
-        raise RecipeError(f"{where}: {src_at}: '{src}' is not 'base', 'union' or a model directory"
+        raise RecipeError(f"{where}: {src_at}: '{src}' is not 'base', 'union', a model directory or a hub id"
                           f"{closest(src, ('base', 'union'))}")
     files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
     if "tokenizer.json" not in files:
@@ -323,14 +330,16 @@ def _out_tokenizer(src: str, src_at: str, where: str, lead_key: str, vocabs: dic
 
 
 def plan_vocab(recipe_raw: Mapping[str, Any], recipe_source: str, sources: Mapping[str, Any], src_keys: list[str],
-               base_key: str | None, lead_key: str, model_keys: list[str] | None = None) -> VocabPlan | None:
+               base_key: str | None, lead_key: str, model_keys: list[str] | None = None,
+               opener: ModelOpener | None = None) -> VocabPlan | None:
     """Plan the vocabulary of the output. None when nothing needs doing: no tokenizer setting and every source's
     vocab-indexed tensors have the same rows (the lead's tokenizer files are copied as before).
 
     `sources` are the opened inputs (headers; an earlier stage's output may be one), `src_keys` every input of the
     tensor jobs (models, base, checkpoints named by parameters), `lead_key` the input whose tensors and config the
     output follows. `model_keys` are the inputs that are models (default: read from the recipe); the others
-    (e.g. Fisher matrices) follow the vocabulary of the model that names them.
+    (e.g. Fisher matrices) follow the vocabulary of the model that names them. `opener` (the compile's) resolves
+    a `tokenizer_source` that is a hub id and none of the inputs; without it, only directories are looked up.
     """
     where = recipe_source
     setting = tokenizer_setting(recipe_raw, where)
@@ -362,7 +371,7 @@ def plan_vocab(recipe_raw: Mapping[str, Any], recipe_source: str, sources: Mappi
     model_keys = [lead_key] + [k for k in model_keys if k != lead_key and k in src_keys]
     warnings: list[str] = []
     vocabs = _model_vocabs(model_keys, sources, rows, lead_key, f"{where}: {src_at}", warnings)
-    out_key, out_v = _out_tokenizer(src, src_at, where, lead_key, vocabs, sources, model_keys)
+    out_key, out_v = _out_tokenizer(src, src_at, where, lead_key, vocabs, sources, model_keys, opener)
     rules = _parse_tokens(token_specs, where, model_keys, vocabs, sources)
     tokens, new = _output_tokens(src, out_v, model_keys, vocabs, rules, warnings)
     out_vocab = max(max(tokens.values(), default=-1) + 1, out_v.rows)   # never fewer rows than the source model

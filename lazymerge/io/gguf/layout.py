@@ -19,8 +19,10 @@ import numpy as np
 
 from lazymerge.errors import OutputError
 from lazymerge.io.gguf.metadata import add_metadata, phi3_rope_factors
-from lazymerge.io.gguf.names import GGUFArch, GGUFPiece, converter_order, ggml_type, rope_freqs, weight_type
+from lazymerge.io.gguf.names import (GGUF_TYPES, GGUFArch, GGUFPiece, converter_order, ggml_type, rope_freqs,
+                                     weight_type)
 from lazymerge.io.writer import OutTensor, ShardLayout
+from lazymerge.units import parse_size
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,6 @@ def gguf_options(out: Path, gguf_type: str | None, fmt: str | None, shard_size: 
     """The GGUF output asked for, or None for safetensors: OUT ending in .gguf is a GGUF file; --gguf-type or
     --format gguf with another OUT, a directory holding `<OUT name>.gguf`. A shard size splits a GGUF only when
     given (llama.cpp's split files); a safetensors merge defaults to 5GB shards."""
-    from lazymerge.io.gguf.names import GGUF_TYPES
-    from lazymerge.units import parse_size
-
     is_file = out.suffix.lower() == ".gguf"
     if fmt not in (None, "gguf", "safetensors"):
         raise OutputError(f"format: {fmt!r} is not safetensors or gguf")

@@ -133,6 +133,11 @@ class GGUFCheckpoint(ReaderPool):
                               stored=st, transform=tr)
 
     # -- reading -----------------------------------------------------------------------------------------
+    def parts(self, name: str,
+              rows: tuple[int, int] | None) -> list[tuple["GGUFCheckpoint", str, tuple[int, int] | None]]:
+        """The reads that reading these rows makes (io.models.prepare_reads): this local file's, none from the hub."""
+        return [(self, name, rows)]
+
 
     def read(self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = torch.float32,
              device: str | torch.device = "cpu", evict: bool = True) -> torch.Tensor:

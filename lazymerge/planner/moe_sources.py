@@ -18,7 +18,7 @@ from .. import shapes
 from ..engine.kernels import derive_seed, uniform_rows
 from ..errors import LazyMergeError
 from ..io.shards import DTYPES, TensorInfo
-from ..planner.moe_routers import RouterPass
+from .moe_routers import RouterPass
 
 
 def _info(name: str, shape: tuple[int, ...], code: str, path: Path) -> TensorInfo:
