@@ -64,7 +64,7 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
     `write_model_card` writes OUT/README.md, a model card with Hugging Face front matter (hub ids as `base_model`,
     `tags: [merge, lazymerge]`, the recipe), as mergekit does. `copy_tokenizer=False` leaves the inputs'
     tokenizer files out (a tokenizer the merge builds, `tokenizer_source: union`, is still written). A GGUF
-    written as a `.gguf` file has no directory for a card (none is written); a GGUF in a directory gets it beside.
+    written as a `.gguf` file is that file alone (no card); a GGUF in a directory gets the card beside it.
     """
     return merge_recipe(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                         progress=progress, overwrite=overwrite, resume=resume, strict=strict,

@@ -219,8 +219,11 @@ def test_split_files_carry_llamacpp_split_metadata(root, tmp_path):
 def test_gguf_directory_output(root, tmp_path):
     out = tmp_path / "merged"
     lazymerge.merge(linear(root, "qwen2"), out, format="gguf")
-    assert sorted(p.name for p in out.iterdir()) == ["lazymerge_recipe.yaml", "lazymerge_report.json",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "lazymerge_recipe.yaml", "lazymerge_report.json",
                                                      "merged.gguf"]
+    assert (out / "README.md").read_text().startswith("---\n")       # the model card, front matter first
+    lazymerge.merge(linear(root, "qwen2"), out, format="gguf", write_model_card=False, overwrite=True)
+    assert "README.md" not in {p.name for p in out.iterdir()}
     r = gguf.GGUFReader(out / "merged.gguf")
     assert r.fields["general.file_type"].contents() == 32           # auto: bf16 for a float32 merge
     assert {t.tensor_type.name for t in r.tensors} == {"BF16", "F32"}

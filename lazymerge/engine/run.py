@@ -206,11 +206,12 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
 def finalize_output(writer: CheckpointWriter, plan: Any, report: Report,
                     extra_files: dict[str, bytes] | None) -> None:
     """Add the report, config, tokenizer and extra files and move the finished output into place. A GGUF holds
-    its config and tokenizer in its metadata: a GGUF directory gets the report and the recipe only."""
+    its config and tokenizer in its metadata: a GGUF directory gets the report, the recipe and the model card
+    (README.md, when written) only; a GGUF file output is its files alone."""
     files = dict(extra_files or {})
     files["lazymerge_report.json"] = report.to_json().encode()
     if plan.gguf is not None:
-        files = {k: v for k, v in files.items() if k.startswith("lazymerge_")}
+        files = {k: v for k, v in files.items() if k.startswith("lazymerge_") or k == "README.md"}
         writer.finalize(config=None, aux_files=[], extra_files=files)
         return
     writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
