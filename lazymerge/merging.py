@@ -15,6 +15,8 @@ import torch
 from ._version import __version__
 from .card import model_card
 from .engine.report import Progress, Report
+from .errors import OutputError
+from .io.gguf.layout import gguf_options
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
 from .planner.compile import compile_plan
@@ -23,19 +25,26 @@ from .planner.recipe import Recipe, dump_recipe, read_documents
 from .planner.tokenizer import TOKENIZER_FILES
 
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
+DEFAULT_SHARD_SIZE = "5GB"         # safetensors shards; a GGUF is one file unless a size is given
 
 
 def merge_recipe(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = None,
-                 shard_size: int | str = "5GB", seed: int = 0, device: str | torch.device = "cpu",
+                 shard_size: int | str | None = None, seed: int = 0, device: str | torch.device = "cpu",
                  progress: Callable[[Progress], None] | None = None, overwrite: bool = False,
                  resume: bool = False, strict: bool = False, allow_pickle: bool = False,
                  workers: int | None = None, max_block_rows: int | None = None,
                  cancel: threading.Event | None = None, stage: str | None = None, cluster: Any = None,
                  stream_inputs: bool = False, write_model_card: bool = True,
-                 copy_tokenizer: bool = True) -> Report:
+                 copy_tokenizer: bool = True, gguf_type: str | None = None,
+                 format: str | None = None) -> Report:
     """`lazymerge.merge` (see there for the arguments)."""
+    gguf = gguf_options(Path(out), gguf_type, format, shard_size)
+    if gguf is not None and cluster is not None:
+        raise OutputError("--cluster: GGUF output is written on one machine (drop --cluster, or merge to "
+                          "safetensors on the cluster)")
+    shard_size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
     p = compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                     max_block_rows=max_block_rows, stage=stage, stream_inputs=stream_inputs)
+                     max_block_rows=max_block_rows, stage=stage, stream_inputs=stream_inputs, gguf=gguf)
     try:
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe, p.pins).encode()}

@@ -23,11 +23,13 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .. import memory
-from ..dtypes import torch_dtype
+from ..dtypes import BLOCK_CODES, torch_dtype
 from ..io.checkpoint import Checkpoint
+from ..io.gguf.rows import RowEncoding, encode
 from . import kernels as K
 from . import lazy
 from .context import RunContext
+from .quantize import quantize
 from .vocab_rows import VocabRows, load_block, read_token_rows
 
 Tensor = torch.Tensor
@@ -174,23 +176,39 @@ def _cast(ctx: RunContext, ins: list[Any], a: Cast, own: tuple[bool, ...]) -> An
 
 @dataclass(frozen=True)
 class Write(Attrs):
-    """Cast a block to the output dtype and write it at its rows of the output tensor; returns nothing."""
+    """Cast a block to the output dtype (or quantize it: GGUF) and write it at its rows of the output tensor."""
 
     name: str
     row_start: int
-    dtype: str                           # safetensors code
+    dtype: str                           # safetensors code, or a GGUF block type (dtypes.BLOCK_CODES)
+    gguf: RowEncoding | None = None      # GGUF output: what llama.cpp's converter does to these rows first
 
 
-@op("write", Write, scratch=0.0, lazy=True)
+def _write_scratch(a: Write) -> float:
+    """0; GGUF: 1.5 (rounded through bf16/f16, then widened), 1 (a transformed copy)"""
+    if a.gguf is None:
+        return 0.0
+    if a.gguf.via in ("BF16", "F16"):
+        return 1.5
+    return 1.0 if a.gguf.transform.permute or a.gguf.transform.offset else 0.0
+
+
+@op("write", Write, scratch=_write_scratch, lazy=True)
 def _write(ctx: RunContext, ins: list[Any], a: Write, own: tuple[bool, ...]) -> None:
     x = ins[0]
-    y = lazy.write_value(x, torch_dtype(a.dtype))      # a fused chain's block, computed in the output dtype
-    if y is not None:
-        pass
-    elif x.device.type == "cpu":
-        y = memory.empty(tuple(x.shape), torch_dtype(a.dtype)).copy_(x)
-    else:
-        y = x.to(device="cpu", dtype=torch_dtype(a.dtype)).contiguous()
+    gguf = a.gguf is not None or a.dtype in BLOCK_CODES
+    # a fused chain's block is computed straight in the output dtype; GGUF rows are encoded from float32
+    y = None if gguf else lazy.write_value(x, torch_dtype(a.dtype))
+    if y is None:
+        x = lazy.materialize(x)
+        if a.gguf is not None:
+            x = encode(x.cpu(), a.gguf)
+        if a.dtype in BLOCK_CODES:
+            y = quantize(x.reshape(x.shape[0] if x.dim() >= 2 else 1, -1), a.dtype)
+        elif x.device.type == "cpu":
+            y = memory.empty(tuple(x.shape), torch_dtype(a.dtype)).copy_(x)
+        else:
+            y = x.to(device="cpu", dtype=torch_dtype(a.dtype)).contiguous()
     ctx.writer.write_rows(a.name, a.row_start, y)
     ctx.count(written=y.numel() * y.element_size())
     return None

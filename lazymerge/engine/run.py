@@ -221,9 +221,15 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
 
 def finalize_output(writer: CheckpointWriter, plan: Any, report: Report,
                     extra_files: dict[str, bytes] | None) -> None:
-    """Add the report, config, tokenizer and extra files and move the finished output into place."""
+    """Add the report, config, tokenizer and extra files and move the finished output into place. A GGUF holds
+    its config and tokenizer in its metadata: a GGUF directory gets the report, the recipe and the model card
+    (README.md, when written) only; a GGUF file output is its files alone."""
     files = dict(extra_files or {})
     files["lazymerge_report.json"] = report.to_json().encode()
+    if plan.gguf is not None:
+        files = {k: v for k, v in files.items() if k.startswith("lazymerge_") or k == "README.md"}
+        writer.finalize(config=None, aux_files=[], extra_files=files)
+        return
     writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
 
 
@@ -236,7 +242,8 @@ def run_plan(plan: Any, out: "str | Path", *, device: "str | torch.device" = "cp
     release_freed_memory()
     check_output_dir(out, _input_dirs(plan))
     writer = CheckpointWriter(out, plan.layout, overwrite=overwrite, resume=resume,
-                              fingerprint=run_fingerprint(plan, dev, version))
+                              fingerprint=run_fingerprint(plan, dev, version),
+                              files=plan.gguf is not None and plan.gguf.file)
     writer.open()
     transferred = bytes_transferred()
     try:
