@@ -184,6 +184,9 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
     RECIPE may also be a mergekit-moe config (base_model + experts, or merge_method: moe): OUT is then a Mixtral,
     Qwen2-MoE or Qwen3-MoE whose experts are the listed models' MLPs, routed by their prompts (gate_mode).
 
+    A model in RECIPE is a checkpoint directory, base_dir+adapter_dir, or a GGUF model (a .gguf file, split
+    files, or a directory holding one), dequantized block by block (docs/gguf.md).
+
     OUT appears only when the merge is complete. The report is printed and saved to OUT/lazymerge_report.json,
     the recipe to OUT/lazymerge_recipe.yaml.
 
@@ -384,12 +387,13 @@ def eval_cmd(target: Path, data: Path | None, seq_len: int | None, max_tokens: i
              max_new_tokens: int, quiet: bool) -> None:
     """Perplexity of TARGET on --data, without ever holding the whole model.
 
-    TARGET is a checkpoint directory or a merge recipe. A recipe is merged one decoder layer at a time, in
-    memory, and never written; the result equals evaluating the written merge. Each decoder layer's weights are
-    loaded (or merged), every window goes through it, and they are freed before the next layer.
+    TARGET is a checkpoint directory, a GGUF model or a merge recipe. A recipe is merged one decoder layer at a
+    time, in memory, and never written; the result equals evaluating the written merge. Each decoder layer's
+    weights are loaded (or merged), every window goes through it, and they are freed before the next layer.
 
     \b
     lazymerge eval ./merged --data wiki.txt --memory 512MiB
+    lazymerge eval model.Q4_K_M.gguf --data wiki.txt
     lazymerge eval recipe.yaml --data eval.jsonl --compare-inputs
     lazymerge eval ./merged --prompt "The capital of France is" --max-new-tokens 10
     """

@@ -20,7 +20,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..errors import CheckpointError
-from ..io.checkpoint import Checkpoint
+from ..io.adapters import open_checkpoint
+from ..io.gguf import is_gguf_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
@@ -46,15 +47,16 @@ def has_tokenizer(directory: Path) -> bool:
 
 
 class CheckpointWeights:
-    """A Hugging Face checkpoint directory, read lazily through lazymerge's safetensors io."""
+    """A checkpoint (a Hugging Face directory, or a GGUF model with the config and tokenizer rebuilt from its
+    metadata), read lazily through lazymerge's io."""
 
     def __init__(self, path: "str | Path", *, allow_pickle: bool = False):
         path = Path(path)
-        if not (path / "config.json").is_file():
+        if path.is_dir() and not is_gguf_model(path) and not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: no config.json (evaluation builds the model from it)")
         self.label = str(path)
-        self.config_dir = path
-        self.ckpt = Checkpoint.open(path, allow_pickle=allow_pickle)
+        self.ckpt = open_checkpoint(path, allow_pickle=allow_pickle)
+        self.config_dir = self.ckpt.config_dir
         self.names = set(self.ckpt.tensors)
         self.shapes = {n: tuple(i.shape) for n, i in self.ckpt.tensors.items()}
         self.over_budget = 0
@@ -137,10 +139,11 @@ class RecipeWeights:
 
 
 def is_recipe(target: Any) -> bool:
-    """A mapping, YAML text, or a file (not a directory) is a recipe; a directory is a checkpoint."""
+    """A mapping, YAML text, or a file (not a directory) is a recipe; a directory or a GGUF model is a
+    checkpoint."""
     if isinstance(target, (str, Path)):
         p = Path(target).expanduser()
-        if p.is_dir():
+        if p.is_dir() or (p.is_file() and is_gguf_model(p)):
             return False
         if isinstance(target, str) and "\n" in target:
             return True
@@ -155,5 +158,6 @@ def open_target(target: Any, *, memory: int | None, seed: int = 0, device: torch
                              allow_pickle=allow_pickle, prepare=prepare)
     p = Path(target).expanduser()
     if not p.exists():
-        raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory or a recipe file)")
+        raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory, a GGUF file or a recipe "
+                              "file)")
     return CheckpointWeights(p, allow_pickle=allow_pickle)

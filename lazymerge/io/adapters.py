@@ -17,6 +17,7 @@ import torch
 
 from lazymerge.errors import CheckpointError
 from lazymerge.io.checkpoint import Checkpoint, load_pickle
+from lazymerge.io.gguf import GGUFCheckpoint, is_gguf_model
 from lazymerge.io.shards import TensorInfo, read_header
 
 CONFIG_NAME = "adapter_config.json"
@@ -233,7 +234,7 @@ class Adapter:
         if not isinstance(name, str) or not name:
             return None
         for candidate in (Path(name), self.path / name):   # as written (cwd), then beside the adapter
-            if candidate.is_dir():
+            if candidate.is_dir() or is_gguf_model(candidate):
                 return candidate
         return None
 
@@ -342,12 +343,13 @@ def lora_rows(A: torch.Tensor, B: torch.Tensor, scale: float, rows: tuple[int, i
 class AdaptedCheckpoint:
     """A base checkpoint with an adapter applied lazily; reads like a `Checkpoint`."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter) -> None:
+    def __init__(self, base: Checkpoint | GGUFCheckpoint, adapter: Adapter) -> None:
         adapter.check_against(base.tensors)
         self.base = base
         self.adapter = adapter
         self.path = base.path
         self.config = base.config
+        self.config_dir = base.config_dir
         self.tensors = {**base.tensors, **adapter.replaced}
 
     def has_stored_form(self, name: str) -> bool:
@@ -407,13 +409,21 @@ class AdaptedCheckpoint:
         self.close()
 
 
-def open_model(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint | AdaptedCheckpoint:
-    """Open a recipe's model entry: a checkpoint, `base+adapter`, or an adapter directory whose
-    `base_model_name_or_path` is a local directory."""
+def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint | GGUFCheckpoint:
+    """A model's weights: a Hugging Face checkpoint directory, or a GGUF model (a `.gguf` file, split files, or a
+    directory holding one), both read through the same interface."""
+    if is_gguf_model(path):
+        return GGUFCheckpoint.open(path)
+    return Checkpoint.open(path, allow_pickle=allow_pickle)
+
+
+def open_model(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint | GGUFCheckpoint | AdaptedCheckpoint:
+    """Open a recipe's model entry: a checkpoint (safetensors or GGUF), `base+adapter`, or an adapter directory
+    whose `base_model_name_or_path` is a local model."""
     base, adapter_path = parse_model_ref(ref)
     if adapter_path is None:
         if not is_adapter_dir(base):
-            return Checkpoint.open(base, allow_pickle=allow_pickle)
+            return open_checkpoint(base, allow_pickle=allow_pickle)
         adapter = Adapter.open(base, allow_pickle=allow_pickle)
         base = adapter.base_model_path
         if base is None:
@@ -424,7 +434,7 @@ def open_model(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint | A
     else:
         adapter = Adapter.open(adapter_path, allow_pickle=allow_pickle)
     try:
-        base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle)
+        base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     except BaseException:
         adapter.close()
         raise

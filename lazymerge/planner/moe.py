@@ -395,7 +395,8 @@ class _MoECompiler:
         # what the layer-streaming forward runs: the directory, or base+adapter as a merge-and-unload recipe
         target: Any = base.key if "+" not in base.key or Path(base.key).is_dir() else \
             {"merge_method": "passthrough", "models": [{"model": base.key}]}
-        spec = RouterPass(cfg.gate_mode, self.seed, base.key, Path(base.src.path), target,
+        tokenizer_dir = Path(getattr(base.src, "config_dir", base.src.path))   # a GGUF base: its rebuilt files
+        spec = RouterPass(cfg.gate_mode, self.seed, base.key, tokenizer_dir, target,
                           tuple(e.prompts for e in cfg.experts + cfg.shared_experts), layers,
                           self.budget if self.budget is not None else "unlimited", tuple(tensors))
         router_code = out_code or (embed.dtype if embed is not None else "F32")
