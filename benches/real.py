@@ -308,7 +308,7 @@ def recipes(work: Path) -> dict[str, str]:
         "della": "merge_method: della\n" + head + two("weight: 1.0, density: 0.5, epsilon: 0.1")
                  + "dtype: float32\n",
         "model_stock": "merge_method: model_stock\n" + head + two() + "dtype: float32\n",
-        "sce": "merge_method: sce\n" + head + two("weight: 1.0") + "parameters: {select_topk: 0.5}\ndtype: float32\n",
+        "sce": "merge_method: sce\n" + head + two() + "parameters: {select_topk: 0.5}\ndtype: float32\n",
     }
 
 
@@ -400,13 +400,15 @@ def markdown(res: dict) -> str:
          f"Run {res['started']} on {res['machine']}; {res['wall_s'] / 60:.1f} min in all. Perplexity from "
          f"`lazymerge eval` on the first {a['max_tokens']} tokens of each held-out test set (windows of "
          f"{a['seq_len']}, float32, `--memory {a['memory']}`); merges evaluated as recipes (merged layer by layer, "
-         "never written). Lower is better; the last two columns are relative to the base.", "",
+         "never written). Lower is better; in brackets the 95% bootstrap interval over windows (`lazymerge eval`'s); "
+         "'vs base' is relative to the base.", "",
          "| model | kind | code ppl | prose ppl | code vs base | prose vs base | eval wall (s, both) |",
          "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         rel = [f"{(r['ppl'][d] / base['ppl'][d] - 1) * 100:+.1f}%" for d in DOMAINS]
-        L.append(f"| {r['name']} | {r['kind']} | {r['ppl']['code']:.3f} | {r['ppl']['prose']:.3f} | {rel[0]} | "
-                 f"{rel[1]} | {sum(r['wall_s'].values()):.1f} |")
+        ppl = [f"{r['ppl'][d]:.3f} [{r['ci'][d][0]:.2f}, {r['ci'][d][1]:.2f}]" for d in DOMAINS]
+        L.append(f"| {r['name']} | {r['kind']} | {ppl[0]} | {ppl[1]} | {rel[0]} | {rel[1]} | "
+                 f"{sum(r['wall_s'].values()):.1f} |")
     L += ["", "![perplexity on code against perplexity on prose](real.png)", ""]
     L += ["## Reading the table", "", *res["notes"], ""]
     ft = res["finetunes"]
@@ -465,8 +467,9 @@ def notes(rows: list[dict]) -> list[str]:
         if r["kind"] in ("merge", "search"):
             ka, kb = kept(r, "code", fa), kept(r, "prose", fb)
             r["kept"] = {"code": ka, "prose": kb}
-            out.append(f"- {r['name']}: keeps {ka * 100:.0f}% of ft-code's gain on code (in log-perplexity) and "
-                       f"{kb * 100:.0f}% of ft-prose's on prose.")
+            pct = ["n/a" if math.isnan(k) else f"{k * 100:.0f}%" for k in (ka, kb)]
+            out.append(f"- {r['name']}: keeps {pct[0]} of ft-code's gain on code (in log-perplexity) and "
+                       f"{pct[1]} of ft-prose's on prose.")
     return out
 
 
