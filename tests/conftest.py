@@ -21,6 +21,8 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
+import holdkit  # noqa: E402  (tests/, on the path from here on)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Llama-shaped tiny model
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +157,14 @@ def build_model_set(root: Path, dtype: torch.dtype, seed: int = 1234) -> dict[st
     for i in (1, 2, 3):
         sets[f"ft{i}"] = make_finetune(base, seed=seed + 1000 * i)
     return {name: write_checkpoint(root / name, t, dtype=dtype, tag=name) for name, t in sets.items()}
+
+
+@pytest.fixture(autouse=True)
+def _reap_held_runs():
+    """A test that fails while a run it started is held (tests/holdkit.py) leaves that run blocked on its release
+    FIFO: kill it here so it never outlives the test."""
+    yield
+    holdkit.reap()
 
 
 @pytest.fixture(scope="session")

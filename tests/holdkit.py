@@ -22,6 +22,21 @@ from lazymerge.testhold import ENV
 
 HANG_S = 600.0      # a run that never reaches its hold point: fail after this long rather than hang the suite
 
+_started: list[subprocess.Popen] = []      # every process a Hold waited for; conftest reaps them after each test
+
+
+def reap() -> list[int]:
+    """Kill every held process a test started and left running (a test that failed between `wait` and `release`
+    or `kill` would otherwise leave its run blocked on the release FIFO for ever); the pids killed."""
+    killed = []
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            killed.append(proc.pid)
+    return killed
+
 
 class Hold:
     def __init__(self, directory: Path, event: str, n: int = 1) -> None:
@@ -39,6 +54,7 @@ class Hold:
     def wait(self, proc: subprocess.Popen, timeout: float = HANG_S) -> dict:
         """Block until `proc` is held at the point; its announcement (event, n, pid). AssertionError when the run
         ends first (it never reached the point)."""
+        _started.append(proc)
         deadline = time.monotonic() + timeout
         while not self.path.exists():
             if proc.poll() is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import holdkit
 from lazymerge import testhold
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,3 +59,17 @@ def test_read_from_the_environment_once_and_not_inherited(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, testhold.ENV: f"trial:2:{tmp_path / 'h'}"}).stdout.split()
     assert out == ["True", "trial", "2", str(tmp_path / "h"), "False"]
+
+
+def test_a_held_run_left_by_a_failed_test_is_reaped(tmp_path):
+    """A test that fails between `Hold.wait` and its release/kill must not leave the run blocked for ever: the
+    suite's autouse fixture calls holdkit.reap(), which kills it."""
+    hold = holdkit.Hold(tmp_path, "x", 1)
+    code = "from lazymerge import testhold as t; t.reached('x'); print('released')"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=hold.env(), stdout=subprocess.PIPE)
+    hold.wait(proc)
+    assert proc.poll() is None                     # held: it cannot go on by itself
+    assert holdkit.reap() == [proc.pid]
+    assert proc.returncode is not None and proc.returncode < 0
+    assert proc.stdout.read() == b""               # it never passed the hold
+    assert holdkit.reap() == []
