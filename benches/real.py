@@ -376,19 +376,28 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 6))
+    fig, ax = plt.subplots(figsize=(8, 6.5))
     colors = {"input": "tab:gray", "fine-tune": "tab:blue", "merge": "tab:orange", "search": "tab:green"}
-    for r in rows:
-        x, y = r["ppl"]["code"], r["ppl"]["prose"]
-        ax.scatter([x], [y], color=colors[r["kind"]], s=40, zorder=3)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    points: dict[tuple[float, float], list[dict]] = {}
+    for r in rows:                        # identical results (slerp of near-parallel tensors is a lerp) share a label
+        points.setdefault((round(r["ppl"]["code"], 4), round(r["ppl"]["prose"], 4)), []).append(r)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    dx, dy = (max(xs) - min(xs)) * 0.12 or 1, (max(ys) - min(ys)) * 0.05 or 1
+    above: list[tuple[float, float]] = []
+    for (x, y), rs in sorted(points.items()):
+        ax.scatter([x], [y], color=colors[rs[0]["kind"]], s=40, zorder=3)
+        crowded = any(abs(x - u) < dx and abs(y - v) < dy for u, v in above)    # a close label above: go below
+        if not crowded:
+            above.append((x, y))
+        ax.annotate(" = ".join(r["name"] for r in rs), (x, y), textcoords="offset points",
+                    xytext=(5, -11 if crowded else 4), fontsize=8)
     for kind, c in colors.items():
         ax.scatter([], [], color=c, label=kind)
     ax.set_xlabel("perplexity on held-out Python (stdlib)  (lower is better)")
     ax.set_ylabel("perplexity on held-out prose (/usr/share/doc)  (lower is better)")
     ax.set_title("SmolLM2-135M-Instruct: two fine-tunes and their merges")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -491,7 +500,15 @@ def main() -> int:
     ap.add_argument("--search-tokens", type=int, default=1024)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--jobs", type=int, default=2, help="evaluations at once (one thread each)")
+    ap.add_argument("--render", type=Path, default=None, metavar="DIR",
+                    help="only re-render DIR/results.md and DIR/real.png from DIR/results.json")
     args = ap.parse_args()
+    if args.render:
+        res = json.loads((args.render / "results.json").read_text())
+        res["notes"] = notes(res["rows"])
+        plot(res["rows"], args.render / "real.png")
+        (args.render / "results.md").write_text(markdown(res))
+        return 0
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M")
     work = args.work.resolve()
