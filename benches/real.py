@@ -453,7 +453,8 @@ def markdown(res: dict) -> str:
         L.append(f"| {c['model']} | {c['data']} | {c['ours']['perplexity']:.6f} | {c['theirs']['perplexity']:.6f} | "
                  f"{abs(c['ours']['perplexity'] - c['theirs']['perplexity']):.2e} | {c['ours']['wall_s']:.1f} | "
                  f"{c['theirs']['wall_s']:.1f} |")
-    L += ["", "Walls are whole processes (start-up, tokenizer, model load) on a shared 2-core machine: indicative only."]
+    L += ["", "Walls are whole processes (start-up, tokenizer, model load), one thread each, two at a time, on a shared "
+          "2-core machine: indicative only."]
     return "\n".join(L) + "\n"
 
 
@@ -468,6 +469,10 @@ def notes(rows: list[dict]) -> list[str]:
     out.append(f"- Each fine-tune on the other domain: ft-code on prose {fa['prose']:.3f}, ft-prose on code "
                f"{fb['code']:.3f} (base {base['prose']:.3f}, {base['code']:.3f}).")
 
+    out.append("- *Kept* below: the share of a fine-tune's gain over the base, in log-perplexity on its own domain, "
+               "that a merge keeps (100%: as good as that fine-tune; over 100%: better than it; below 0: worse than "
+               "the base).")
+
     def kept(r: dict, d: str, ft: dict) -> float:       # share of the fine-tune's log-perplexity gain kept
         gain = math.log(base[d]) - math.log(ft[d])
         return (math.log(base[d]) - math.log(r["ppl"][d])) / gain if gain > 0 else float("nan")
@@ -477,8 +482,7 @@ def notes(rows: list[dict]) -> list[str]:
             ka, kb = kept(r, "code", fa), kept(r, "prose", fb)
             r["kept"] = {"code": ka, "prose": kb}
             pct = ["n/a" if math.isnan(k) else f"{k * 100:.0f}%" for k in (ka, kb)]
-            out.append(f"- {r['name']}: keeps {pct[0]} of ft-code's gain on code (in log-perplexity) and "
-                       f"{pct[1]} of ft-prose's on prose.")
+            out.append(f"- {r['name']}: keeps {pct[0]} of ft-code's gain on code and {pct[1]} of ft-prose's on prose.")
     return out
 
 
