@@ -111,9 +111,9 @@ def block_stream(seed_parts: Sequence, shape: Sequence[int], rows: tuple[int, in
     the row groups the block overlaps (uint32, low bits of each group's seed), the draws per group, and how far into
     its first group the block starts."""
     seed = K.derive_seed(*seed_parts)
-    total_rows, row_numel = K._row_layout(tuple(shape))
+    total_rows, row_numel = K.row_layout(tuple(shape))
     a, b = rows
-    group_rows = max(1, K._GROUP_NUMEL // max(1, row_numel))
+    group_rows = max(1, K.GROUP_NUMEL // max(1, row_numel))
     g0, g1 = a // group_rows, max(a, b - 1) // group_rows
     seeds = np.array([K.derive_seed(seed, "row-group", g) & 0xFFFFFFFF for g in range(g0, g1 + 1)], np.uint32)
     return seeds, group_rows * row_numel, (a - g0 * group_rows) * row_numel

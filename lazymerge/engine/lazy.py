@@ -147,7 +147,7 @@ def _precomputed(tv: TaskVector) -> Tensor:
     d = tv.della
     assert d is not None
     shape = tuple(tv.shape)
-    rows, row_numel = K._rows2d(torch.empty(shape, device="meta")).shape
+    rows, row_numel = K.rows2d(torch.empty(shape, device="meta")).shape
     out = memory.empty(shape, torch.float32)
     flat = out.reshape(-1).numpy()
     if d.density >= 1:
@@ -346,12 +346,12 @@ def row_gram(xs: Sequence[Any]) -> Tensor | None:
     parts = [(x.bits(), _E16) if isinstance(x, Stored) else (x.x.bits(), x.base.bits()) for x in xs]
     n = len(xs)
     out = torch.empty(rows, n, n, dtype=torch.float64)
-    for a, b in K._row_chunks(rows, row_numel):
+    for a, b in K.row_chunks(rows, row_numel):
         buf = torch.empty((b - a) * row_numel, dtype=torch.float64)
         for i in range(n):
             for j in range(i, n):
                 S.products(*parts[i], *parts[j], a * row_numel, b * row_numel, buf.numpy())
-                s = K._row_sum(buf.reshape(b - a, row_numel))
+                s = K.row_sum(buf.reshape(b - a, row_numel))
                 out[a:b, i, j] = s
                 out[a:b, j, i] = s
     return out
