@@ -3,6 +3,8 @@
 
     python benches/eval_whole.py MODEL_DIR DATA SEQ_LEN MAX_TOKENS BATCH
 
+MODEL_DIR may be a `.gguf` file: transformers' GGUF loader (`from_pretrained(dir, gguf_file=name)`) reads it.
+
 `from_pretrained` in float32 (the whole model in memory), the same windows as `lazymerge eval` (the rule in
 lazymerge/evaluate/data.py), the loss from the full logits. Prints one JSON line.
 """
@@ -21,9 +23,12 @@ def main() -> int:
 
     from lazymerge.evaluate.data import load_windows
 
-    tok = T.AutoTokenizer.from_pretrained(model_dir)
+    kw = {}
+    if model_dir.endswith(".gguf"):
+        model_dir, kw["gguf_file"] = model_dir.rsplit("/", 1) if "/" in model_dir else (".", model_dir)
+    tok = T.AutoTokenizer.from_pretrained(model_dir, **kw)
     windows = load_windows(data, tok, seq_len=seq_len, max_tokens=max_tokens)
-    model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw).eval()
     total = 0.0
     with torch.no_grad():
         for ids in torch.split(windows, batch):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("ties", "linear", "task_arithmetic", "dare_ties", "slerp")
+METHODS = ("ties", "linear", "task_arithmetic", "dare_ties", "slerp", "della", "breadcrumbs_ties", "model_stock",
+           "sce")
 
 
 def recipe(method: str, base: Path, tunes: list[Path], dtype: str = "bfloat16") -> dict:
@@ -29,6 +30,25 @@ def recipe(method: str, base: Path, tunes: list[Path], dtype: str = "bfloat16") 
         return {"merge_method": "slerp", "base_model": base,
                 "models": [{"model": base}, {"model": tunes[0]}],
                 "parameters": {"t": 0.5},
+                "dtype": dtype}
+    if method == "della":                          # DELLA with TIES election: ranked drop probabilities 0.5 +- 0.1
+        return {"merge_method": "della", "base_model": base,
+                "models": [{"model": t, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}}
+                           for t in tunes],
+                "dtype": dtype}
+    if method == "breadcrumbs_ties":               # keep 90%: drop the smallest 9% and the top 1% outliers
+        return {"merge_method": "breadcrumbs_ties", "base_model": base,
+                "models": [{"model": t, "parameters": {"weight": 0.5, "density": 0.9, "gamma": 0.01}}
+                           for t in tunes],
+                "dtype": dtype}
+    if method == "model_stock":
+        return {"merge_method": "model_stock", "base_model": base,
+                "models": [{"model": t} for t in tunes],
+                "dtype": dtype}
+    if method == "sce":                            # select the 50% entries of largest variance across the deltas
+        return {"merge_method": "sce", "base_model": base,
+                "models": [{"model": t} for t in tunes],
+                "parameters": {"select_topk": 0.5},
                 "dtype": dtype}
     raise ValueError(f"unknown benchmark method {method!r} (choose from {', '.join(METHODS)})")
 

@@ -103,6 +103,30 @@ def ensure_checkpoints(preset: str, seed: int, workdir: Path, *, header_only: bo
     return base, tunes, want
 
 
+def ensure_layout(base: Path, tunes: list[Path], info: dict, layout: str) -> tuple[Path, list[Path], dict]:
+    """The checkpoints in another layout, made once from the generated ones: `hf` = two shards per model written
+    by safetensors' save_file in save_pretrained's way (benches/relayout.py); `lazymerge` = as generated."""
+    if layout == "lazymerge":
+        return base, tunes, info
+    from relayout import relayout
+    d = base.parent.with_name(base.parent.name + f"-{layout}")
+    want = dict(info, layout=layout, shards=2)
+    marker = d / "bench-marker.json"
+    out = [d / p.name for p in [base, *tunes]]
+    if marker.exists() and json.loads(marker.read_text()) == want and all(p.exists() for p in out):
+        log(f"reusing {layout}-layout checkpoints in {d}")
+        return out[0], out[1:], want
+    t0 = time.perf_counter()
+    log(f"writing the checkpoints in the {layout} layout (two shards each, save_file order) to {d}")
+    d.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    for src, dst in zip([base, *tunes], out):
+        relayout(src, dst, shards=2)
+    marker.write_text(json.dumps(want, indent=2))
+    log(f"written in {time.perf_counter() - t0:.1f} s")
+    return out[0], out[1:], want
+
+
 def safetensors_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -367,6 +391,7 @@ def markdown(results: dict) -> str:
             {True: "yes", False: "**no**", None: "–"}[r["rss_within_budget"]],
             M.fmt_bytes(r["cgroup_peak_bytes"]), _gb(r["read_bytes"]), _gb(r["write_bytes"]),
         ]) + " |")
+    L += per_method_table(results)
     sc = results.get("safety_cap")
     L += ["", "wall s = from start to exit plus fsync of the output files (the floor fsyncs itself); ratios are "
           "against the uncapped floor / naive / mergekit rows of the same method in this run. Peak RSS = the "
@@ -398,6 +423,56 @@ def markdown(results: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def per_method_table(results: dict) -> list[str]:
+    """One line per method for the uncapped lazymerge runs: the figures the issue's targets are stated in (wall,
+    CPU, x the *direct* floor and x mergekit of the same method in this run, bytes read against the inputs' size,
+    peak RSS)."""
+    rows = results["summary"]
+    lz = [r for r in rows if r["tool"] == "lazymerge" and not r["memcap"]]
+    if not lz:
+        return []
+    sizes = results["checkpoints"]["bytes"]
+    recipes = {m: input_models(recipe(m, Path("base"), [Path("ft1"), Path("ft2")])) for m in {r["method"] for r in lz}}
+
+    def direct(method):
+        w = [r["wall_s"] for r in rows if r["method"] == method and r["tool"] == "floor" and r["memory"] == "direct"
+             and r["wall_s"]]
+        return w[0] if w else None
+
+    L = ["", "## Per method (uncapped lazymerge runs)", "",
+         "| method | --memory | wall s | CPU s | × direct floor | × mergekit | read GB | × inputs | peak RSS |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in lz:
+        inputs = sum(sizes.get(Path(m).name, 0) for m in recipes[r["method"]])
+        d = direct(r["method"])
+        L.append("| " + " | ".join([
+            r["method"], r["memory"] or "–", _f(r["wall_s"]), _f(r["cpu_s"], "{:.1f}"),
+            _f(r["wall_s"] / d if d and r["wall_s"] else None), _f(r["x_mergekit"]), _gb(r["read_bytes"]),
+            _f(r["read_bytes"] / inputs if r["read_bytes"] and inputs else None, "{:.3f}"),
+            M.fmt_bytes(r["peak_rss_bytes"])]) + " |")
+    return L
+
+
+def _plot_timeline(ax, results: dict, method: str) -> None:
+    """lazymerge's own timeline (its report's `timeline`): how many threads were reading, computing and writing,
+    over time; overlap shows as the three curves being up at the same time."""
+    runs = [r for r in results["runs"] if r["method"] == method and r["tool"] == "lazymerge" and r["repeat"] == 0
+            and not r["memcap"] and (r.get("lazymerge_report") or {}).get("timeline")]
+    if not runs:
+        ax.set_axis_off()
+        return
+    tl = runs[0]["lazymerge_report"]["timeline"]
+    step = tl["bin_s"]
+    for kind, color in (("read", "tab:blue"), ("compute", "tab:orange"), ("write", "tab:green")):
+        ys = [v / step for v in tl.get(kind, [])]
+        ax.plot([i * step for i in range(len(ys))], ys, label=kind, color=color, lw=1.0)
+    ax.set_title(f"{method}: lazymerge --memory {runs[0]['memory']}, busy threads by kind of task")
+    ax.set_xlabel("seconds since the merge started (after planning)")
+    ax.set_ylabel("threads busy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(results: dict, traces: dict, path: Path) -> str | None:
     try:
         import matplotlib
@@ -408,8 +483,9 @@ def plot(results: dict, traces: dict, path: Path) -> str | None:
     methods = sorted({r["method"] for r in results["runs"] if r["tool"] != "floor"})
     if not methods:
         return "nothing to plot"
-    fig, axes = plt.subplots(len(methods), 1, figsize=(10, 3.6 * len(methods)), squeeze=False)
-    for ax, method in zip(axes[:, 0], methods):
+    fig, axes = plt.subplots(len(methods), 2, figsize=(16, 3.6 * len(methods)), squeeze=False)
+    for (ax, tax), method in zip(axes, methods):
+        _plot_timeline(tax, results, method)
         for r in results["runs"]:
             if r["method"] != method or r["repeat"] != 0 or r["tool"] == "floor":
                 continue
@@ -512,7 +588,7 @@ def plan_markdown(results: dict) -> str:
 
 
 def merge_bench(args, ctx, results) -> None:
-    base, tunes, info = ensure_checkpoints(args.preset, args.seed, ctx["workdir"])
+    base, tunes, info = ensure_layout(*ensure_checkpoints(args.preset, args.seed, ctx["workdir"]), args.layout)
     results["checkpoints"] = {"dir": str(base.parent), "marker": info,
                               "bytes": {p.name: safetensors_bytes(p) for p in [base, *tunes]}}
     tools = list(args.only)
@@ -527,6 +603,7 @@ def merge_bench(args, ctx, results) -> None:
             log(f"WARNING: lazymerge CLI unusable, skipping it: {msg}")
     scratch = ctx["scratch"]
     out_bytes = safetensors_bytes(base)
+    floors: dict[tuple, dict] = {}
     for rep in range(args.repeat):
         for method in args.methods:
             rec = recipe(method, base, tunes)
@@ -535,12 +612,22 @@ def merge_bench(args, ctx, results) -> None:
             if "floor" in tools:
                 inputs = [Path(m) for m in input_models(rec)]
                 for mode in args.floor_modes:
-                    results["runs"].append(run_one(args, ctx, tool="floor", method=method, rec_path=rec_path,
-                                                   out_dir=None, memory=mode, rep=rep, floor_inputs=inputs,
-                                                   floor_bytes=out_bytes))
+                    # methods that read the same inputs share one floor run (most methods read base + 2 fine-tunes)
+                    key = (rep, mode, tuple(map(str, inputs)))
+                    if key in floors:
+                        shared = dict(floors[key], method=method, id=f"{method}-floor-{mode}-r{rep}",
+                                      shared_from=floors[key]["id"])
+                        results["runs"].append(shared)
+                        continue
+                    r = run_one(args, ctx, tool="floor", method=method, rec_path=rec_path, out_dir=None,
+                                memory=mode, rep=rep, floor_inputs=inputs, floor_bytes=out_bytes)
+                    floors[key] = r
+                    results["runs"].append(r)
             for cap in args.memcap:
                 for tool in ("naive", "mergekit"):
                     if tool not in tools:
+                        continue
+                    if tool == "mergekit" and args.mergekit_methods and method not in args.mergekit_methods:
                         continue
                     out_dir = scratch / f"{method}-{tool}"
                     r = run_one(args, ctx, tool=tool, method=method, rec_path=rec_path, out_dir=out_dir,
@@ -613,11 +700,18 @@ def main(argv=None) -> int:
                     help="comma list of cgroup caps (memcap LIMIT), 'none' = uncapped; e.g. none,3G")
     ap.add_argument("--only", default=",".join(TOOLS), help="comma list of tools: " + ", ".join(TOOLS))
     ap.add_argument("--mergekit", help="path to mergekit-yaml in mergekit's own venv")
+    ap.add_argument("--mergekit-methods", default="",
+                    help="comma list: run mergekit for these methods only (it takes minutes per method); "
+                         "default: every method")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="checkpoint and merge seed")
     ap.add_argument("--shard-size", default="2GB", help="output shard size (lazymerge and naive)")
     ap.add_argument("--workdir", type=Path, default=HERE / ".work", help="cached checkpoints and scratch outputs")
     ap.add_argument("--out", type=Path, help="results directory (default benches/results/<preset>-<timestamp>)")
+    ap.add_argument("--layout", default="lazymerge", choices=("lazymerge", "hf"),
+                    help="input layout: as lazymerge.synth writes it (1 GB shards in model order), or 'hf': two "
+                         "shards per model written by safetensors' save_file as save_pretrained does "
+                         "(benches/relayout.py)")
     ap.add_argument("--plan-only", action="store_true", help="time lazymerge.plan() on header-only checkpoints")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache before each run")
     ap.add_argument("--floor-modes", default="direct,cached",
@@ -638,6 +732,7 @@ def main(argv=None) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     args.methods = split(args.methods)
     args.floor_modes = split(args.floor_modes)
+    args.mergekit_methods = split(args.mergekit_methods)
     for m in args.floor_modes:
         if m not in ("direct", "cached"):
             ap.error(f"--floor-modes: unknown mode {m!r}: choose from direct, cached")

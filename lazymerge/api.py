@@ -9,15 +9,17 @@ import torch
 
 from .engine.report import Progress, Report
 from .errors import LazyMergeError
-from .merging import RecipeLike, merge_recipe
+from .io.gguf.layout import gguf_options
+from .merging import DEFAULT_SHARD_SIZE, RecipeLike, merge_recipe
 from .options import RunOptions
 from .planner.compile import compile_plan
 from .planner.plan import Plan
 
 
-def plan(recipe: RecipeLike, *, memory: int | str | None = None, shard_size: int | str = "5GB",
+def plan(recipe: RecipeLike, *, memory: int | str | None = None, shard_size: int | str | None = None,
          seed: int = 0, allow_pickle: bool = False, max_block_rows: int | None = None,
-         stage: str | None = None) -> Plan:
+         stage: str | None = None, out: str | Path | None = None, gguf_type: str | None = None,
+         format: str | None = None) -> Plan:
     """Validate a recipe and compile it into a Plan (task graph + output layout) from checkpoint headers only.
 
     `recipe` is a path to a YAML file, YAML text, or a mapping in mergekit's format; its models may be hub ids,
@@ -25,21 +27,28 @@ def plan(recipe: RecipeLike, *, memory: int | str | None = None, shard_size: int
     tensors lazymerge allocates (bytes or "2GiB"; None = a fraction of available RAM; "unlimited"). A
     multi-stage recipe (several `---` documents with `name:`) produces the stage named `stage`, else its unnamed
     document, else its last one. Raises a `LazyMergeError` subclass with a one-line message on any problem.
-    Call `Plan.close()` when done with it.
+    Call `Plan.close()` when done with it. `out`, `gguf_type` and `format` say what `merge` would write (a GGUF
+    when `out` ends in .gguf or a GGUF type or format is given), so the plan is that output's.
     """
-    return compile_plan(recipe, memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
-                        max_block_rows=max_block_rows, stage=stage)
+    gguf = gguf_options(Path(out or "model"), gguf_type, format, shard_size)
+    return compile_plan(recipe, memory=memory, shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size,
+                        seed=seed, allow_pickle=allow_pickle, max_block_rows=max_block_rows, stage=stage, gguf=gguf)
 
 
 def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = None,
-          shard_size: int | str = "5GB", seed: int = 0, device: str | torch.device = "cpu",
+          shard_size: int | str | None = None, seed: int = 0, device: str | torch.device = "cpu",
           progress: Callable[[Progress], None] | None = None, overwrite: bool = False, resume: bool = False,
           strict: bool = False, allow_pickle: bool = False, workers: int | None = None,
           max_block_rows: int | None = None, cancel: threading.Event | None = None,
           stage: str | None = None, cluster: Any = None, stream_inputs: bool = False,
-          write_model_card: bool = True,
-          copy_tokenizer: bool = True) -> Report:
+          write_model_card: bool = True, copy_tokenizer: bool = True, gguf_type: str | None = None,
+          format: str | None = None) -> Report:
     """Run a merge into `out` (a Hugging Face checkpoint directory that appears only when complete).
+
+    GGUF output (docs/gguf.md): `out` ending in `.gguf` is written as that GGUF file (llama.cpp's split files
+    when `shard_size` is given); `gguf_type` is its tensor type (auto, f32, f16, bf16, q8_0, q4_0, q4_1, q5_0,
+    q5_1; default auto: bf16, or f16 for a float16 merge). `gguf_type` or `format="gguf"` with another `out` make
+    it a directory holding `<name>.gguf`. `shard_size` defaults to 5GB safetensors shards, one GGUF file.
 
     The same recipe, inputs and seed give bit-identical output whatever `memory`, `workers` or block size.
     `progress(Progress)` is called after each task. Returns the Report also saved as OUT/lazymerge_report.json.
@@ -54,14 +63,15 @@ def merge(recipe: RecipeLike, out: str | Path, *, memory: int | str | None = Non
 
     `write_model_card` writes OUT/README.md, a model card with Hugging Face front matter (hub ids as `base_model`,
     `tags: [merge, lazymerge]`, the recipe), as mergekit does. `copy_tokenizer=False` leaves the inputs'
-    tokenizer files out (a tokenizer the merge builds, `tokenizer_source: union`, is still written).
+    tokenizer files out (a tokenizer the merge builds, `tokenizer_source: union`, is still written). A GGUF
+    written as a `.gguf` file is that file alone (no card); a GGUF in a directory gets the card beside it.
     """
     options = RunOptions(memory=memory, shard_size=shard_size, seed=seed, allow_pickle=allow_pickle,
                          max_block_rows=max_block_rows, stage=stage, stream_inputs=stream_inputs,
                          device=str(device), strict=strict, workers=workers)
     return merge_recipe(recipe, out, options, progress=progress, overwrite=overwrite, resume=resume,
                         cancel=cancel, cluster=cluster, write_model_card=write_model_card,
-                        copy_tokenizer=copy_tokenizer)
+                        copy_tokenizer=copy_tokenizer, gguf_type=gguf_type, format=format)
 
 
 def evaluate(target: Union[RecipeLike, str, Path], data: "str | Path", *, memory: int | str | None = None,

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 
 from ._version import __version__
-from .console import SIZE_HELP, EvalBar, MergeBar, friendly
+from .console import SIZE_HELP, EvalBar, MergeBar, friendly, hub_progress
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -35,8 +35,16 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--memory", "-m", default=None, metavar="SIZE",
                      help=f"Budget for tensors lazymerge holds ({SIZE_HELP}). Default: 60% of available RAM."),
-        click.option("--shard-size", default="5GB", show_default=True, metavar="SIZE",
-                     help="Largest output shard (GB = 10^9 bytes, GiB = 2^30)."),
+        click.option("--shard-size", default=None, metavar="SIZE",
+                     help="Largest output shard (GB = 10^9 bytes, GiB = 2^30). Default: 5GB; a GGUF is one file "
+                          "unless a size is given (then llama.cpp's split files)."),
+        click.option("--gguf-type", default=None, metavar="TYPE",
+                     help="Write the merge as GGUF with this tensor type: auto, f32, f16, bf16, q8_0, q4_0, q4_1, "
+                          "q5_0 or q5_1 (implied by an OUT ending in .gguf; default auto: bf16, or f16 for a "
+                          "float16 merge). docs/gguf.md"),
+        click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,
+                     help="Output format (default: gguf for an OUT ending in .gguf or with --gguf-type, else "
+                          "safetensors). gguf with a directory OUT: the directory holds <OUT name>.gguf."),
         click.option("--allow-pickle", is_flag=True,
                      help="Also read PyTorch .bin checkpoints (torch.load with weights_only=True)."),
         click.option("--stage", default=None, metavar="NAME",
@@ -50,13 +58,13 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command("plan")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @_run_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the output will go: check free disk space there.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where the output will go (a .gguf: plan that GGUF): check free disk space there.")
 @click.option("--graph", "graph_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the task graph as JSON (node-link format).")
 @friendly
-def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
-             out: Path | None, graph_file: Path | None) -> None:
+def plan_cmd(recipe: Path, memory: str | None, shard_size: str | None, gguf_type: str | None, fmt: str | None,
+             allow_pickle: bool, stage: str | None, out: Path | None, graph_file: Path | None) -> None:
     """Validate RECIPE and show what a run would do: tasks, bytes read and written, estimated peak memory.
 
     Reads checkpoint headers only; no tensor data is touched. For hub models (org/name[@revision]) the headers
@@ -67,7 +75,8 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
     from .api import plan
     from .units import human
 
-    p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle, stage=stage)
+    p = plan(recipe, memory=memory, shard_size=shard_size, allow_pickle=allow_pickle, stage=stage, out=out,
+             gguf_type=gguf_type, format=fmt)
     try:
         click.echo(p.summary())
         for ref, sha in sorted(p.pins.items()):
@@ -124,7 +133,7 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
                    "into the Hugging Face cache first.")
 @click.option("--write-model-card/--no-write-model-card", default=True, show_default=True,
               help="Write OUT/README.md: a model card with Hugging Face front matter (base_model, tags) and the "
-                   "recipe, ready to upload.")
+                   "recipe, ready to upload (a .gguf file OUT has no directory: no card).")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
               help="Copy the base (first) model's tokenizer files into OUT.")
 @click.option("--cluster", default=None, metavar="ADDRESS", envvar="DASK_SCHEDULER_ADDRESS", show_envvar=True,
@@ -132,11 +141,11 @@ def plan_cmd(recipe: Path, memory: str | None, shard_size: str, allow_pickle: bo
                    "'none' runs here. Inputs and OUT must be at the same paths on every worker; --memory is then "
                    "per worker. Needs pip install 'lazymerge[dask]'.")
 @friendly
-def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_pickle: bool, stage: str | None,
-            seed: int, device: str, overwrite: bool, resume: bool, strict: bool, workers: int | None,
-            quiet: bool, stream_inputs: bool, write_model_card: bool,
-            copy_tokenizer: bool, cluster: str | None) -> None:
-    """Merge the models in RECIPE into the checkpoint directory OUT.
+def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str | None, gguf_type: str | None,
+            fmt: str | None, allow_pickle: bool, stage: str | None, seed: int, device: str, overwrite: bool,
+            resume: bool, strict: bool, workers: int | None, quiet: bool, stream_inputs: bool,
+            write_model_card: bool, copy_tokenizer: bool, cluster: str | None) -> None:
+    """Merge the models in RECIPE into the checkpoint directory OUT, or into the GGUF file OUT (.gguf).
 
     Models are local directories or Hugging Face hub ids (org/name, org/name@revision, base+adapter), pinned to
     a commit when the run starts; HF_TOKEN, HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE=1 are honoured (docs/hub.md).
@@ -144,8 +153,18 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
     RECIPE may also be a mergekit-moe config (base_model + experts, or merge_method: moe): OUT is then a Mixtral,
     Qwen2-MoE or Qwen3-MoE whose experts are the listed models' MLPs, routed by their prompts (gate_mode).
 
+    A model in RECIPE is a checkpoint directory, base_dir+adapter_dir, or a GGUF model (a .gguf file, split
+    files, or a directory holding one), dequantized block by block (docs/gguf.md).
+
     OUT appears only when the merge is complete. The report is printed and saved to OUT/lazymerge_report.json,
     the recipe to OUT/lazymerge_recipe.yaml.
+
+    A GGUF (for llama.cpp, Ollama, LM Studio) is written in the same pass, each row block quantized as it is
+    merged, with the metadata llama.cpp's converter writes (docs/gguf.md):
+
+    \b
+      lazymerge run recipe.yaml merged.Q8_0.gguf --gguf-type q8_0
+      lazymerge run recipe.yaml ./merged-gguf --format gguf --gguf-type q4_0 --shard-size 4GB
 
     \b
     On a Dask cluster (same output, bit for bit):
@@ -156,36 +175,16 @@ def run_cmd(recipe: Path, out: Path, memory: str | None, shard_size: str, allow_
 
     bar = MergeBar(enabled=not quiet)
     try:
-        with _hub_progress(not quiet):
+        with hub_progress(not quiet):
             report = merge(recipe, out, memory=memory, shard_size=shard_size, seed=seed, device=device,
                            progress=bar, overwrite=overwrite, resume=resume, strict=strict,
                            allow_pickle=allow_pickle, workers=workers, stage=stage,
                            cluster=_cluster_opener(cluster), stream_inputs=stream_inputs,
-                           write_model_card=write_model_card, copy_tokenizer=copy_tokenizer)
+                           write_model_card=write_model_card, copy_tokenizer=copy_tokenizer, gguf_type=gguf_type,
+                           format=fmt)
     finally:
         bar.close()
     click.echo(report.summary())
-
-
-def _hub_progress(enabled: bool) -> Any:
-    """huggingface_hub's download progress bars on (the default) or off (--quiet) for the command's duration."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def toggled() -> Any:
-        from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
-                                           enable_progress_bars)
-
-        was = are_progress_bars_disabled()
-        if not enabled:
-            disable_progress_bars()
-        try:
-            yield
-        finally:
-            if not enabled and not was:
-                enable_progress_bars()
-
-    return toggled()
 
 
 def _cluster_opener(spec: str | None) -> Callable[[], Any] | None:
@@ -375,16 +374,17 @@ def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int |
     """Perplexity of TARGET on --data, or its lm-eval task scores (--tasks), without ever holding the whole
     model.
 
-    TARGET is a checkpoint directory, a hub id (org/name[@revision]) or a merge recipe. A recipe is merged one
-    decoder layer at a time, in memory, and never written; the result equals evaluating the written merge. Each
-    decoder layer's weights are loaded (or merged), every window (or task request) goes through it, and they are
-    freed before the next layer.
+    TARGET is a checkpoint directory, a GGUF model, a hub id (org/name[@revision]) or a merge recipe. A recipe
+    is merged one decoder layer at a time, in memory, and never written; the result equals evaluating the written
+    merge. Each decoder layer's weights are loaded (or merged), every window (or task request) goes through it,
+    and they are freed before the next layer.
 
     With --tasks, lm-evaluation-harness runs its tasks on lazymerge's layer-streaming model: its task manager,
     evaluator, results files and table; the numbers equal lm-eval's `hf` model in float32.
 
     \b
     lazymerge eval ./merged --data wiki.txt --memory 512MiB
+    lazymerge eval model.Q4_K_M.gguf --data wiki.txt
     lazymerge eval recipe.yaml --data eval.jsonl --compare-inputs
     lazymerge eval recipe.yaml --tasks arc_easy,hellaswag --limit 200 --memory 2GiB --output-path results/
     lazymerge eval ./merged --tasks my_task --include-path ./tasks --log-samples --output-path results/
@@ -410,7 +410,7 @@ def eval_cmd(ctx: click.Context, target: Path, data: Path | None, seq_len: int |
                         ("--activations", activations)):
         if value is not None:
             raise click.UsageError(f"{flag} needs --tasks")
-    with _hub_progress(not quiet):       # huggingface_hub's download bars, as the merge's own
+    with hub_progress(not quiet):       # huggingface_hub's download bars, as the merge's own
         if prompt is not None:
             text = generate(target, prompt, max_new_tokens=max_new_tokens, memory=memory, device=device, seed=seed,
                             progress=EvalBar(enabled=not quiet, label="generating"), stream_inputs=stream_inputs)

@@ -5,6 +5,7 @@ reports failures and progress the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -111,3 +112,22 @@ class EvalBar:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+
+def hub_progress(enabled: bool) -> Any:
+    """huggingface_hub's download progress bars on (the default) or off (--quiet) for the command's duration."""
+    @contextlib.contextmanager
+    def toggled() -> Any:
+        from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                           enable_progress_bars)
+
+        was = are_progress_bars_disabled()
+        if not enabled:
+            disable_progress_bars()
+        try:
+            yield
+        finally:
+            if not enabled and not was:
+                enable_progress_bars()
+
+    return toggled()

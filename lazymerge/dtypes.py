@@ -36,6 +36,11 @@ RECIPE_NAMES = {
     "bfloat16": "BF16", "bf16": "BF16",
     "float64": "F64",
 }
+# GGUF block types lazymerge writes (GGML's legacy quants): code -> (values per block, bytes per block), as
+# gguf.GGML_QUANT_SIZES. A row of such a tensor is a whole number of blocks: its bytes are `row_nbytes`.
+BLOCK_CODES: dict[str, tuple[int, int]] = {
+    "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+}
 _CODE_OF: dict[torch.dtype, str] = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
 _NAME_OF = {code: name for code, name, _ in _TABLE}
 
@@ -46,6 +51,14 @@ def torch_dtype(code: str) -> torch.dtype:
 
 def itemsize(code: str) -> int:
     return DTYPES[code][1]
+
+
+def row_nbytes(code: str, row_numel: int) -> int:
+    """Bytes of a row of `row_numel` values stored as `code` (a safetensors code or a GGUF block type)."""
+    if code in BLOCK_CODES:
+        per, nbytes = BLOCK_CODES[code]
+        return row_numel // per * nbytes
+    return row_numel * DTYPES[code][1]
 
 
 def torch_name(code: str) -> str:

@@ -7,12 +7,15 @@ merges its best recipe) call it without importing the API that re-exports them: 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
 from ._version import __version__
 from .card import model_card
 from .engine.report import Progress, Report
+from .errors import OutputError
+from .io.gguf.layout import gguf_options
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
 from .options import RunOptions
@@ -22,15 +25,23 @@ from .planner.recipe import Recipe, dump_recipe, read_documents
 from .planner.tokenizer import TOKENIZER_FILES
 
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
+DEFAULT_SHARD_SIZE = "5GB"         # safetensors shards; a GGUF is one file unless a size is given
 
 
 def merge_recipe(recipe: RecipeLike, out: str | Path, options: RunOptions = RunOptions(), *,
                  progress: Callable[[Progress], None] | None = None, overwrite: bool = False,
                  resume: bool = False, cancel: threading.Event | None = None, cluster: Any = None,
-                 write_model_card: bool = True, copy_tokenizer: bool = True) -> Report:
+                 write_model_card: bool = True, copy_tokenizer: bool = True, gguf_type: str | None = None,
+                 format: str | None = None) -> Report:
     """`lazymerge.merge` (see there for the arguments): `options` is how to compile and run, the same value here,
     in the engine and on every worker of a cluster; the keywords concern this run's output and its caller."""
-    p = compile_plan(recipe, **options.compile_args())
+    gguf = gguf_options(Path(out), gguf_type, format, options.shard_size)
+    if gguf is not None and cluster is not None:
+        raise OutputError("--cluster: GGUF output is written on one machine (drop --cluster, or merge to "
+                          "safetensors on the cluster)")
+    if options.shard_size is None:
+        options = replace(options, shard_size=DEFAULT_SHARD_SIZE)
+    p = compile_plan(recipe, **options.compile_args(), gguf=gguf)
     try:
         prepare_routers(p)   # a MoE's routers are computed before the graph runs (other plans: nothing to do)
         extra = {**p.extra_files, "lazymerge_recipe.yaml": dump_recipe(p.recipe, p.pins).encode()}

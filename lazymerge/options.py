@@ -17,7 +17,7 @@ class RunOptions:
     """How a recipe is compiled (`memory` .. `stream_inputs`) and run (`device` .. `workers`)."""
 
     memory: int | str | None = None     # tensor budget (bytes, "2GiB", "unlimited"); None: a share of free RAM
-    shard_size: int | str = "5GB"
+    shard_size: int | str | None = None   # None: 5GB safetensors shards, or one GGUF file
     seed: int = 0
     allow_pickle: bool = False
     max_block_rows: int | None = None

@@ -16,7 +16,8 @@ Events, each counted where it happens:
 - an op's name (`write`, `load`, ...): a task of that op has finished (the scheduler's `on_done`, wrapped by
   engine.run.execute_tasks: local runs and cluster workers);
 - `shard`: a shard is complete and journaled, so a --resume keeps it (io.writer, local and cluster runs);
-- `finalize`: the output is complete in its temporary directory, its journal removed, not yet renamed;
+- `finalize`: the output is complete in its temporary directory (a directory output: its journal removed), not yet
+  renamed (a file output: not yet moved into place);
 - `trial`: a search trial's result is stored in the study (evaluate.search, local and cluster).
 
 A hold blocks only where blocking is safe: on the thread that drives the run (the scheduling loop, the cluster

@@ -362,7 +362,7 @@ def test_downloads_show_progress_unless_quiet(published, hub_env: Path, tmp_path
     # --quiet turns them off for the command (in this process: the bars need a terminal to be seen)
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 
-    from lazymerge.cli import _hub_progress
+    from lazymerge.console import hub_progress as _hub_progress
 
     monkeypatch.setattr(sys.modules["huggingface_hub.utils.tqdm"], "HF_HUB_DISABLE_PROGRESS_BARS", None)
     enable_progress_bars()

@@ -142,7 +142,7 @@ def test_direct_reads_equal_cached_reads_at_any_offset(tmp_path) -> None:
     pagecache.drop(fd, 0, path.stat().st_size)          # out of the cache: the reads below go around it
     os.close(fd)
     with Checkpoint.open(tmp_path) as ckpt:
-        reader = ckpt._reader(ckpt.tensors["b_bf16"].file)
+        reader = ckpt.reader(ckpt.tensors["b_bf16"].file)
         for name, t in ref.items():
             info = ckpt.tensors[name]
             got = ckpt.read(name, dtype=None)

@@ -23,10 +23,13 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .. import memory
-from ..dtypes import torch_dtype
+from ..dtypes import BLOCK_CODES, torch_dtype
 from ..io.checkpoint import Checkpoint
+from ..io.gguf.rows import RowEncoding, encode
 from . import kernels as K
+from . import lazy
 from .context import RunContext
+from .quantize import quantize
 from .vocab_rows import VocabRows, load_block, read_token_rows
 
 Tensor = torch.Tensor
@@ -49,6 +52,7 @@ class OpSpec:
     scratch: float | Callable[[Any], float]   # temporaries, in float32 blocks of the task's row block (or a
                                               # function of the attributes whose docstring says how)
     doc: str                     # one line: what it computes
+    lazy: bool = False           # takes the lazy values of engine/lazy.py itself (else they come materialized)
 
     def scratch_blocks(self, attrs: Any) -> float:
         return self.scratch(attrs) if callable(self.scratch) else self.scratch
@@ -57,21 +61,32 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
-def op(name: str, attrs: type, scratch: float | Callable[[Any], float]) -> Callable[[OpFn], OpFn]:
-    """Register `fn` as op `name` with attributes `attrs`."""
+def op(name: str, attrs: type, scratch: float | Callable[[Any], float], lazy: bool = False
+       ) -> Callable[[OpFn], OpFn]:
+    """Register `fn` as op `name` with attributes `attrs`; `lazy`: it handles engine/lazy.py's values itself."""
 
     def deco(fn: OpFn) -> OpFn:
         if name in OPS:
             raise AssertionError(f"op {name!r} registered twice")
         attrs.op = name
-        OPS[name] = OpSpec(name, attrs, fn, scratch, (attrs.__doc__ or "").strip().splitlines()[0])
+        OPS[name] = OpSpec(name, attrs, fn, scratch, (attrs.__doc__ or "").strip().splitlines()[0], lazy)
         return fn
 
     return deco
 
 
+def eager(ins: list[Any], own: tuple[bool, ...]) -> tuple[list[Any], tuple[bool, ...]]:
+    """The inputs with every lazy value (engine/lazy.py) computed as a fresh float32 block, which is then ours."""
+    if not any(lazy.is_lazy(x) for x in ins):
+        return ins, own
+    return [lazy.materialize(x) for x in ins], tuple(o or lazy.is_lazy(x) for x, o in zip(ins, own))
+
+
 def run_task(ctx: RunContext, attrs: Attrs, ins: list[Any], own: tuple[bool, ...]) -> Any:
-    return OPS[attrs.op].run(ctx, ins, attrs, own)
+    spec = OPS[attrs.op]
+    if not spec.lazy:
+        ins, own = eager(ins, own)
+    return spec.run(ctx, ins, attrs, own)
 
 
 def describe() -> str:
@@ -119,13 +134,13 @@ def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Te
             return read_token_rows(ctx.sources[key], name, rows, ctx.device)
 
         x = load_block(read, a.model, a.vocab)
-    elif _widen_in_one_pass(ctx, ckpt, a):
-        raw = ckpt.read_stored(a.name, rows=a.rows, evict=a.evict)      # conversion and check in one pass
-        x, finite = K.fused.widen_checked(raw)
+    elif _stays_stored(ctx, ckpt, a):
+        # read as stored and checked; widened, if at all, inside the kernel that consumes it (engine/lazy.py)
+        raw = ckpt.read_stored(a.name, rows=a.rows, evict=a.evict)
         ctx.count(read=a.read_bytes)
-        if not finite:
+        if not K.fused.all_finite(raw):
             ctx.non_finite(a.model, a.name)
-        return x
+        return lazy.Stored(raw)
     else:
         x = ckpt.read(a.name, rows=a.rows, dtype=None if a.raw else torch.float32, device=ctx.device,
                       evict=a.evict)
@@ -135,9 +150,9 @@ def _load(ctx: RunContext, ins: list[Any], a: Load, own: tuple[bool, ...]) -> Te
     return x
 
 
-def _widen_in_one_pass(ctx: RunContext, ckpt: Any, a: Load) -> bool:
-    """Whether to read the block as stored and convert + check it in one fused pass: bfloat16 on a checkpoint
-    (whose stored bits are the file's: an adapted or computed source rounds when asked for its stored dtype)."""
+def _stays_stored(ctx: RunContext, ckpt: Any, a: Load) -> bool:
+    """Whether to read the block as stored and hand it on as `lazy.Stored`: bfloat16 on a checkpoint (whose stored
+    bits are the file's: an adapted or computed source rounds when asked for its stored dtype), on the CPU."""
     if a.raw or ctx.device.type != "cpu" or type(ckpt) is not Checkpoint or a.read_bytes < 2 * K.fused.MIN_NUMEL:
         return False
     info = ckpt.tensors.get(a.name)
@@ -149,8 +164,11 @@ class Cast(Attrs):
     """A block read as stored (a raw `load`) as a new float32 block: each phase's copy of an input block read once."""
 
 
-@op("cast", Cast, scratch=0.0)
-def _cast(ctx: RunContext, ins: list[Any], a: Cast, own: tuple[bool, ...]) -> Tensor:
+@op("cast", Cast, scratch=0.0, lazy=True)
+def _cast(ctx: RunContext, ins: list[Any], a: Cast, own: tuple[bool, ...]) -> Any:
+    if lazy.stored_ok(ins[0]):
+        return lazy.Stored(ins[0])         # no copy: the phase's consumers read the stored block
+    ins, own = eager(ins, own)
     if ins[0].device.type != "cpu":
         return ins[0].to(torch.float32, copy=True)
     return memory.empty(tuple(ins[0].shape), torch.float32).copy_(ins[0])
@@ -158,20 +176,39 @@ def _cast(ctx: RunContext, ins: list[Any], a: Cast, own: tuple[bool, ...]) -> Te
 
 @dataclass(frozen=True)
 class Write(Attrs):
-    """Cast a block to the output dtype and write it at its rows of the output tensor; returns nothing."""
+    """Cast a block to the output dtype (or quantize it: GGUF) and write it at its rows of the output tensor."""
 
     name: str
     row_start: int
-    dtype: str                           # safetensors code
+    dtype: str                           # safetensors code, or a GGUF block type (dtypes.BLOCK_CODES)
+    gguf: RowEncoding | None = None      # GGUF output: what llama.cpp's converter does to these rows first
 
 
-@op("write", Write, scratch=0.0)
+def _write_scratch(a: Write) -> float:
+    """0; GGUF: 1.5 (rounded through bf16/f16, then widened), 1 (a transformed copy)"""
+    if a.gguf is None:
+        return 0.0
+    if a.gguf.via in ("BF16", "F16"):
+        return 1.5
+    return 1.0 if a.gguf.transform.permute or a.gguf.transform.offset else 0.0
+
+
+@op("write", Write, scratch=_write_scratch, lazy=True)
 def _write(ctx: RunContext, ins: list[Any], a: Write, own: tuple[bool, ...]) -> None:
     x = ins[0]
-    if x.device.type == "cpu":
-        y = memory.empty(tuple(x.shape), torch_dtype(a.dtype)).copy_(x)
-    else:
-        y = x.to(device="cpu", dtype=torch_dtype(a.dtype)).contiguous()
+    gguf = a.gguf is not None or a.dtype in BLOCK_CODES
+    # a fused chain's block is computed straight in the output dtype; GGUF rows are encoded from float32
+    y = None if gguf else lazy.write_value(x, torch_dtype(a.dtype))
+    if y is None:
+        x = lazy.materialize(x)
+        if a.gguf is not None:
+            x = encode(x.cpu(), a.gguf)
+        if a.dtype in BLOCK_CODES:
+            y = quantize(x.reshape(x.shape[0] if x.dim() >= 2 else 1, -1), a.dtype)
+        elif x.device.type == "cpu":
+            y = memory.empty(tuple(x.shape), torch_dtype(a.dtype)).copy_(x)
+        else:
+            y = x.to(device="cpu", dtype=torch_dtype(a.dtype)).contiguous()
     ctx.writer.write_rows(a.name, a.row_start, y)
     ctx.count(written=y.numel() * y.element_size())
     return None
@@ -185,8 +222,12 @@ class Delta(Attrs):
     """The task vector: input 0 minus input 1 (the base)."""
 
 
-@op("delta", Delta, scratch=0.0)
-def _delta(ctx: RunContext, ins: list[Any], a: Delta, own: tuple[bool, ...]) -> Tensor:
+@op("delta", Delta, scratch=0.0, lazy=True)
+def _delta(ctx: RunContext, ins: list[Any], a: Delta, own: tuple[bool, ...]) -> Any:
+    tv = lazy.delta(ins[0], ins[1])
+    if tv is not None:
+        return tv
+    ins, own = eager(ins, own)
     return ins[0].sub_(ins[1]) if own[0] else K.delta(ins[0], ins[1])
 
 
@@ -197,9 +238,13 @@ class Rescale(Attrs):
     factor: float | None = None
 
 
-@op("rescale", Rescale, scratch=0.0)
-def _rescale(ctx: RunContext, ins: list[Any], a: Rescale, own: tuple[bool, ...]) -> Tensor:
+@op("rescale", Rescale, scratch=0.0, lazy=True)
+def _rescale(ctx: RunContext, ins: list[Any], a: Rescale, own: tuple[bool, ...]) -> Any:
     factor = float(ins[1] if len(ins) > 1 else a.factor)
+    tv = lazy.rescale(ins[0], factor)
+    if tv is not None:
+        return tv
+    ins, own = eager(ins, own)
     return ins[0].mul_(factor) if own[0] else K.scale(ins[0], factor)
 
 
@@ -211,8 +256,12 @@ class WeightedSum(Attrs):
     normalize: bool
 
 
-@op("weighted_sum", WeightedSum, scratch=1.0)
-def _weighted_sum(ctx: RunContext, ins: list[Any], a: WeightedSum, own: tuple[bool, ...]) -> Tensor:
+@op("weighted_sum", WeightedSum, scratch=1.0, lazy=True)
+def _weighted_sum(ctx: RunContext, ins: list[Any], a: WeightedSum, own: tuple[bool, ...]) -> Any:
+    fused_sum = lazy.weighted_sum(ins, a.weights, a.normalize)
+    if fused_sum is not None:
+        return fused_sum
+    ins, own = eager(ins, own)
     weights = a.weights
     acc = ins[0].mul_(weights[0]) if own[0] else K.scale(ins[0], weights[0])
     for x, w, o in zip(ins[1:], weights[1:], own[1:]):
@@ -229,8 +278,11 @@ class Elect(Attrs):
     consensus: str                       # "sum" or "count"
 
 
-@op("elect", Elect, scratch=1.0)
+@op("elect", Elect, scratch=1.0, lazy=True)
 def _elect(ctx: RunContext, ins: list[Any], a: Elect, own: tuple[bool, ...]) -> Any:
+    if a.consensus in ("sum", "count") and all(isinstance(x, lazy.TaskVector) for x in ins):
+        return K.fused.elect_later(a.consensus, ins)     # elected inside the fused combine (engine/lazy.py)
+    ins, own = eager(ins, own)
     if a.consensus in ("sum", "count") and K.fused.use(*ins):
         return K.fused.elect_later(a.consensus, ins)     # the fused combine elects in its own pass
     return K.elect_nonneg(ins, a.consensus)
@@ -246,11 +298,18 @@ class Combine(Attrs):
     elect: bool
 
 
-@op("combine", Combine, scratch=3.0)
-def _combine(ctx: RunContext, ins: list[Any], a: Combine, own: tuple[bool, ...]) -> Tensor:
+@op("combine", Combine, scratch=3.0, lazy=True)
+def _combine(ctx: RunContext, ins: list[Any], a: Combine, own: tuple[bool, ...]) -> Any:
     """D is per methods.md step 4: the elected entries' (or all entries') sum, normalised by the weights."""
     weights = a.weights
     n = len(weights)
+    deferred = ins[1 + n] if a.elect else None
+    if not a.elect or isinstance(deferred, K.fused.Deferred):
+        fused_block = lazy.combine(ins[0], ins[1:1 + n], weights, deferred.consensus if a.elect else None,
+                                   a.normalize, a.lam)
+        if fused_block is not None:
+            return fused_block
+    ins, own = eager(ins, own)
     base, es = ins[0], ins[1:1 + n]
     if a.elect and (K.fused.use(base, *es) or isinstance(ins[1 + n], K.fused.Deferred)):
         # the whole chain below (and the election, when deferred) in one pass: engine/fused.py
@@ -290,8 +349,12 @@ class TopkPass1(Attrs):
     """Top-k, pass 1 over one block: a histogram of the high 16 bits of abs(d) (CPU)."""
 
 
-@op("topk_pass1", TopkPass1, scratch=2.0)
+@op("topk_pass1", TopkPass1, scratch=2.0, lazy=True)
 def _topk_pass1(ctx: RunContext, ins: list[Any], a: TopkPass1, own: tuple[bool, ...]) -> Tensor:
+    h = lazy.topk_hist(ins[0])
+    if h is not None:
+        return h
+    ins, own = eager(ins, own)
     # partials (histograms, Gram rows, norms) are small: they live on the CPU whatever the device
     return K.topk_pass1(ins[0]).cpu()
 
@@ -314,8 +377,14 @@ class TopkPass2(Attrs):
     """Top-k, pass 2 over one block: a histogram of the low bits inside the bucket (inputs: d, pass-1 state)."""
 
 
-@op("topk_pass2", TopkPass2, scratch=2.0)
+@op("topk_pass2", TopkPass2, scratch=2.0, lazy=True)
 def _topk_pass2(ctx: RunContext, ins: list[Any], a: TopkPass2, own: tuple[bool, ...]) -> Tensor:
+    s1 = ins[1]
+    if not (s1["all"] or s1.get("none")):
+        h = lazy.topk_hist(ins[0], s1["bin"])
+        if h is not None:
+            return h
+    ins, own = eager(ins, own)
     return K.topk_pass2(ins[0], ins[1]).cpu()
 
 
@@ -344,8 +413,12 @@ class TrimMagnitude(Attrs):
     block: int                           # the block's index: ties at the threshold are broken by flat index
 
 
-@op("trim_magnitude", TrimMagnitude, scratch=2.0)
-def _trim_magnitude(ctx: RunContext, ins: list[Any], a: TrimMagnitude, own: tuple[bool, ...]) -> Tensor:
+@op("trim_magnitude", TrimMagnitude, scratch=2.0, lazy=True)
+def _trim_magnitude(ctx: RunContext, ins: list[Any], a: TrimMagnitude, own: tuple[bool, ...]) -> Any:
+    tv = lazy.trim_magnitude(ins[0], ins[1], a.block)
+    if tv is not None:
+        return tv
+    ins, own = eager(ins, own)
     return K.topk_keep(ins[0], ins[1], a.block, own[0])
 
 
@@ -358,8 +431,14 @@ class TrimOutliers(Attrs):
     has_top: bool                        # a threshold above which entries are dropped is an input
 
 
-@op("trim_outliers", TrimOutliers, scratch=2.0)
-def _trim_outliers(ctx: RunContext, ins: list[Any], a: TrimOutliers, own: tuple[bool, ...]) -> Tensor:
+@op("trim_outliers", TrimOutliers, scratch=2.0, lazy=True)
+def _trim_outliers(ctx: RunContext, ins: list[Any], a: TrimOutliers, own: tuple[bool, ...]) -> Any:
+    states = iter(ins[1:])
+    tv = lazy.trim_outliers(ins[0], next(states) if a.has_upto else None, next(states) if a.has_top else None,
+                            a.block)
+    if tv is not None:
+        return tv
+    ins, own = eager(ins, own)
     d = ins[0]
     keep = None
     i = 1
@@ -388,8 +467,12 @@ def _uniform(a: DropRandom | DropDella, d: Tensor) -> Tensor:
     return u.reshape(d.shape)
 
 
-@op("drop_random", DropRandom, scratch=2.0)
-def _drop_random(ctx: RunContext, ins: list[Any], a: DropRandom, own: tuple[bool, ...]) -> Tensor:
+@op("drop_random", DropRandom, scratch=2.0, lazy=True)
+def _drop_random(ctx: RunContext, ins: list[Any], a: DropRandom, own: tuple[bool, ...]) -> Any:
+    tv = lazy.drop_random(ins[0], a.density, a.rescale, a.seed_parts, a.shape, a.rows)
+    if tv is not None:
+        return tv
+    ins, own = eager(ins, own)
     d = ins[0]
     kept = _keep(d, _uniform(a, d) < a.density, own[0])
     return kept.div_(a.density) if a.rescale else kept
@@ -407,8 +490,12 @@ class DropDella(Attrs):
     rows: tuple[int, int]
 
 
-@op("drop_della", DropDella, scratch=2.0)
-def _drop_della(ctx: RunContext, ins: list[Any], a: DropDella, own: tuple[bool, ...]) -> Tensor:
+@op("drop_della", DropDella, scratch=2.0, lazy=True)
+def _drop_della(ctx: RunContext, ins: list[Any], a: DropDella, own: tuple[bool, ...]) -> Any:
+    tv = lazy.drop_della(ins[0], a.density, a.epsilon, a.rescale, a.seed_parts, a.shape, a.rows)
+    if tv is not None:
+        return tv
+    ins, own = eager(ins, own)
     d = ins[0]
     return K.rank_magnitude_sampling(d, _uniform(a, d), a.density, a.epsilon, a.rescale)
 
@@ -452,8 +539,13 @@ class Gram(Attrs):
     mode: str
 
 
-@op("gram", Gram, scratch=6.0)
+@op("gram", Gram, scratch=6.0, lazy=True)
 def _gram(ctx: RunContext, ins: list[Any], a: Gram, own: tuple[bool, ...]) -> Tensor:
+    if a.mode != "cols":
+        g = lazy.row_gram(ins)
+        if g is not None:
+            return g
+    ins, own = eager(ins, own)
     return (K.col_gram(ins) if a.mode == "cols" else K.row_gram(ins)).cpu()
 
 
@@ -549,14 +641,21 @@ class Lincomb(Attrs):
     mode: str = "total"
 
 
-@op("lincomb", Lincomb, scratch=4.0)
-def _lincomb(ctx: RunContext, ins: list[Any], a: Lincomb, own: tuple[bool, ...]) -> Tensor:
-    xs, coeffs = ins[:-1], ins[-1].to(ins[0].device)
-    if a.mode == "cols":
-        return K.lincomb_cols(xs, coeffs)
+@op("lincomb", Lincomb, scratch=4.0, lazy=True)
+def _lincomb(ctx: RunContext, ins: list[Any], a: Lincomb, own: tuple[bool, ...]) -> Any:
+    coeffs = ins[-1]
     if a.mode == "rows":
         r0, r1 = a.rows or (0, 1)
         coeffs = coeffs[r0:r1]
+    if a.mode != "cols":
+        fused_block = lazy.lincomb(ins[:-1], coeffs.cpu())
+        if fused_block is not None:
+            return fused_block
+    ins, own = eager(ins, own)
+    xs = ins[:-1]
+    coeffs = coeffs.to(xs[0].device)
+    if a.mode == "cols":
+        return K.lincomb_cols(xs, coeffs)
     return K.lincomb(xs, coeffs)
 
 
@@ -575,8 +674,12 @@ class Variance(Attrs):
     n: int
 
 
-@op("variance", Variance, scratch=_variance_scratch)
+@op("variance", Variance, scratch=_variance_scratch, lazy=True)
 def _variance(ctx: RunContext, ins: list[Any], a: Variance, own: tuple[bool, ...]) -> Tensor:
+    key = lazy.variance_key(ins)
+    if key is not None:
+        return key
+    ins, own = eager(ins, own)
     return K.variance_key(ins)
 
 
@@ -648,7 +751,10 @@ class SceCombine(Attrs):
 
 @op("sce_combine", SceCombine, scratch=4.0)
 def _sce_combine(ctx: RunContext, ins: list[Any], a: SceCombine, own: tuple[bool, ...]) -> Tensor:
-    nonneg = K.fused.resolve(ins[1 + a.n])       # a deferred election, computed before anything is modified
+    nonneg = ins[1 + a.n]
+    if isinstance(nonneg, K.fused.Deferred):       # a deferred election, computed before anything is modified
+        nonneg = K.fused.elect_nonneg([lazy.materialize(e) for e in nonneg.es], nonneg.consensus) \
+            if any(lazy.is_lazy(e) for e in nonneg.es) else K.fused.resolve(nonneg)
     return K.sce_combine(ins[0], ins[1:1 + a.n], ins[2 + a.n], nonneg)
 
 

@@ -50,6 +50,7 @@ class Report:
     over_budget_tasks: int = 0
     warnings: list[str] = field(default_factory=list)
     version: str = ""
+    timeline: dict | None = None      # `Timeline.to_dict()`: what the workers were doing over time
     inputs: dict[str, str] = field(default_factory=dict)   # hub inputs: "org/name@revision" -> commit sha read
     bytes_transferred: int = 0        # from the hub during the run: downloaded files and streamed ranges
 
@@ -116,3 +117,39 @@ class RssSampler:
     @property
     def cpu(self) -> float:
         return self._cpu() - self.cpu0
+
+
+class Timeline:
+    """Busy thread-seconds per kind of task (read, compute, write) in fixed time bins since the run started: shows
+    whether reads, kernels and writes overlap (benches/run.py plots it next to RSS). Cheap: two clock reads and a
+    few additions per task."""
+
+    KINDS = ("read", "compute", "write")
+
+    def __init__(self, bin_s: float = 0.25) -> None:
+        self.bin_s = bin_s
+        self.t0 = time.perf_counter()
+        self.bins: dict[str, list[float]] = {k: [] for k in self.KINDS}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def kind(op: str) -> str:
+        return "read" if op == "load" else "write" if op == "write" else "compute"
+
+    def add(self, kind: str, start: float, end: float) -> None:
+        a, b = start - self.t0, end - self.t0
+        with self._lock:
+            row = self.bins[kind]
+            while a < b:
+                i = int(a / self.bin_s)
+                edge = min(b, (i + 1) * self.bin_s)
+                if len(row) <= i:
+                    row.extend([0.0] * (i + 1 - len(row)))
+                row[i] += edge - a
+                a = edge
+
+    def to_dict(self) -> dict:
+        with self._lock:
+            n = max(len(v) for v in self.bins.values())
+            return {"bin_s": self.bin_s, **{k: [round(x, 4) for x in v + [0.0] * (n - len(v))]
+                                            for k, v in self.bins.items()}}

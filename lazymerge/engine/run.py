@@ -11,6 +11,7 @@ import ctypes
 import gc
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,11 +22,10 @@ from ..errors import MergeAborted, OutputError
 from ..io.hub import bytes_transferred, pinned_name
 from ..io.writer import CheckpointWriter
 from ..options import RunOptions
-from . import fused
 from .context import RunContext
 from .inputs import reading
 from .ops import run_task
-from .report import Progress, Report, RssSampler
+from .report import Progress, Report, RssSampler, Timeline
 from .scheduler import ScheduleStats, execute
 
 
@@ -68,6 +68,14 @@ def usable_cores() -> int:
 
 
 MIN_WORKER_BYTES = 64 << 20     # a worker is only useful if the budget can hold a task of this size for it
+IO_WORKERS = 1                  # threads that only read inputs, besides the compute workers (scheduler lanes):
+                                # one sequential reader is what the I/O floor uses to reach the disk's speed
+
+
+def _reads(task: Any) -> bool:
+    """Tasks that wait on the disk and run on the I/O lane: input reads. (Writes stay on the compute lane: the
+    write of a fused chain computes the block it writes, engine/lazy.py.)"""
+    return task.op == "load"
 
 
 def choose_threads(budget: int | None, workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
@@ -165,15 +173,21 @@ def select_tasks(plan: Any, keep: Callable[[str], bool]) -> tuple[list[str], lis
 def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], tasks: list[Any], *,
                   strict: bool = False, workers: int | None = None,
                   on_done: Callable[[Any, Any], None] | None = None,
-                  cancel: threading.Event | None = None) -> tuple[ScheduleStats, RunContext]:
+                  cancel: threading.Event | None = None,
+                  timeline: Timeline | None = None) -> tuple[ScheduleStats, RunContext]:
     """Run `tasks` of `plan` inside its budget, writing through `writer` (anything with `write_rows`: the
     output's CheckpointWriter here, a cluster worker's range writer in `lazymerge.cluster`)."""
     ctx = RunContext(sources=plan.sources, writer=writer, device=dev, strict=strict)
     n_workers, threads = choose_threads(plan.budget, workers)
 
     def run(task: Any, args: list[Any], own: tuple[bool, ...]) -> Any:
-        fused.set_threads(threads)           # numba's setting is per calling thread
-        return run_task(ctx, task.attrs, args, own)
+        if timeline is None:
+            return run_task(ctx, task.attrs, args, own)
+        t0 = time.perf_counter()
+        try:
+            return run_task(ctx, task.attrs, args, own)
+        finally:
+            timeline.add(Timeline.kind(task.op), t0, time.perf_counter())
 
     if testhold.ARMED:
         on_done = testhold.after_task(on_done)
@@ -197,7 +211,9 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
 
             with reading(plan.sources, tasks, plan.budget):   # hub inputs: downloaded or streamed ahead
                 stats = execute(keys, tasks, run, budget=plan.budget, workers=n_workers, on_done=on_done,
-                                on_start=on_start, cancel=cancel)
+                                on_start=on_start, cancel=cancel, io=_reads,
+                                # an explicit worker count is every thread: tasks then run in task order
+                                io_workers=IO_WORKERS if workers is None else 0)
     finally:
         gc.unfreeze()
         torch.set_num_threads(torch_threads)
@@ -206,9 +222,15 @@ def execute_tasks(plan: Any, writer: Any, dev: torch.device, keys: list[str], ta
 
 def finalize_output(writer: CheckpointWriter, plan: Any, report: Report,
                     extra_files: dict[str, bytes] | None) -> None:
-    """Add the report, config, tokenizer and extra files and move the finished output into place."""
+    """Add the report, config, tokenizer and extra files and move the finished output into place. A GGUF holds
+    its config and tokenizer in its metadata: a GGUF directory gets the report, the recipe and the model card
+    (README.md, when written) only; a GGUF file output is its files alone."""
     files = dict(extra_files or {})
     files["lazymerge_report.json"] = report.to_json().encode()
+    if plan.gguf is not None:
+        files = {k: v for k, v in files.items() if k.startswith("lazymerge_") or k == "README.md"}
+        writer.finalize(config=None, aux_files=[], extra_files=files)
+        return
     writer.finalize(config=plan.config, aux_files=plan.aux_files, extra_files=files)
 
 
@@ -223,7 +245,8 @@ def run_plan(plan: Any, out: "str | Path", options: RunOptions = RunOptions(), *
     release_freed_memory()
     check_output_dir(out, _input_dirs(plan))
     writer = CheckpointWriter(out, plan.layout, overwrite=overwrite, resume=resume,
-                              fingerprint=run_fingerprint(plan, dev, version))
+                              fingerprint=run_fingerprint(plan, dev, version),
+                              files=plan.gguf is not None and plan.gguf.file)
     writer.open()
     transferred = bytes_transferred()
     try:
@@ -248,9 +271,11 @@ def run_plan(plan: Any, out: "str | Path", options: RunOptions = RunOptions(), *
                 if progress is not None:
                     progress(Progress(state["tensors"], total_tensors, state["bytes"], bytes_total, rss.wall))
 
+            timeline = Timeline()
             try:
                 stats, ctx = execute_tasks(plan, writer, dev, keys, tasks, strict=options.strict,
-                                           workers=options.workers, on_done=on_done, cancel=cancel)
+                                           workers=options.workers, on_done=on_done, cancel=cancel,
+                                           timeline=timeline)
             except KeyboardInterrupt:
                 raise MergeAborted(f"{out}: interrupted; no output written"
                                    + (" (re-run with --resume to continue)" if resume else "")) from None
@@ -261,7 +286,7 @@ def run_plan(plan: Any, out: "str | Path", options: RunOptions = RunOptions(), *
             tasks=stats.tasks_run, shards=len(plan.layout),
             blocked_tensors=sum(1 for n in plan.blocks.values() if n > 1), resumed_tensors=len(done_tensors),
             over_budget_tasks=stats.over_budget_tasks, warnings=list(plan.warnings) + ctx.warnings,
-            version=version, inputs=dict(getattr(plan, "pins", {})),
+            version=version, timeline=timeline.to_dict(), inputs=dict(getattr(plan, "pins", {})),
             bytes_transferred=bytes_transferred() - transferred,
         )
         finalize_output(writer, plan, report, extra_files)

@@ -10,6 +10,12 @@ running tasks) stay within the budget; we never skip ahead of a task that doesn'
 is kept and nothing starves. When nothing is running, the next task always starts: a single task larger than the
 budget is reported (peak > budget), not a deadlock. Work of other threads (torch kernels, file reads) releases
 the GIL, which is what lets loads of the next block overlap computation of the current one.
+
+Two lanes: reads (and writes) wait on the disk, kernels on the cores. With one pool, a worker blocked in a read
+is a core that computes nothing, so on 2 cores the wall time was the sum of reading and computing, not the larger
+of the two. I/O tasks (`io(task)`) therefore run on their own `io_workers` threads besides the `workers` compute
+threads. A task whose lane is full is passed over for the next ready task of the other lane; the budget rule is
+unchanged (nothing is started past a task that does not fit).
 """
 from __future__ import annotations
 
@@ -48,12 +54,17 @@ def _links(keys: Sequence[str], tasks: Sequence[Any]
 
 def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[Any], tuple[bool, ...]], Any], *,
             budget: int | None, workers: int = 2, on_done: Callable[[Any, Any], None] | None = None,
-            on_start: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> ScheduleStats:
+            on_start: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+            io: Callable[[Any], bool] | None = None, io_workers: int = 0) -> ScheduleStats:
     """Execute `tasks` (each with `.inputs`, `.nbytes`, `.scratch`), keyed by `keys`, listed in a topological order
     that is also their priority. `run(task, input_values, own)` computes one task (`own[k]`: input k is donated);
     `on_done(task, result)` is called on the scheduling thread after each task (progress); `on_start(live)` before
     each task starts, with the bytes now held, its own included (the buffer pool trims itself to the rest of the
-    budget). Raises the first task error, or MergeAborted on cancel."""
+    budget). `io(task)`: whether a task waits on the disk; such tasks run on `io_workers` threads of their own
+    (0: one pool for all). Raises the first task error, or MergeAborted on cancel.
+
+    Long because the start loop, the completion loop and the reference counts share the scheduler's state (live
+    bytes, lanes, ready heap): split apart they would pass it all around."""
     index, waiting, consumers, refs = _links(keys, tasks)
     n = len(keys)
     ready = [i for i in range(n) if waiting[i] == 0]
@@ -69,20 +80,31 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
         results.pop(i, None)
         live -= tasks[i].nbytes
 
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lazymerge")
+    lanes = [1 if io is not None and io_workers > 0 and io(t) else 0 for t in tasks]
+    slots = [max(1, workers), io_workers]
+    busy = [0, 0]
+    pool = ThreadPoolExecutor(max_workers=max(1, workers) + io_workers, thread_name_prefix="lazymerge")
     try:
         done_count = 0
         while done_count < n:
             if cancel.is_set():
                 raise MergeAborted("interrupted")
-            # start what fits, in priority order
-            while ready and len(running) < workers:
+            # start what fits, in priority order; a task whose lane is full is passed over for the other lane's
+            # (its memory stays reserved for it, so that the other lane cannot fill the budget ahead of it)
+            passed: list[int] = []
+            reserved = 0
+            while ready and (busy[0] < slots[0] or busy[1] < slots[1]):
                 i = ready[0]
                 t = tasks[i]
                 need = t.nbytes + t.scratch
-                if budget is not None and running and live + need > budget:
+                if busy[lanes[i]] >= slots[lanes[i]]:
+                    passed.append(heapq.heappop(ready))
+                    reserved += need
+                    continue
+                if budget is not None and running and live + reserved + need > budget:
                     break
                 heapq.heappop(ready)
+                busy[lanes[i]] += 1
                 if budget is not None and live + need > budget:
                     stats.over_budget_tasks += 1
                 live += need
@@ -94,9 +116,12 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
                 own = tuple(refs[s] == 1 and srcs.count(s) == 1 for s in srcs)
                 args = [results[s] for s in srcs]
                 running[pool.submit(run, t, args, own)] = i
+            for i in passed:
+                heapq.heappush(ready, i)
             finished, _ = wait(list(running), timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in finished:
                 i = running.pop(fut)
+                busy[lanes[i]] -= 1
                 value = fut.result()          # re-raises the task's error
                 live -= tasks[i].scratch
                 done_count += 1

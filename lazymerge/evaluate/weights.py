@@ -20,9 +20,9 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..errors import CheckpointError
-from ..io.checkpoint import Checkpoint
+from ..io.gguf import is_gguf_model
 from ..io.hub import parse_hub_ref
-from ..io.models import open_model, prepare_reads
+from ..io.models import open_local, open_model, prepare_reads
 from ..planner.params import layer_index
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -49,19 +49,19 @@ def has_tokenizer(directory: Path) -> bool:
 
 
 class CheckpointWeights:
-    """A Hugging Face checkpoint directory, or a hub id (its config and tokenizer downloaded, its weights
-    downloaded or, with `stream`, read from the hub as the layers need them), read lazily through lazymerge's
-    safetensors io."""
+    """A checkpoint: a Hugging Face directory, a GGUF model (its config and tokenizer rebuilt from its metadata),
+    or a hub id (its config and tokenizer downloaded, its weights downloaded or, with `stream`, read from the hub
+    as the layers need them), read lazily through lazymerge's io."""
 
     def __init__(self, path: "str | Path", *, allow_pickle: bool = False, stream: bool = False,
                  budget: int | None = None):
         local = Path(path).expanduser()
-        if local.is_dir() and not (local / "config.json").is_file():
+        if local.is_dir() and not is_gguf_model(local) and not (local / "config.json").is_file():
             raise CheckpointError(f"{local}: no config.json (evaluation builds the model from it)")
         self.label = str(path)
-        self.ckpt = Checkpoint.open(local, allow_pickle=allow_pickle) if local.is_dir() else \
+        self.ckpt = open_local(local, allow_pickle=allow_pickle) if local.exists() else \
             open_model(str(path), allow_pickle=allow_pickle, stream=stream)
-        self.config_dir = Path(self.ckpt.path)
+        self.config_dir = Path(self.ckpt.config_dir)
         self._stop: Callable[[], None] = lambda: None
         if not (self.config_dir / "config.json").is_file():
             self.ckpt.close()
@@ -160,10 +160,11 @@ class RecipeWeights:
 
 
 def is_recipe(target: Any) -> bool:
-    """A mapping, YAML text, or a file (not a directory) is a recipe; a directory or a hub id is a checkpoint."""
+    """A mapping, YAML text, or a file (not a directory) is a recipe; a directory, a GGUF model or a hub id is a
+    checkpoint."""
     if isinstance(target, (str, Path)):
         p = Path(target).expanduser()
-        if p.is_dir():
+        if p.is_dir() or (p.is_file() and is_gguf_model(p)):
             return False
         if isinstance(target, str) and "\n" in target:
             return True
@@ -179,7 +180,7 @@ def open_target(target: Any, *, memory: int | None, seed: int = 0, device: torch
                              allow_pickle=allow_pickle, prepare=prepare, stream=stream)
     p = Path(target).expanduser()
     if not p.exists() and parse_hub_ref(str(target)) is None:
-        raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory, a hub id or a recipe "
-                              "file)")
+        raise CheckpointError(f"{target}: does not exist (expected a checkpoint directory, a GGUF file, a hub id or "
+                              "a recipe file)")
     return CheckpointWeights(p if p.exists() else str(target), allow_pickle=allow_pickle, stream=stream,
                              budget=memory)

@@ -17,6 +17,7 @@ import torch
 
 from lazymerge.errors import CheckpointError
 from lazymerge.io.checkpoint import Checkpoint, load_pickle
+from lazymerge.io.gguf import GGUFCheckpoint, is_gguf_model
 from lazymerge.io.paths import user_path
 from lazymerge.io.shards import TensorInfo, read_header
 
@@ -233,8 +234,8 @@ class Adapter:
         name = self.config.get("base_model_name_or_path")
         if not isinstance(name, str) or not name:
             return None
-        for candidate in (user_path(name), self.path / name):   # as written (cwd), then beside the adapter
-            if candidate.is_dir():
+        for candidate in (user_path(name), self.path / name):   # as written (client's cwd), then beside the adapter
+            if candidate.is_dir() or is_gguf_model(candidate):
                 return candidate
         return None
 
@@ -343,12 +344,13 @@ def lora_rows(A: torch.Tensor, B: torch.Tensor, scale: float, rows: tuple[int, i
 class AdaptedCheckpoint:
     """A base checkpoint with an adapter applied lazily; reads like a `Checkpoint`."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter) -> None:
+    def __init__(self, base: Checkpoint | GGUFCheckpoint, adapter: Adapter) -> None:
         adapter.check_against(base.tensors)
         self.base = base
         self.adapter = adapter
         self.path = base.path
         self.config = base.config
+        self.config_dir = base.config_dir
         self.tensors = {**base.tensors, **adapter.replaced}
 
     def has_stored_form(self, name: str) -> bool:

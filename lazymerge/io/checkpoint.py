@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from lazymerge.errors import CheckpointError
 from lazymerge.dtypes import dtype_code, itemsize
 from lazymerge.io.paths import user_path
-from lazymerge.io.shards import ShardReader, TensorInfo, read_header
+from lazymerge.io.shards import ReaderPool, ShardReader, TensorInfo, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -103,7 +102,7 @@ def _weight_map(index: Path, root: Path) -> dict[str, Path]:
     return out
 
 
-class Checkpoint:
+class Checkpoint(ReaderPool):
     """A model directory: `model.safetensors`, or shards listed by `model.safetensors.index.json`.
 
     Pickled checkpoints (`pytorch_model*.bin`, `*.pt`) are refused unless `allow_pickle` is set, in which case
@@ -121,8 +120,7 @@ class Checkpoint:
         self.tensors = tensors
         self.config = config
         self._pickled = pickled or {}
-        self._readers: dict[Path, ShardReader] = {}
-        self._lock = threading.Lock()
+        super().__init__()
 
     @classmethod
     def open(cls, path: Path | str, *, allow_pickle: bool = False) -> "Checkpoint":
@@ -217,7 +215,7 @@ class Checkpoint:
                     raise ValueError(f"{name}: rows {rows} out of range for {info.rows} rows")
                 t = t[rows[0]:rows[1]] if t.dim() >= 2 else (t if rows[1] - rows[0] == 1 else t.reshape(-1)[:0])
             return t.to(device=device, dtype=dtype or t.dtype, copy=True)
-        return self._reader(info.file).read(info, rows, dtype, device, evict)
+        return self.reader(info.file).read(info, rows, dtype, device, evict)
 
     def read_stored(self, name: str, rows: tuple[int, int] | None = None, evict: bool = True) -> torch.Tensor:
         """Rows of a safetensors tensor in its stored dtype, possibly as an unaligned view of a read buffer: for a
@@ -225,7 +223,7 @@ class Checkpoint:
         info = self._info(name)
         if info.file in self._pickled:
             return self.read(name, rows, None, "cpu", evict)
-        return self._reader(info.file).read(info, rows, None, "cpu", evict, aligned=False)
+        return self.reader(info.file).read(info, rows, None, "cpu", evict, aligned=False)
 
     def has_stored_form(self, name: str) -> bool:
         """Whether reading `name` in its stored dtype gives its value exactly: always, for a file's tensors (every
@@ -238,7 +236,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return info
 
-    def _reader(self, file: Path) -> Any:
+    def reader(self, file: Path) -> Any:
+        """The pool's reader of `file`; a hub repository's file is cached, downloaded or streamed (io.hub)."""
         with self._lock:
             reader = self._readers.get(file)
         if reader is not None:
@@ -251,7 +250,7 @@ class Checkpoint:
             new.close()
         return reader
 
-    reader = _reader
+    _reader = reader
 
     def parts(self, name: str, rows: tuple[int, int] | None) -> list[tuple["Checkpoint", str, tuple[int, int] | None]]:
         """The reads of plain checkpoints that reading these rows makes: here, this one (io.models.prepare_reads)."""
@@ -268,6 +267,11 @@ class Checkpoint:
                 return False
         return True
 
+    @property
+    def config_dir(self) -> Path:
+        """The directory holding config.json and the tokenizer files (a GGUF source builds one)."""
+        return self.path
+
     def aux_files(self) -> list[Path]:
         """Tokenizer and generation files a merged model should ship with (regular files inside the dir only)."""
         roots = _allowed_roots(self.path.resolve())
@@ -283,18 +287,6 @@ class Checkpoint:
         prompts) and the other files copied with it. A resumed run compares their bytes."""
         names = ("config.json", SAFETENSORS_INDEX, PICKLE_INDEX)
         return {p for p in (self.path / n for n in names) if p.is_file()} | set(self.aux_files())
-
-    def close(self) -> None:
-        with self._lock:
-            for reader in self._readers.values():
-                reader.close()
-            self._readers.clear()
-
-    def __enter__(self) -> "Checkpoint":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _UNSAFE_ADVICE = ("weights only load failed", "weights_only` set to `false`", "weights_only=false",

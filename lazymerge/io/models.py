@@ -17,6 +17,7 @@ from .adapters import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, AdaptedC
                        is_adapter_dir, parse_model_ref)
 from .checkpoint import (AUX_NAMES, PICKLE_INDEX, SAFETENSORS_INDEX, Checkpoint, member_name, weight_names,
                          load_pickle)
+from .gguf import GGUFCheckpoint, is_gguf_model
 from .hub import HubRef, HubRepo, HubSettings, parse_hub_ref, resolve
 from .paths import user_path
 from .remote import RemoteShardReader, schedule_window, start_read_ahead
@@ -163,9 +164,9 @@ class ModelOpener:
             return is_adapter_dir(loc)
         return loc.has(CONFIG_NAME) and not loc.has("config.json")
 
-    def _checkpoint(self, loc: Path | HubRepo) -> Checkpoint:
+    def _checkpoint(self, loc: Path | HubRepo) -> Checkpoint | GGUFCheckpoint:
         if isinstance(loc, Path):
-            return Checkpoint.open(loc, allow_pickle=self.options.allow_pickle)
+            return open_local(loc, allow_pickle=self.options.allow_pickle)
         return open_hub_checkpoint(loc, allow_pickle=self.options.allow_pickle)
 
     def _adapter(self, loc: Path | HubRepo) -> Adapter:
@@ -194,7 +195,7 @@ class ModelOpener:
             if isinstance(name, str) and name:
                 candidates = [user_path(name)] + ([loc / name] if isinstance(loc, Path) else [])
                 for candidate in candidates:
-                    if candidate.is_dir():
+                    if candidate.is_dir() or is_gguf_model(candidate):
                         return candidate
                 hub = parse_hub_ref(name)
                 if hub is not None:
@@ -261,17 +262,26 @@ def _headers(repo: HubRepo, names: list[str]) -> dict[str, Any]:
     return tensors
 
 
-def open_model(ref: str | Path, *, allow_pickle: bool = False, stream: bool = False) -> Checkpoint | AdaptedCheckpoint:
+def open_local(path: Path, *, allow_pickle: bool = False) -> Checkpoint | GGUFCheckpoint:
+    """A local model's weights: a Hugging Face checkpoint directory, or a GGUF model (a `.gguf` file, split
+    files, or a directory holding one), both read through the same interface."""
+    if is_gguf_model(path):
+        return GGUFCheckpoint.open(path)
+    return Checkpoint.open(path, allow_pickle=allow_pickle)
+
+
+def open_model(ref: str | Path, *, allow_pickle: bool = False,
+               stream: bool = False) -> Checkpoint | GGUFCheckpoint | AdaptedCheckpoint:
     """Open one model reference (see ModelOpener.open)."""
     return ModelOpener(OpenOptions(allow_pickle=allow_pickle, stream=stream)).open(str(ref))
 
 
-def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
-    """A checkpoint (never an adapter) named by a local directory or a hub id; a hub file is downloaded when it
-    is first read."""
+def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint | GGUFCheckpoint:
+    """A checkpoint (never an adapter) named by a local directory, a GGUF model or a hub id; a hub file is
+    downloaded when it is first read."""
     loc = ModelOpener(OpenOptions(allow_pickle=allow_pickle)).locate(str(ref))
     if isinstance(loc, Path):
-        return Checkpoint.open(loc, allow_pickle=allow_pickle)
+        return open_local(loc, allow_pickle=allow_pickle)
     return open_hub_checkpoint(loc, allow_pickle=allow_pickle)
 
 

@@ -15,10 +15,11 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 
-from lazymerge import memory, shapes
+from lazymerge import dtypes, memory, shapes
 from lazymerge.io import pagecache
 from lazymerge.dtypes import DTYPES
 from lazymerge.errors import CheckpointError
@@ -51,7 +52,8 @@ class ShapedTensor:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        """The dtype its rows are handed over in (uint8 bytes for a GGUF block type)."""
+        return torch.uint8 if self.dtype in dtypes.BLOCK_CODES else DTYPES[self.dtype][0]
 
     @property
     def itemsize(self) -> int:
@@ -59,7 +61,7 @@ class ShapedTensor:
 
     @property
     def row_nbytes(self) -> int:
-        return self.row_numel * self.itemsize
+        return dtypes.row_nbytes(self.dtype, self.row_numel)
 
 
 @dataclass(frozen=True)
@@ -259,39 +261,60 @@ class ShardReader:
         count = nbytes // info.itemsize
         if count == 0:
             return torch.empty(shape, dtype=out_dtype, device=device)
-        with self._lock:                          # a range kept for a later phase is read through the cache
-            was_kept = (offset, nbytes) in self._kept
-            if evict:
-                self._kept.discard((offset, nbytes))
-            else:
-                self._kept.add((offset, nbytes))
         on_cpu = torch.device(device).type == "cpu"
-        if (out_dtype == stored and evict and on_cpu and offset % info.itemsize == 0 and not was_kept
-                and self._cached_at_open.cold(offset, nbytes)):
-            raw = self._read_direct(info, offset, nbytes)
-            if raw is not None:
-                if not aligned or raw.data_ptr() % ALIGNMENT == 0:
-                    return raw.view(stored).view(shape)
-                out = memory.empty(nbytes, torch.uint8)
-                out.copy_(raw)
-                return out.view(stored).view(shape)
-        out = memory.empty(count, out_dtype)     # huge pages: see lazymerge/memory.py
         if out_dtype == stored:
-            self._pread(info, _bytes_of(out), offset)
-        else:
-            # through a small per-thread buffer that stays mapped: the bytes are converted while still in cache
-            stage = _staging(nbytes, info.itemsize)
-            per = len(stage) // info.itemsize
-            for i in range(0, count, per):
-                n = min(per, count - i)
-                self._pread(info, stage[: n * info.itemsize], offset + i * info.itemsize)
-                out[i:i + n].copy_(torch.frombuffer(stage, dtype=stored, count=n))
+            out = self.read_bytes(offset, nbytes, evict=evict, aligned=aligned, what=info.name,
+                                  direct=on_cpu and offset % info.itemsize == 0).view(stored).view(shape)
+            return out if on_cpu else out.to(device)
+        self._keep(offset, nbytes, evict)
+        out = memory.empty(count, out_dtype)     # huge pages: see lazymerge/memory.py
+        # through a small per-thread buffer that stays mapped: the bytes are converted while still in cache
+        stage = _staging(nbytes, info.itemsize)
+        per = len(stage) // info.itemsize
+        for i in range(0, count, per):
+            n = min(per, count - i)
+            self._pread(info.name, stage[: n * info.itemsize], offset + i * info.itemsize)
+            out[i:i + n].copy_(torch.frombuffer(stage, dtype=stored, count=n))
         if evict:
             self._cached_at_open.forget(self._fd, offset, nbytes)
         out = out.reshape(shape)
         return out if on_cpu else out.to(device)
 
-    def _read_direct(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor | None:
+    def read_bytes(self, offset: int, nbytes: int, *, evict: bool = True, aligned: bool = True, what: str = "",
+                   direct: bool = True) -> torch.Tensor:
+        """Bytes [offset, offset + nbytes) of the file as a uint8 CPU tensor, with the page-cache policy of
+        `read` (which reads its stored-dtype blocks through here; GGUF blocks are byte ranges too). `what` names
+        the tensor in errors; `direct=False` never reads around the cache."""
+        if offset < 0 or offset + nbytes > self._size:
+            raise _fail(self.path, f"tensor {what!r}: bytes [{offset}, {offset + nbytes}) lie beyond the end of "
+                                   "the file")
+        was_kept = self._keep(offset, nbytes, evict)
+        if direct and evict and not was_kept and nbytes and self._cached_at_open.cold(offset, nbytes):
+            raw = self._read_direct(what, offset, nbytes)
+            if raw is not None:
+                if not aligned or raw.data_ptr() % ALIGNMENT == 0:
+                    return raw
+                out = memory.empty(nbytes, torch.uint8)
+                out.copy_(raw)
+                return out
+        out = memory.empty(nbytes, torch.uint8)   # huge pages: see lazymerge/memory.py
+        self._pread(what, _bytes_of(out), offset)
+        if evict:
+            self._cached_at_open.forget(self._fd, offset, nbytes)
+        return out
+
+    def _keep(self, offset: int, nbytes: int, evict: bool) -> bool:
+        """Record whether a range stays cached for a later read; returns whether an earlier read kept it (a range
+        kept for a later phase is read through the cache)."""
+        with self._lock:
+            was_kept = (offset, nbytes) in self._kept
+            if evict:
+                self._kept.discard((offset, nbytes))
+            else:
+                self._kept.add((offset, nbytes))
+        return was_kept
+
+    def _read_direct(self, what: str, offset: int, nbytes: int) -> torch.Tensor | None:
         """Bytes [offset, offset + nbytes) read with O_DIRECT: the enclosing aligned span goes into an aligned
         buffer, and the result is a view of it (no copy). None where the file system refuses direct reads."""
         fd = self._direct()
@@ -311,14 +334,14 @@ class ShardReader:
                 if exc.errno == errno.EINVAL and got == 0:       # alignment or file system: read through the cache
                     self._direct_ok = False
                     return None
-                raise _fail(self.path, f"tensor {info.name!r}: read failed: {exc.strerror or exc}") from None
+                raise _fail(self.path, f"tensor {what!r}: read failed: {exc.strerror or exc}") from None
             if n <= 0:
                 break
             got += n
             if n % DIRECT_ALIGN:                                 # the end of the file: nothing more to read
                 break
         if got < need:
-            raise _fail(self.path, f"tensor {info.name!r}: the file ends before its data does (truncated?)")
+            raise _fail(self.path, f"tensor {what!r}: the file ends before its data does (truncated?)")
         start = shift + offset - lo
         return raw[start:start + nbytes]
 
@@ -331,14 +354,14 @@ class ShardReader:
                     self._direct_ok = False
             return self._direct_fd if self._direct_ok else None
 
-    def _pread(self, info: TensorInfo, view: memoryview, offset: int) -> None:
+    def _pread(self, what: str, view: memoryview, offset: int) -> None:
         while view:
             try:
                 n = os.preadv(self._fd, [view], offset)
             except OSError as exc:
-                raise _fail(self.path, f"tensor {info.name!r}: read failed: {exc.strerror or exc}") from None
+                raise _fail(self.path, f"tensor {what!r}: read failed: {exc.strerror or exc}") from None
             if n <= 0:
-                raise _fail(self.path, f"tensor {info.name!r}: the file ends before its data does (truncated?)")
+                raise _fail(self.path, f"tensor {what!r}: the file ends before its data does (truncated?)")
             view, offset = view[n:], offset + n
 
     def close(self) -> None:
@@ -351,6 +374,34 @@ class ShardReader:
                     os.close(self._direct_fd)
 
     def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ReaderPool:
+    """One `ShardReader` per file of a model, opened on first use from any thread, closed together; a model (a
+    checkpoint, a GGUF) is also a context manager that closes its pool."""
+
+    def __init__(self) -> None:
+        self._readers: dict[Path, ShardReader] = {}
+        self._lock = threading.Lock()
+
+    def reader(self, file: Path) -> ShardReader:
+        with self._lock:
+            reader = self._readers.get(file)
+            if reader is None:
+                reader = self._readers[file] = ShardReader(file)
+            return reader
+
+    def close(self) -> None:
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from lazymerge import testhold
-from lazymerge.dtypes import DTYPES
+from lazymerge.dtypes import BLOCK_CODES, DTYPES
 from lazymerge.errors import OutputError
 from lazymerge.units import human
 from lazymerge.io import pagecache
@@ -42,23 +42,40 @@ class OutTensor(ShapedTensor):
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return self.rows * self.row_nbytes
 
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """One output file: `header` is every byte before the data (8-byte length + padded JSON); each tensor comes
-    with the offset of its data within the data section, i.e. its absolute file offset is `len(header) + offset`.
-    """
+    """One output file: `header` is every byte before the data (safetensors: 8-byte length + padded JSON; GGUF:
+    metadata and tensor table, padded to its alignment); each tensor comes with the offset of its data within the
+    data section, i.e. its absolute file offset is `len(header) + offset`. `fixed` are bytes known from the plan
+    (absolute offset, bytes: GGUF tensors computed from the config), written with the header; every other byte
+    not covered by a tensor is padding and stays zero (safetensors tensors tile the data section: none)."""
 
     filename: str
     tensors: tuple[tuple[OutTensor, int], ...]
     header: bytes
     size: int
+    fixed: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def data_nbytes(self) -> int:
-        return self.size - len(self.header)
+        """The bytes the merge writes: its tensors'."""
+        return sum(t.nbytes for t, _ in self.tensors)
+
+    def padding(self) -> list[tuple[int, int]]:
+        """(offset, length) of every byte range after the header that no tensor and no fixed bytes cover."""
+        used = sorted([(len(self.header) + off, t.nbytes) for t, off in self.tensors if t.nbytes]
+                      + [(off, len(b)) for off, b in self.fixed if b])
+        gaps, end = [], len(self.header)
+        for off, n in used:
+            if off > end:
+                gaps.append((end, off - end))
+            end = max(end, off + n)
+        if self.size > end:
+            gaps.append((end, self.size - end))
+        return gaps
 
 
 def _header(tensors: list[tuple[OutTensor, int]]) -> bytes:
@@ -71,14 +88,16 @@ def _header(tensors: list[tuple[OutTensor, int]]) -> bytes:
 
 
 def check_rows(out: OutTensor, row_start: int, tensor: torch.Tensor) -> int:
-    """Bytes of `tensor` as rows [row_start, ...) of output tensor `out`; ValueError if it does not fit."""
+    """Bytes of `tensor` as rows [row_start, ...) of output tensor `out`; ValueError if it does not fit. Rows of
+    a GGUF block type come as bytes, [rows, row bytes] uint8."""
     name = out.name
     if tensor.dtype != out.torch_dtype or tensor.device.type != "cpu":
         raise ValueError(f"{name}: got a {tensor.dtype} tensor on {tensor.device}, "
                          f"the output needs {out.torch_dtype} on cpu")
     whole = len(out.shape) < 2                   # a 0-d/1-d tensor is one row, written whole (lazymerge.shapes)
     n_rows = 1 if whole else tensor.shape[0]
-    if (tensor.numel() != out.numel if whole else tuple(tensor.shape[1:]) != out.shape[1:]) \
+    row = (out.row_nbytes,) if out.dtype in BLOCK_CODES else out.shape[1:]
+    if (tensor.numel() != out.numel if whole else tuple(tensor.shape[1:]) != row) \
             or not 0 <= row_start <= row_start + n_rows <= out.rows:
         raise ValueError(f"{name}: rows starting at {row_start} of shape {tuple(tensor.shape)} do not fit "
                          f"the output shape {out.shape}")
@@ -202,13 +221,17 @@ def _remove(path: Path) -> None:
 
 
 class CheckpointWriter:
-    """Writes `layout` into `out_dir` via `<parent>/.<name>.lazymerge-tmp`, guarded by a PID lock file."""
+    """Writes `layout` into `out_dir` via `<parent>/.<name>.lazymerge-tmp`, guarded by a PID lock file.
+
+    With `files`, `out_dir` names a file instead (`merged.gguf`): the layout's files (it, or its split files) are
+    moved next to it when complete, one by one, the first split last (the one a loader opens)."""
 
     def __init__(self, out_dir: Path | str, layout: list[ShardLayout], *, overwrite: bool = False,
-                 resume: bool = False, fingerprint: str = "") -> None:
+                 resume: bool = False, fingerprint: str = "", files: bool = False) -> None:
         """`fingerprint` identifies what produces the data (recipe, inputs, seed...): a resume keeps shards only
         when it and the layout are unchanged, since equal headers alone do not mean equal contents."""
         self.out_dir = Path(os.path.abspath(out_dir))
+        self.files = files
         self.layout = list(layout)
         self.fingerprint = fingerprint
         self.overwrite = overwrite
@@ -283,9 +306,18 @@ class CheckpointWriter:
             if i not in self._done and shard.data_nbytes == 0:
                 self._complete(i)
 
+    def _targets(self) -> list[Path]:
+        """What appears when the output is complete: the directory, or (`files`) each file of the layout."""
+        if not self.files:
+            return [self.out_dir]
+        return [self.out_dir.parent / s.filename for s in self.layout]
+
     def _refuse_existing(self) -> None:
-        if (self.out_dir.exists() or self.out_dir.is_symlink()) and not self.overwrite:
-            raise OutputError(f"{self.out_dir}: already exists; pass --overwrite to replace it")
+        for target in self._targets():
+            if target.is_dir() and self.files and not target.is_symlink():
+                raise OutputError(f"{target}: is a directory; the output is a file")
+            if (target.exists() or target.is_symlink()) and not self.overwrite:
+                raise OutputError(f"{target}: already exists; pass --overwrite to replace it")
 
     def _acquire_lock(self) -> None:
         for _ in range(2):
@@ -373,6 +405,11 @@ class CheckpointWriter:
         self._fd_names[fd] = shard.filename
         self._pwrite(fd, memoryview(shard.header), 0, shard.filename)
         self._pieces[i] = [(0, len(shard.header), hashlib.sha256(shard.header).digest())]
+        for off, data in shard.fixed:
+            self._pwrite(fd, memoryview(data), off, shard.filename)
+            self._pieces[i].append((off, len(data), hashlib.sha256(data).digest()))
+        for off, n in shard.padding():            # zeros the sparse file reads back: pieces of the checksum too
+            self._pieces[i].append((off, n, hashlib.sha256(bytes(n)).digest()))
         try:
             os.ftruncate(fd, shard.size)
         except OSError as exc:
@@ -504,13 +541,23 @@ class CheckpointWriter:
 
     def finalize(self, *, config: dict | None, aux_files: list[Path], extra_files: dict[str, bytes]) -> None:
         """Add the index (only for more than one shard, as `save_pretrained` does), config, tokenizer and extra
-        files, then move the finished directory into place atomically and release the lock."""
+        files, then move the finished directory into place atomically and release the lock. A `files` output is
+        its files alone: they are moved into place (config, tokenizer and extra files need a directory)."""
         if self._state != "open":
             raise RuntimeError(f"finalize() on a writer that is {self._state}")
         for i, s in enumerate(self.layout):
             if i not in self._done:
                 raise RuntimeError(f"{s.filename}: incomplete, {self._shard_written[i]} of {s.data_nbytes} "
                                    "data bytes written")
+        if self.files:
+            self._finalize_files()
+        else:
+            self._finalize_dir(config, aux_files, extra_files)
+        _fsync_dir(self.out_dir.parent)
+        self._state = "finalized"
+        self._release_lock()
+
+    def _finalize_dir(self, config: dict | None, aux_files: list[Path], extra_files: dict[str, bytes]) -> None:
         files: dict[str, bytes] = {}
         if len(self.layout) > 1:
             files[INDEX] = index_json(self.layout)
@@ -547,9 +594,16 @@ class CheckpointWriter:
                 _remove(old)
         else:
             os.rename(self.tmp_dir, self.out_dir)
-        _fsync_dir(self.out_dir.parent)
-        self._state = "finalized"
-        self._release_lock()
+
+    def _finalize_files(self) -> None:
+        """Each file replaces its target atomically; the first split moves last, so a kill between two moves
+        leaves no loadable set of new split files mixed with old ones (a loader opens the first one)."""
+        if testhold.ARMED:
+            testhold.reached("finalize")
+        self._refuse_existing()
+        for shard in reversed(self.layout):
+            os.replace(self.tmp_dir / shard.filename, self.out_dir.parent / shard.filename)
+        _remove(self.tmp_dir)
 
     def _close_fds(self) -> None:
         with self._lock:

@@ -72,11 +72,12 @@ def _method_of(r: Recipe) -> tuple[Method, list[str]]:
 
 def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: "int | str" = "5GB",
                  seed: int = 0, allow_pickle: bool = False, max_block_rows: int | None = None,
-                 stage: str | None = None, stream_inputs: bool = False) -> Plan:
+                 stage: str | None = None, stream_inputs: bool = False, gguf: Any = None) -> Plan:
     """Compile a recipe (one document, or a multi-stage recipe whose output is `stage`, the unnamed document
     or the last one) into a Plan. Raises a LazyMergeError subclass on any problem. Models named by hub id are
     pinned to a commit (`Plan.pins`) and planned from their headers; `stream_inputs`: a run reads their
-    uncached files with range requests instead of downloading them."""
+    uncached files with range requests instead of downloading them. `gguf` (io.gguf.layout.GGUFOptions): the
+    output is a GGUF, laid out and encoded as llama.cpp's converter would."""
     chain = resolve_stages(recipe, stage)
     moe = chain[-1].merge_method == "moe"      # the output may be a mixture of experts (planner/moe.py)
     for r in chain[:-1]:
@@ -102,10 +103,10 @@ def compile_plan(recipe: Any, *, memory: "int | str | None" = None, shard_size: 
             read += st.vocab.read if st.vocab else []
         if moe:
             plan = compile_moe(chain[-1], sources, stages, budget=budget, shard_bytes=shard_bytes, seed=seed,
-                               opener=opener, max_block_rows=max_block_rows)
+                               opener=opener, max_block_rows=max_block_rows, gguf=gguf)
         else:
             final = StageCompiler(chain[-1], methods[-1], sources, stages, opener).compile()
-            plan = emit_plan(final, sources, budget, shard_bytes, seed, max_block_rows)
+            plan = emit_plan(final, sources, budget, shard_bytes, seed, max_block_rows, gguf)
             plan.warnings[:0] = [w for _, notes in checked for w in notes]
             read += final.vocab.read if final.vocab else []
         plan.pins = opener.pins()

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 import networkx as nx
 
 from .. import shapes
-from ..dtypes import itemsize
+from ..dtypes import row_nbytes
 from ..engine import ops
 
 F32 = 4
@@ -177,7 +177,7 @@ class TensorBuilder:
 
     def __init__(self, name: str, shape: tuple[int, ...], blocks: Sequence[tuple[int, int]],
                  sources: Sequence[SourceRef], base: int | None, out_dtype: str, seed: int,
-                 root: "TensorBuilder | None" = None, vocab: Any = None):
+                 root: "TensorBuilder | None" = None, vocab: Any = None, gguf: Any = None):
         self.root = root or self          # the builder of the output tensor: owns the task list and the keys
         self.context: Any = None          # a child's memo namespace: which stats pass / parent phase it serves
         self._children: dict[int, tuple[TensorBuilder, Any]] = {}
@@ -192,6 +192,7 @@ class TensorBuilder:
         self.numel = math.prod(shape)
         self.row_numel = shapes.row_numel(shape)
         self.vocab = vocab            # planner.vocab.VocabPlan when this tensor's rows are mapped
+        self.gguf = gguf              # io.gguf.rows.RowEncoding: GGUF output, how its rows are encoded
         self.out = TaskList()
         self.computed: set[tuple[str, str]] = set()   # (model, name) of loaded tensors with no stored form
         self._memo: dict[tuple, str] = {}
@@ -269,5 +270,5 @@ class TensorBuilder:
         return self._memo[memo]
 
     def write(self, y: str, j: int) -> str:
-        return self.emit(ops.Write(self.name, self.blocks[j][0], self.out_dtype), (y,),
-                         self.block_rows(j) * self.row_numel * itemsize(self.out_dtype), j)
+        return self.emit(ops.Write(self.name, self.blocks[j][0], self.out_dtype, self.gguf), (y,),
+                         self.block_rows(j) * row_nbytes(self.out_dtype, self.row_numel), j)

@@ -206,13 +206,13 @@ def _dtype_of_config(cfg: dict[str, Any] | None) -> str | None:
 
 def compile_moe(r: Recipe, sources: dict[str, Any], stages: dict[str, Any], *, budget: int | None,
                 shard_bytes: int, seed: int = 0, opener: ModelOpener | None = None,
-                max_block_rows: int | None = None) -> MoEPlan:
+                max_block_rows: int | None = None, gguf: Any = None) -> MoEPlan:
     """Compile the MoE recipe `r` into a Plan, against the checkpoints opened so far and the earlier stages'
     outputs (`plan.compile_plan` compiles those and closes the sources on failure)."""
     cfg = parse_moe(r.raw, r.source)
     comp = StageCompiler(r, MOE_METHOD, sources, stages, opener or ModelOpener())
     stage_plan, info, routers, warnings = _MoECompiler(cfg, r, comp, budget, seed).compile()
-    p = emit_plan(stage_plan, sources, budget, shard_bytes, seed, max_block_rows)
+    p = emit_plan(stage_plan, sources, budget, shard_bytes, seed, max_block_rows, gguf)
     out = MoEPlan(**{f.name: getattr(p, f.name) for f in fields(p)}, moe=info, routers=routers)
     out.warnings.extend(warnings)
     if out.config is not None and "dtype" in out.config and "torch_dtype" in out.config:
@@ -397,7 +397,8 @@ class _MoECompiler:
         ref = pin_refs(base.key, self.comp.opener.pins())     # a hub base: the commit this plan read
         target: Any = ref if "+" not in base.key or Path(base.key).is_dir() else \
             {"merge_method": "passthrough", "models": [{"model": ref}]}
-        spec = RouterPass(cfg.gate_mode, self.seed, base.key, Path(base.src.path), target,
+        tokenizer_dir = Path(getattr(base.src, "config_dir", base.src.path))   # a GGUF base: its rebuilt files
+        spec = RouterPass(cfg.gate_mode, self.seed, base.key, tokenizer_dir, target,
                           tuple(e.prompts for e in cfg.experts + cfg.shared_experts), layers,
                           self.budget if self.budget is not None else "unlimited", tuple(tensors))
         router_code = out_code or (embed.dtype if embed is not None else "F32")

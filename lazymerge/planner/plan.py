@@ -60,6 +60,7 @@ class Plan:
     extra_files: dict[str, bytes] = field(default_factory=dict)   # e.g. a merged tokenizer
     pins: dict[str, str] = field(default_factory=dict)   # hub inputs: "org/name@revision" -> the commit read
     read_files: list[Path] = field(default_factory=list)   # small files read besides the sources' own meta_files()
+    gguf: Any = None               # io.gguf.layout.GGUFOptions when the output is a GGUF
     _graph: nx.DiGraph | None = None
 
     @property
@@ -89,7 +90,8 @@ class Plan:
             f"tensors       {len(self.outputs)} ({len(blocked)} split into row blocks)",
             f"tasks         {len(self.tasks.tasks)}",
             f"read          {human(self.bytes_read)}",
-            f"write         {human(self.bytes_written)} in {len(self.layout)} shard(s)",
+            f"write         {human(self.bytes_written)} in {len(self.layout)} "
+            + (f"GGUF file(s), {self.gguf.type}" if self.gguf is not None else "shard(s)"),
             f"budget        {human(self.budget) if self.budget else 'unlimited'}",
             f"est. peak     {human(self.est_peak)} of tensors (one task at a time)",
         ]

@@ -27,8 +27,8 @@ from .interpolation import (COL_GRAM_LIMBS, col_gram, col_gram_total, gram_total
                             model_stock_coeffs, model_stock_t, multislerp_coeffs, nuslerp_coeffs, nuslerp_t, row_gram,
                             slerp_coeffs, with_base)
 from .linear import delta, fisher_merge, lincomb, nearswap, scale, weighted_sum
-from .rows import CHUNK_ELEMS
-from .seeds import derive_seed, uniform_rows
+from .rows import CHUNK_ELEMS, row_chunks, row_layout, row_sum, rows2d
+from .seeds import GROUP_NUMEL, derive_seed, uniform_rows
 from .statistics import (fusion_apply, fusion_importance, fusion_quantile_ranks, norm_from_partials, norm_partials,
                          sce_weights, variance_key)
 from .topk import (count_nonzero, order_pass1, order_pass2, order_reduce1, order_reduce2, rank_magnitude_sampling,

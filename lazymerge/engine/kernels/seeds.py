@@ -14,7 +14,7 @@ from .rows import row_layout
 # Randomness (block-invariant)
 # ----------------------------------------------------------------------------------------------------------------
 
-_GROUP_NUMEL = 2**20
+GROUP_NUMEL = 2**20
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -48,7 +48,7 @@ def uniform_rows(seed: int, shape: tuple[int, ...], rows: tuple[int, int]) -> Te
     block_shape = tuple(shape) if len(shape) <= 1 else (b - a, *shape[1:])
     if a == b or row_numel == 0:
         return torch.empty(block_shape, dtype=torch.float32)
-    group_rows = max(1, _GROUP_NUMEL // row_numel)
+    group_rows = max(1, GROUP_NUMEL // row_numel)
     chunks = []
     for g in range(a // group_rows, (b - 1) // group_rows + 1):
         g0, g1 = g * group_rows, min((g + 1) * group_rows, total_rows)
