@@ -18,14 +18,13 @@ from .errors import OutputError
 from .io.gguf.layout import gguf_options
 from .engine.run import run_plan
 from .moe.routers import prepare_routers
-from .options import RunOptions
+from .options import DEFAULT_SHARD_SIZE, RunOptions
 from .planner.compile import compile_plan
 from .io.models import pin_refs
 from .planner.recipe import Recipe, dump_recipe, read_documents
 from .planner.tokenizer import TOKENIZER_FILES
 
 RecipeLike = Union[str, Path, Mapping[str, Any], Recipe]   # a YAML path, YAML text, a dict, or a parsed Recipe
-DEFAULT_SHARD_SIZE = "5GB"         # safetensors shards; a GGUF is one file unless a size is given
 
 
 def merge_recipe(recipe: RecipeLike, out: str | Path, options: RunOptions = RunOptions(), *,
@@ -39,7 +38,7 @@ def merge_recipe(recipe: RecipeLike, out: str | Path, options: RunOptions = RunO
     if gguf is not None and cluster is not None:
         raise OutputError("--cluster: GGUF output is written on one machine (drop --cluster, or merge to "
                           "safetensors on the cluster)")
-    if options.shard_size is None:
+    if options.shard_size is None:       # what the run and every worker record: the size in effect
         options = replace(options, shard_size=DEFAULT_SHARD_SIZE)
     p = compile_plan(recipe, **options.compile_args(), gguf=gguf)
     try:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 
+DEFAULT_SHARD_SIZE = "5GB"         # safetensors shards; a GGUF output is one file unless a size is given
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How a recipe is compiled (`memory` .. `stream_inputs`) and run (`device` .. `workers`)."""
@@ -29,6 +32,7 @@ class RunOptions:
 
     def compile_args(self) -> dict[str, Any]:
         """The keywords of `compile_plan`."""
-        return {"memory": self.memory, "shard_size": self.shard_size, "seed": self.seed,
+        shard_size = DEFAULT_SHARD_SIZE if self.shard_size is None else self.shard_size
+        return {"memory": self.memory, "shard_size": shard_size, "seed": self.seed,
                 "allow_pickle": self.allow_pickle, "max_block_rows": self.max_block_rows, "stage": self.stage,
                 "stream_inputs": self.stream_inputs}
