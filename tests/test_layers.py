@@ -47,10 +47,9 @@ KNOWN_LONG: set[str] = set()
 KNOWN_HIDDEN: set[tuple[str, str]] = {
     ("lazymerge.api", "lazymerge.cluster.search"), ("lazymerge.api", "lazymerge.evaluate.generate"),
     ("lazymerge.api", "lazymerge.evaluate.runner"), ("lazymerge.api", "lazymerge.evaluate.search"),
-    ("lazymerge.evaluate.data", "lazymerge.evaluate.skeleton"), ("lazymerge.evaluate.data", "lazymerge.evaluate.weights"),
     ("lazymerge.evaluate.report", "lazymerge.engine.report"), ("lazymerge.evaluate.runner", "lazymerge.errors"),
-    ("lazymerge.evaluate.runner", "lazymerge.evaluate.weights"), ("lazymerge.evaluate.runner", "lazymerge.planner.compile"),
-    ("lazymerge.evaluate.search", "lazymerge.evaluate.runner"), ("lazymerge.evaluate.search", "lazymerge.merging"),
+    ("lazymerge.evaluate.runner", "lazymerge.planner.compile"),
+    ("lazymerge.evaluate.search", "lazymerge.merging"),
     ("lazymerge.evaluate.stream", "lazymerge.engine.run"), ("lazymerge.evaluate.stream", "lazymerge.planner.plan"),
     ("lazymerge.evaluate.weights", "lazymerge.engine.sink"), ("lazymerge.evaluate.weights", "lazymerge.planner.compile"),
     ("lazymerge.merging", "lazymerge.cluster.driver"), ("lazymerge.moe.gates", "lazymerge.evaluate.report"),

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import CheckpointError, LazyMergeError
+from .skeleton import require_transformers
+from .weights import has_tokenizer
 
 
 class DataError(LazyMergeError):
@@ -67,11 +69,7 @@ def _dataset_documents(p: Path) -> Iterator[str]:
 
 
 def load_tokenizer(directory: Path, label: str) -> Any:
-    from .skeleton import require_transformers
-
     transformers = require_transformers()
-    from .weights import has_tokenizer
-
     if not has_tokenizer(directory):
         raise CheckpointError(f"{label}: no tokenizer (tokenizer.json, tokenizer.model, vocab.json); "
                               "evaluation tokenizes the data with the target's own tokenizer")

@@ -19,6 +19,7 @@ from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
 from .report import EvalProgress, EvalReport, bootstrap_ppl, perplexity
 from .stream import LayerStream, open_stream
+from .weights import is_recipe
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_MAX_TOKENS = 4096
@@ -158,7 +159,6 @@ def input_targets(recipe: Any) -> list[tuple[str, Any]]:
     """(label, evaluation target) of each input model of `recipe`: its checkpoint directory, its hub id pinned to
     the commit the merge reads, or for a base+adapter input a passthrough recipe of it (merged on the fly)."""
     from ..planner.compile import compile_plan
-    from .weights import is_recipe
 
     if not is_recipe(recipe):
         from ..errors import RecipeError

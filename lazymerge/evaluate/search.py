@@ -23,6 +23,7 @@ from ..io.models import pin_refs, resolve_refs
 from ..options import RunOptions
 from ..planner.recipe import load_yaml, read_documents
 from .data import DataError
+from .runner import _evaluate
 
 _TOKEN = re.compile(r"(\.?)([A-Za-z_][\w-]*)|\[(\d+)\]")
 STUDY_NAME = "lazymerge-search"
@@ -245,8 +246,6 @@ def search(recipe: Any, data: "str | Path | None", space: Sequence["str | SpaceD
         import optuna
     except ImportError:
         raise LazyMergeError("search needs optuna: pip install 'lazymerge[search]'") from None
-    from .runner import _evaluate
-
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise RecipeError(f"search: trials must be a whole number of at least 1, not {trials!r}")
     doc, dims = _read_search(recipe, space)
