@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import lazymerge  # noqa: E402
 from lazymerge.synth import ModelShape, make_checkpoint  # noqa: E402
 
-SHAPE = ModelShape("mem", hidden=1024, intermediate=2816, layers=4, heads=8, kv_heads=2, vocab=4096)
+SHAPE = ModelShape("mem", hidden=1024, intermediate=2816, layers=8, heads=8, kv_heads=2, vocab=4096)    # 376 MiB in float32: a recipe's budget + activations + slack stay under half of it
 BUDGET = 48 << 20                     # one layer in float32 is 45 MB: fits, two do not
 SLACK = 32 << 20                      # allocator pools, thread stacks, the tokenizer, Python objects
 

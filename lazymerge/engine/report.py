@@ -94,10 +94,16 @@ class RssSampler:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
+    def sample(self) -> int:
+        """The RSS now, counted into `peak` (so a figure read from here, say a start, is never above the peak)."""
+        now = self.proc.memory_info().rss
+        self.peak = max(self.peak, now)
+        return now
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
+                self.sample()
             except psutil.Error:  # pragma: no cover - process going away
                 return
 
@@ -108,7 +114,7 @@ class RssSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.sample()
 
     @property
     def wall(self) -> float:

@@ -91,8 +91,9 @@ class StreamingModel:
     # -- requests ----------------------------------------------------------------------------------------------
     def _measure(self, fn: Callable[[], Any]) -> Any:
         with RssSampler() as rss:
+            now = rss.sample()
             if not self.stats["start_rss"]:
-                self.stats["start_rss"] = rss.proc.memory_info().rss
+                self.stats["start_rss"] = now
             try:
                 result = fn()
             finally:
