@@ -67,8 +67,13 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
     bytes, lanes, ready heap): split apart they would pass it all around."""
     index, waiting, consumers, refs = _links(keys, tasks)
     n = len(keys)
-    ready = [i for i in range(n) if waiting[i] == 0]
-    heapq.heapify(ready)
+    lanes = [1 if io is not None and io_workers > 0 and io(t) else 0 for t in tasks]
+    ready: tuple[list[int], list[int]] = ([], [])          # one heap of ready tasks per lane
+    for i in range(n):
+        if waiting[i] == 0:
+            ready[lanes[i]].append(i)
+    for heap in ready:
+        heapq.heapify(heap)
     results: dict[int, Any] = {}
     running: dict[Future, int] = {}
     live = 0
@@ -80,7 +85,9 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
         results.pop(i, None)
         live -= tasks[i].nbytes
 
-    lanes = [1 if io is not None and io_workers > 0 and io(t) else 0 for t in tasks]
+    def need(i: int) -> int:
+        return tasks[i].nbytes + tasks[i].scratch
+
     slots = [max(1, workers), io_workers]
     busy = [0, 0]
     pool = ThreadPoolExecutor(max_workers=max(1, workers) + io_workers, thread_name_prefix="lazymerge")
@@ -89,25 +96,26 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
         while done_count < n:
             if cancel.is_set():
                 raise MergeAborted("interrupted")
-            # start what fits, in priority order; a task whose lane is full is passed over for the other lane's
-            # (its memory stays reserved for it, so that the other lane cannot fill the budget ahead of it)
-            passed: list[int] = []
-            reserved = 0
-            while ready and (busy[0] < slots[0] or busy[1] < slots[1]):
-                i = ready[0]
-                t = tasks[i]
-                need = t.nbytes + t.scratch
-                if busy[lanes[i]] >= slots[lanes[i]]:
-                    passed.append(heapq.heappop(ready))
-                    reserved += need
-                    continue
-                if budget is not None and running and live + reserved + need > budget:
+            # start what fits, in priority order, from the lanes with a free slot. A full lane's next task keeps
+            # its place: its memory stays reserved while the other lane starts tasks behind it, so that the
+            # other lane cannot fill the budget ahead of it. (One heap per lane: passing over a full lane costs
+            # nothing, where popping its ready tasks one by one made a run of many small blocks quadratic.)
+            while True:
+                lane = min((k for k in (0, 1) if ready[k] and busy[k] < slots[k]),
+                           key=lambda k: ready[k][0], default=None)
+                if lane is None:
                     break
-                heapq.heappop(ready)
-                busy[lanes[i]] += 1
-                if budget is not None and live + need > budget:
+                i = ready[lane][0]
+                other = ready[1 - lane]
+                reserved = need(other[0]) if other and other[0] < i else 0
+                if budget is not None and running and live + reserved + need(i) > budget:
+                    break
+                heapq.heappop(ready[lane])
+                t = tasks[i]
+                busy[lane] += 1
+                if budget is not None and live + need(i) > budget:
                     stats.over_budget_tasks += 1
-                live += need
+                live += need(i)
                 stats.peak_live_bytes = max(stats.peak_live_bytes, live)
                 if on_start is not None:
                     on_start(live)
@@ -116,8 +124,6 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
                 own = tuple(refs[s] == 1 and srcs.count(s) == 1 for s in srcs)
                 args = [results[s] for s in srcs]
                 running[pool.submit(run, t, args, own)] = i
-            for i in passed:
-                heapq.heappush(ready, i)
             finished, _ = wait(list(running), timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in finished:
                 i = running.pop(fut)
@@ -140,7 +146,7 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
                 for c in consumers[i]:
                     waiting[c] -= 1
                     if waiting[c] == 0:
-                        heapq.heappush(ready, c)
+                        heapq.heappush(ready[lanes[c]], c)
     except BaseException:
         cancel.set()
         for fut in running:
