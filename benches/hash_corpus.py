@@ -206,13 +206,17 @@ def main() -> int:
     print(f"combined sha256 {combined} ({len(results)} cases) -> {args.out}")
     if args.compare:
         before = json.loads(args.compare.read_text())["cases"]
-        diff = sorted(c for c in results if c in before and before[c] != results[c])
+        # a case differs when a file both runs wrote differs, or one it wrote before is missing; a file that only
+        # this run writes (an output added since, e.g. the model card README.md) is listed, not counted as a change
+        diff = sorted(c for c in results if c in before
+                      and any(results[c].get(f) != h for f, h in before[c].items()))
+        added = sorted({f for c in results if c in before for f in results[c] if f not in before[c]})
         new = sorted(c for c in results if c not in before)
         gone = sorted(c for c in before if c not in results)
         for c in diff:
             print(f"DIFFERS {c}")
         print(f"{len(results) - len(diff) - len(new)} equal, {len(diff)} differ, {len(new)} new, "
-              f"{len(gone)} not run")
+              f"{len(gone)} not run" + (f"; files written now and not before: {', '.join(added)}" if added else ""))
         return 1 if diff else 0
     return 0
 
