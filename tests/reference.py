@@ -430,7 +430,7 @@ def gradient_value(values: Sequence[float], layer: int, num_layers: int) -> floa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plain block kernels: the straightforward formulas the engine's lean kernels (engine/kernels.py, engine/ops.py)
+# Plain block kernels: the straightforward formulas the engine's lean kernels (engine/kernels.py, engine/ops/)
 # replaced. Kept here as oracles: tests/test_kernels.py checks the lean versions against them bit for bit.
 # ----------------------------------------------------------------------------------------------------------------
 def elect_sign(es: Sequence[torch.Tensor], consensus: str = "sum", dtype: torch.dtype = torch.float32) -> torch.Tensor:

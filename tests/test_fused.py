@@ -146,7 +146,7 @@ def test_load_reads_bf16_as_stored_and_checks_it(tmp_path, monkeypatch) -> None:
     ctx = RunContext(sources={"m": ckpt}, writer=None, device=torch.device("cpu"))
     monkeypatch.setattr(ctx, "non_finite", lambda model, name: seen.append((model, name)))
     a = ops.Load("m", "w", (0, 3), w.numel() * 2)
-    assert ops._stays_stored(ctx, ckpt, a)
+    assert ops.readwrite._stays_stored(ctx, ckpt, a)
     x = lazy.materialize(ops.run_task(ctx, a, [], ()))          # read as stored, widened where it is used
     assert torch.equal(x.view(torch.int32), ckpt.read("w", (0, 3), torch.float32).view(torch.int32))
     assert seen == [("m", "w")]

@@ -1,4 +1,4 @@
-"""The op registry (lazymerge/engine/ops.py) is the one place the graph's vocabulary is declared.
+"""The op registry (lazymerge/engine/ops/) is the one place the graph's vocabulary is declared.
 
 Every op has typed, frozen attributes, a scratch estimate and a doc line; docs/DESIGN.md lists exactly the
 registry; every task a plan holds carries attributes of its op's registered type.

@@ -200,7 +200,7 @@ def _task_vector(tv: TaskVector) -> Tensor:
     return out
 
 
-# -- the ops' fused forms (engine/ops.py calls these when its inputs are lazy) -----------------------------------
+# -- the ops' fused forms (engine/ops/ calls these when its inputs are lazy) -----------------------------------
 
 
 def delta(x: Any, b: Any) -> TaskVector | None:
