@@ -47,11 +47,7 @@ KNOWN_LONG: set[str] = set()
 KNOWN_HIDDEN: set[tuple[str, str]] = {
     ("lazymerge.api", "lazymerge.cluster.search"), ("lazymerge.api", "lazymerge.evaluate.generate"),
     ("lazymerge.api", "lazymerge.evaluate.runner"), ("lazymerge.api", "lazymerge.evaluate.search"),
-    ("lazymerge.evaluate.report", "lazymerge.engine.report"), ("lazymerge.evaluate.runner", "lazymerge.errors"),
-    ("lazymerge.evaluate.runner", "lazymerge.planner.compile"),
     ("lazymerge.evaluate.search", "lazymerge.merging"),
-    ("lazymerge.evaluate.stream", "lazymerge.engine.run"), ("lazymerge.evaluate.stream", "lazymerge.planner.plan"),
-    ("lazymerge.evaluate.weights", "lazymerge.engine.sink"), ("lazymerge.evaluate.weights", "lazymerge.planner.compile"),
     ("lazymerge.merging", "lazymerge.cluster.driver"), ("lazymerge.moe.gates", "lazymerge.evaluate.report"),
     ("lazymerge.moe.gates", "lazymerge.evaluate.stream"),
     # lazymerge.lm_eval imports the optional lm-eval package at its top (it registers the model class there):

@@ -64,7 +64,7 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
     (0: one pool for all). Raises the first task error, or MergeAborted on cancel.
 
     Long because the start loop, the completion loop and the reference counts share the scheduler's state (live
-    bytes, lanes, ready heap): split apart they would pass it all around."""
+    bytes, lanes, ready heaps): split apart they would pass it all around."""
     index, waiting, consumers, refs = _links(keys, tasks)
     n = len(keys)
     lanes = [1 if io is not None and io_workers > 0 and io(t) else 0 for t in tasks]

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..engine.report import human
+
 BOOTSTRAP_SAMPLES = 1000
 
 
@@ -66,8 +68,6 @@ class EvalReport:
         return json.dumps(asdict(self), indent=2)
 
     def summary(self) -> str:
-        from ..engine.report import human
-
         lines = [
             f"target        {self.target}",
             f"perplexity    {self.perplexity:.4f}  (95% CI {self.ppl_low:.4f} .. {self.ppl_high:.4f}, "

@@ -13,8 +13,10 @@ from typing import Any, Callable
 import torch
 
 from ..engine.report import RssSampler
+from ..errors import RecipeError
 from ..io.models import pin_refs
 from ..moe.routers import prepare_routers
+from ..planner.compile import compile_plan
 from .data import DataError, load_tokenizer, load_windows
 from .head import StreamingNLL
 from .report import EvalProgress, EvalReport, bootstrap_ppl, perplexity
@@ -158,11 +160,7 @@ def compare_inputs(recipe: Any, data: "str | Path", *, memory: int | str | None 
 def input_targets(recipe: Any) -> list[tuple[str, Any]]:
     """(label, evaluation target) of each input model of `recipe`: its checkpoint directory, its hub id pinned to
     the commit the merge reads, or for a base+adapter input a passthrough recipe of it (merged on the fly)."""
-    from ..planner.compile import compile_plan
-
     if not is_recipe(recipe):
-        from ..errors import RecipeError
-
         raise RecipeError(f"{recipe}: --compare-inputs needs a recipe, not a checkpoint directory")
     p = compile_plan(recipe, memory="unlimited")
     try:

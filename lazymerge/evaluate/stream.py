@@ -23,7 +23,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..engine.run import release_freed_memory, resolve_device
 from ..errors import CheckpointError
+from ..planner.plan import resolve_budget
 from .head import HEAD_WORK_BYTES, OutputHead
 from .loading import ParamMap
 from .skeleton import Skeleton, build_skeleton, materialize, release, set_rows
@@ -274,9 +276,6 @@ def open_stream(target: Any, *, memory: Any = None, device: "str | torch.device"
     plan before anything is read: the evaluation entry points pass the merge's own `moe.routers.prepare_routers`, so a
     MoE recipe's routers are computed as a merge computes them (this module cannot import it: the router pass
     streams the base model through here). `stream_inputs` reads hub inputs by range requests, storing none."""
-    from ..engine.run import release_freed_memory, resolve_device
-    from ..planner.plan import resolve_budget
-
     release_freed_memory()                  # freed weights go back to the OS: RSS follows what is live
     budget = resolve_budget(memory)
     dev = resolve_device(device)

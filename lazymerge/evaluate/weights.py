@@ -19,10 +19,12 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ..engine.sink import OrderedRowSink, TensorCollector, run_tensors
 from ..errors import CheckpointError
 from ..io.gguf import is_gguf_model
 from ..io.hub import parse_hub_ref
 from ..io.models import open_local, open_model, prepare_reads
+from ..planner.compile import compile_plan
 from ..planner.params import layer_index
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -105,8 +107,6 @@ class RecipeWeights:
     def __init__(self, recipe: Any, *, memory: int | None, seed: int = 0, device: torch.device,
                  workers: int = 2, allow_pickle: bool = False, stage: str | None = None,
                  prepare: Callable[[Any], None] | None = None, stream: bool = False):
-        from ..planner.compile import compile_plan
-
         # half the budget for the merge's working set: the other half holds the layer being assembled
         self.plan = compile_plan(recipe, memory="unlimited" if memory is None else max(1, memory // 2),
                                  seed=seed, allow_pickle=allow_pickle, stage=stage, stream_inputs=stream)
@@ -136,22 +136,16 @@ class RecipeWeights:
             raise
 
     def _run(self, names: list[str], sink: Any) -> None:
-        from ..engine.sink import run_tensors
-
         stats = run_tensors(self.plan, names, sink, device=self.device, budget=self.plan.budget,
                             workers=self.workers)
         self.over_budget += stats.over_budget_tasks
 
     def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        from ..engine.sink import TensorCollector
-
         sink = TensorCollector({n: self.shapes[n] for n in names}, dtype)
         self._run(names, sink)
         return {n: sink.tensors[n] for n in names}
 
     def for_row_blocks(self, name: str, block_rows: int, fn: Callable[[int, torch.Tensor], None]) -> None:
-        from ..engine.sink import OrderedRowSink
-
         self._run([name], OrderedRowSink(name, self.shapes[name][0], block_rows, fn))
 
     def close(self) -> None:
