@@ -56,3 +56,29 @@ def test_without_an_io_lane_one_pool_runs_everything() -> None:
     seen: list[str] = []
     execute([t.name for t in tasks], tasks, lambda t, a, o: seen.append(t.name), budget=None, workers=2)
     assert sorted(seen) == sorted(t.name for t in tasks)
+
+
+def test_every_passed_over_task_keeps_its_memory() -> None:
+    """Two compute tasks wait for the only compute slot: both reserve their memory, so the read behind them may
+    start only once one of them has (with just the first reserved, the read would fit beside the busy task)."""
+    order: list[str] = []
+    tasks = [T("busy", nbytes=30), T("next1", nbytes=30), T("next2", nbytes=30), T("read", nbytes=30, io=True)]
+
+    def run(t, args, own):
+        order.append(t.name)
+        return None
+
+    execute([t.name for t in tasks], tasks, run, budget=100, workers=1, io=lambda t: t.io, io_workers=1)
+    assert order.index("next1") < order.index("read")
+
+
+def test_many_small_tasks_each_start_within_the_budget() -> None:
+    """A merge of many small blocks: loads (all ready at once) and kernels; the live bytes never pass the budget
+    while something runs (the scheduler's stats), whatever the lanes."""
+    tasks, budget = [], 1000
+    for b in range(300):
+        tasks += [T(f"a{b}", nbytes=40, io=True), T(f"c{b}", nbytes=40, io=True),
+                  T(f"k{b}", inputs=(f"a{b}", f"c{b}"), nbytes=40, scratch=40), T(f"w{b}", inputs=(f"k{b}",), io=True)]
+    stats = execute([t.name for t in tasks], tasks, lambda t, a, o: None, budget=budget, workers=2,
+                    io=lambda t: t.io, io_workers=1)
+    assert stats.tasks_run == len(tasks) and stats.over_budget_tasks == 0 and stats.peak_live_bytes <= budget

@@ -20,8 +20,9 @@ unchanged (nothing is started past a task that does not fit).
 from __future__ import annotations
 
 import heapq
+import queue
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -52,6 +53,28 @@ def _links(keys: Sequence[str], tasks: Sequence[Any]
     return index, waiting, consumers, refs
 
 
+class _ReadyBytes:
+    """Bytes needed by the ready tasks of one lane, summed over task positions below any position (a Fenwick
+    tree): what a full lane's passed-over tasks reserve, in O(log n) instead of popping them one by one."""
+
+    def __init__(self, n: int) -> None:
+        self._tree = [0] * (n + 1)
+
+    def add(self, i: int, nbytes: int) -> None:
+        i += 1
+        while i < len(self._tree):
+            self._tree[i] += nbytes
+            i += i & -i
+
+    def below(self, i: int) -> int:
+        """The bytes of the ready tasks at positions < i."""
+        total = 0
+        while i > 0:
+            total += self._tree[i]
+            i -= i & -i
+        return total
+
+
 def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[Any], tuple[bool, ...]], Any], *,
             budget: int | None, workers: int = 2, on_done: Callable[[Any, Any], None] | None = None,
             on_start: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
@@ -68,14 +91,23 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
     index, waiting, consumers, refs = _links(keys, tasks)
     n = len(keys)
     lanes = [1 if io is not None and io_workers > 0 and io(t) else 0 for t in tasks]
+
+    def need(i: int) -> int:
+        return tasks[i].nbytes + tasks[i].scratch
+
     ready: tuple[list[int], list[int]] = ([], [])          # one heap of ready tasks per lane
+    ready_bytes = (_ReadyBytes(n), _ReadyBytes(n))          # and what they need, by position
+
+    def make_ready(i: int) -> None:
+        heapq.heappush(ready[lanes[i]], i)
+        ready_bytes[lanes[i]].add(i, need(i))
+
     for i in range(n):
         if waiting[i] == 0:
-            ready[lanes[i]].append(i)
-    for heap in ready:
-        heapq.heapify(heap)
+            make_ready(i)
     results: dict[int, Any] = {}
     running: dict[Future, int] = {}
+    done: queue.SimpleQueue[Future] = queue.SimpleQueue()      # futures as they finish (their done callback)
     live = 0
     stats = ScheduleStats()
     cancel = cancel or threading.Event()
@@ -85,9 +117,6 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
         results.pop(i, None)
         live -= tasks[i].nbytes
 
-    def need(i: int) -> int:
-        return tasks[i].nbytes + tasks[i].scratch
-
     slots = [max(1, workers), io_workers]
     busy = [0, 0]
     pool = ThreadPoolExecutor(max_workers=max(1, workers) + io_workers, thread_name_prefix="lazymerge")
@@ -96,21 +125,22 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
         while done_count < n:
             if cancel.is_set():
                 raise MergeAborted("interrupted")
-            # start what fits, in priority order, from the lanes with a free slot. A full lane's next task keeps
-            # its place: its memory stays reserved while the other lane starts tasks behind it, so that the
-            # other lane cannot fill the budget ahead of it. (One heap per lane: passing over a full lane costs
-            # nothing, where popping its ready tasks one by one made a run of many small blocks quadratic.)
+            # start what fits, in priority order, from the lanes with a free slot. The ready tasks of a full lane
+            # that come before the next task keep their place: their memory stays reserved, so that the other
+            # lane cannot fill the budget ahead of them (loads running far ahead of the kernels that free them).
+            # One heap per lane and a sum tree of what each lane's ready tasks need: passing over a full lane
+            # costs O(log n), where popping its ready tasks one by one made a run of small blocks quadratic.
             while True:
                 lane = min((k for k in (0, 1) if ready[k] and busy[k] < slots[k]),
                            key=lambda k: ready[k][0], default=None)
                 if lane is None:
                     break
                 i = ready[lane][0]
-                other = ready[1 - lane]
-                reserved = need(other[0]) if other and other[0] < i else 0
+                reserved = ready_bytes[1 - lane].below(i)        # the other lane is full, or has nothing before i
                 if budget is not None and running and live + reserved + need(i) > budget:
                     break
                 heapq.heappop(ready[lane])
+                ready_bytes[lane].add(i, -need(i))
                 t = tasks[i]
                 busy[lane] += 1
                 if budget is not None and live + need(i) > budget:
@@ -123,8 +153,20 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
                 # donate an input's buffer when this task is its last reader (and reads it only once)
                 own = tuple(refs[s] == 1 and srcs.count(s) == 1 for s in srcs)
                 args = [results[s] for s in srcs]
-                running[pool.submit(run, t, args, own)] = i
-            finished, _ = wait(list(running), timeout=0.25, return_when=FIRST_COMPLETED)
+                fut = pool.submit(run, t, args, own)
+                running[fut] = i
+                fut.add_done_callback(done.put)
+            # completions arrive on a queue: `concurrent.futures.wait` would install and remove a waiter on every
+            # running future per completion (a quarter of a small-block merge's scheduling time)
+            try:
+                finished = [done.get(timeout=0.25)]
+            except queue.Empty:
+                continue                      # nothing finished yet: look at `cancel` again
+            while True:
+                try:
+                    finished.append(done.get_nowait())
+                except queue.Empty:
+                    break
             for fut in finished:
                 i = running.pop(fut)
                 busy[lanes[i]] -= 1
@@ -146,7 +188,7 @@ def execute(keys: Sequence[str], tasks: Sequence[Any], run: Callable[[Any, list[
                 for c in consumers[i]:
                     waiting[c] -= 1
                     if waiting[c] == 0:
-                        heapq.heappush(ready[lanes[c]], c)
+                        make_ready(c)
     except BaseException:
         cancel.set()
         for fut in running:
