@@ -30,8 +30,10 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(REPO / "tests"))
 
 import measure as M  # noqa: E402
+from gguf_kit import make_llama_tokenizer  # noqa: E402
 from recipes import recipe, write_recipe  # noqa: E402
 
 LAZYMERGE = [sys.executable, "-c", "import sys; from lazymerge.cli import main; sys.argv[0] = 'lazymerge'; "
@@ -48,21 +50,9 @@ def llama_vocab_base(base: Path, out: Path, vocab_size: int) -> Path:
             (out / f.name).symlink_to(f.resolve())
         elif f.name in ("config.json", "generation_config.json"):
             shutil.copyfile(f, out / f.name)
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     texts = [p.read_text(errors="ignore") for p in sorted(Path("/usr/share/common-licenses").glob("*"))
              if p.is_file()]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)])
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(out))
+    make_llama_tokenizer(out, vocab_size, texts)          # the tests' GGUF tokenizer, trained on real prose
     return out
 
 

@@ -62,21 +62,24 @@ def family_config(family: str, vocab: int, hidden: int = 64, layers: int = 2):
     raise ValueError(family)
 
 
-def make_llama_tokenizer(directory: Path, vocab_size: int = 400):
+def make_llama_tokenizer(directory: Path, vocab_size: int = 400, texts=None):
     """A Llama-2 style tokenizer.json (BPE with byte fallback: <0x00>..<0xFF> tokens, "▁" for spaces, the
-    decoder llama's), trained here: the kind llama.cpp's converter writes as a `llama` vocabulary."""
+    decoder llama's), trained here on `texts` (default: the tests' corpus): the kind llama.cpp's converter writes
+    as a `llama` vocabulary. benches/gguf_cost.py trains it on real prose."""
     from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from evalkit import corpus
+    if texts is None:
+        from evalkit import corpus
 
+        texts = corpus(200, seed=99)
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)])
-    tok.train_from_iterator(corpus(200, seed=99), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(str(directory))
